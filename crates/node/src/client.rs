@@ -1,0 +1,139 @@
+//! A client for a running node's UI websocket, used by `meshnode status` and by tests.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use meshnode_protocol::ui::{StatusPayload, UI_SUBPROTOCOL, UiError, UiMessage};
+use serde_json::json;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Longest the client waits to connect.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest the client waits for an answer.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a UI conversation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach a meshnode UI at {addr}: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    #[error("no answer from {addr} within {timeout:?}")]
+    Timeout { addr: SocketAddr, timeout: Duration },
+    #[error("the connection to {addr} failed: {reason}")]
+    Connection { addr: SocketAddr, reason: String },
+    #[error("the node answered with error {}: {}", .0.code, .0.message)]
+    Node(UiError),
+}
+
+/// One websocket conversation with a node's UI.
+#[derive(Debug)]
+pub struct UiClient {
+    addr: SocketAddr,
+    socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    next_context: u64,
+}
+
+impl UiClient {
+    /// Connects, offering the MASQ subprotocol.
+    pub async fn connect(addr: SocketAddr) -> Result<Self, ClientError> {
+        let fail = |reason: String| ClientError::Connect { addr, reason };
+        let mut request = format!("ws://{addr}/")
+            .into_client_request()
+            .map_err(|e| fail(e.to_string()))?;
+        request.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            HeaderValue::from_static(UI_SUBPROTOCOL),
+        );
+        let connect = tokio_tungstenite::connect_async(request);
+        let (socket, _) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| fail(format!("no handshake within {CONNECT_TIMEOUT:?}")))?
+            .map_err(|e| fail(describe(&e)))?;
+        Ok(Self {
+            addr,
+            socket,
+            next_context: 1,
+        })
+    }
+
+    /// Sends a request and waits for the response with the same context id, returning every
+    /// broadcast that arrived meanwhile to `on_broadcast`.
+    pub async fn request(
+        &mut self,
+        opcode: &str,
+        payload: serde_json::Value,
+        mut on_broadcast: impl FnMut(UiMessage),
+    ) -> Result<UiMessage, ClientError> {
+        let context_id = self.next_context;
+        self.next_context += 1;
+        let text = json!({"opcode": opcode, "contextId": context_id, "payload": payload});
+        let addr = self.addr;
+        let broken = |e: tungstenite::Error| ClientError::Connection {
+            addr,
+            reason: describe(&e),
+        };
+        self.socket
+            .send(Message::text(text.to_string()))
+            .await
+            .map_err(broken)?;
+        let wait = async {
+            loop {
+                match self.socket.next().await {
+                    None => {
+                        return Err(ClientError::Connection {
+                            addr,
+                            reason: "closed before answering".into(),
+                        });
+                    }
+                    Some(Err(e)) => return Err(broken(e)),
+                    Some(Ok(Message::Text(text))) => {
+                        let msg: UiMessage = serde_json::from_str(text.as_str()).map_err(|e| {
+                            ClientError::Connection {
+                                addr,
+                                reason: format!("unreadable answer: {e}"),
+                            }
+                        })?;
+                        if msg.context_id == Some(context_id) {
+                            return Ok(msg);
+                        }
+                        if msg.context_id.is_none() {
+                            on_broadcast(msg);
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                }
+            }
+        };
+        tokio::time::timeout(ANSWER_TIMEOUT, wait)
+            .await
+            .map_err(|_| ClientError::Timeout {
+                addr,
+                timeout: ANSWER_TIMEOUT,
+            })?
+    }
+
+    /// Closes the websocket politely.
+    pub async fn close(mut self) {
+        let _ = tokio::time::timeout(CONNECT_TIMEOUT, self.socket.close(None)).await;
+    }
+}
+
+/// Asks the node at `addr` for its status.
+pub async fn status(addr: SocketAddr) -> Result<StatusPayload, ClientError> {
+    let mut client = UiClient::connect(addr).await?;
+    let answer = client.request("status", json!({}), |_| {}).await?;
+    client.close().await;
+    answer.into_payload().map_err(ClientError::Node)
+}
+
+fn describe(e: &tungstenite::Error) -> String {
+    match e {
+        tungstenite::Error::Io(io) => io.to_string(),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,133 @@
+//! What a node is started with, and the key file that gives it a lasting identity.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use meshnode_protocol::Identity;
+
+/// Everything [`crate::start`] needs. Build it with [`Config::new`] and adjust the fields.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where to accept neighbors; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Where the UI (websocket and HTTP) listens; port 0 picks a free port.
+    pub ui: SocketAddr,
+    /// Neighbors to dial and keep dialing, as `HOST:PORT`.
+    pub neighbors: Vec<String>,
+    pub identity: Identity,
+}
+
+impl Config {
+    /// A node on loopback with free ports, no neighbors and the given identity.
+    pub fn new(identity: Identity) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ui: SocketAddr::from(([127, 0, 0, 1], 0)),
+            neighbors: Vec::new(),
+            identity,
+        }
+    }
+}
+
+/// Checks that `text` is `HOST:PORT` with a numeric port, without resolving the host.
+pub fn parse_neighbor(text: &str) -> Result<String, String> {
+    let (host, port) = text
+        .rsplit_once(':')
+        .ok_or_else(|| format!("'{text}' is not HOST:PORT"))?;
+    if host.is_empty() {
+        return Err(format!("'{text}' has no host"));
+    }
+    port.parse::<u16>()
+        .map_err(|_| format!("'{text}' has no valid port"))
+        .and_then(|p| {
+            if p == 0 {
+                Err(format!("'{text}' has port 0"))
+            } else {
+                Ok(())
+            }
+        })?;
+    Ok(text.to_owned())
+}
+
+/// Why a key file could not serve as the node's identity.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    #[error("cannot read key file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("key file {path} is corrupt: it must hold one 64-hex-digit secret key")]
+    Corrupt { path: PathBuf },
+    #[error("cannot create key file {path}: {source}")]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot make a key: {0}")]
+    Generate(String),
+}
+
+/// Loads the identity in `path`, or makes a new one and saves it there (readable by the owner
+/// only, where the platform has permissions).
+pub fn load_or_create_identity(path: &Path) -> Result<Identity, KeyFileError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Identity::from_secret_hex(&text).map_err(|_| KeyFileError::Corrupt {
+            path: path.to_owned(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let identity =
+                Identity::generate().map_err(|e| KeyFileError::Generate(e.to_string()))?;
+            let create = |source| KeyFileError::Create {
+                path: path.to_owned(),
+                source,
+            };
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut file = options.open(path).map_err(create)?;
+            writeln!(file, "{}", identity.to_secret_hex()).map_err(create)?;
+            file.sync_all().map_err(create)?;
+            Ok(identity)
+        }
+        Err(source) => Err(KeyFileError::Read {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn neighbor_addresses_need_a_host_and_a_real_port() {
+        assert!(parse_neighbor("127.0.0.1:4000").is_ok());
+        assert!(parse_neighbor("localhost:4000").is_ok());
+        assert!(parse_neighbor("[::1]:4000").is_ok());
+        for bad in ["4000", ":4000", "host:", "host:99999", "host:0", "host:x"] {
+            assert!(parse_neighbor(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_key_file_is_created_once_then_loaded_and_a_corrupt_one_is_refused() {
+        let dir = std::env::temp_dir().join(format!("meshnode-key-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("node.key");
+        let _ = std::fs::remove_file(&path);
+        let first = load_or_create_identity(&path).expect("created");
+        let again = load_or_create_identity(&path).expect("loaded");
+        assert_eq!(first.id(), again.id());
+
+        std::fs::write(&path, "not a key").expect("write");
+        let err = load_or_create_identity(&path).expect_err("corrupt");
+        assert!(matches!(err, KeyFileError::Corrupt { .. }), "{err}");
+        let err = load_or_create_identity(&dir).expect_err("a directory is unreadable");
+        assert!(matches!(err, KeyFileError::Read { .. }), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

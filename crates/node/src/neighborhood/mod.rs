@@ -1,0 +1,112 @@
+//! The neighborhood: sole owner of the node's identity, its signed record and the database of
+//! every record it has heard of. It decides what to gossip and hands ready-made frames straight
+//! to the streams' send queues (never waiting on them), so it can never be stalled by a slow
+//! neighbor.
+
+mod database;
+mod state;
+#[cfg(test)]
+mod tests;
+
+use meshnode_protocol::ui::{KnownNode, NeighborStatus};
+use meshnode_protocol::{Identity, NodeId, RecordError, SignedRecord, VerifiedRecord};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+pub use database::{Merge, NodeDb};
+
+use crate::stream_handler_pool::{ConnId, StreamHandle};
+
+/// How many messages may wait in the neighborhood's inbox.
+pub const NEIGHBORHOOD_INBOX: usize = 1024;
+
+/// Messages the neighborhood task handles.
+#[derive(Debug)]
+pub enum NeighborhoodMsg {
+    /// A stream to the record's owner passed its handshake and was admitted by the pool.
+    NeighborConnected {
+        stream: StreamHandle,
+        record: VerifiedRecord,
+    },
+    /// A gossip frame from an immediate neighbor; its records are already verified.
+    Gossip {
+        from: NodeId,
+        records: Vec<VerifiedRecord>,
+    },
+    /// The stream `conn` to `peer` has ended.
+    NeighborDisconnected { conn: ConnId, peer: NodeId },
+    /// This node's current signed record, for a handshake.
+    OwnRecord {
+        reply: oneshot::Sender<SignedRecord>,
+    },
+    /// What the status payload shows of the neighborhood.
+    Status {
+        reply: oneshot::Sender<NeighborhoodStatus>,
+    },
+}
+
+/// The neighborhood's part of the status payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NeighborhoodStatus {
+    pub node_id: NodeId,
+    pub version: u64,
+    pub neighbors: Vec<NeighborStatus>,
+    pub known_nodes: Vec<KnownNode>,
+    pub counters: GossipCounters,
+}
+
+/// Gossip counters since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GossipCounters {
+    pub frames_sent: u64,
+    pub frames_received: u64,
+    pub frames_dropped: u64,
+    pub records_accepted: u64,
+    pub records_stale: u64,
+}
+
+/// The neighborhood task has stopped and can no longer answer.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the neighborhood has stopped")]
+pub struct NeighborhoodGone;
+
+/// A cloneable handle for talking to the neighborhood task.
+#[derive(Debug, Clone)]
+pub struct NeighborhoodHandle {
+    tx: mpsc::Sender<NeighborhoodMsg>,
+}
+
+impl NeighborhoodHandle {
+    /// Sends a message, waiting for room in the inbox.
+    pub async fn send(&self, msg: NeighborhoodMsg) -> Result<(), NeighborhoodGone> {
+        self.tx.send(msg).await.map_err(|_| NeighborhoodGone)
+    }
+
+    pub async fn own_record(&self) -> Result<SignedRecord, NeighborhoodGone> {
+        let (reply, rx) = oneshot::channel();
+        self.send(NeighborhoodMsg::OwnRecord { reply }).await?;
+        rx.await.map_err(|_| NeighborhoodGone)
+    }
+
+    pub async fn status(&self) -> Result<NeighborhoodStatus, NeighborhoodGone> {
+        let (reply, rx) = oneshot::channel();
+        self.send(NeighborhoodMsg::Status { reply }).await?;
+        rx.await.map_err(|_| NeighborhoodGone)
+    }
+}
+
+/// Starts the neighborhood task for `identity`, which accepts neighbors on `addr`.
+pub fn spawn(
+    identity: Identity,
+    addr: String,
+    cancel: CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<NeighborhoodHandle, RecordError> {
+    let (tx, rx) = mpsc::channel(NEIGHBORHOOD_INBOX);
+    let span = tracing::info_span!("neighborhood", node = %identity.id().short());
+    let task = state::Neighborhood::new(identity, addr)?;
+    tracker.spawn(task.run(rx, cancel).instrument(span));
+    Ok(NeighborhoodHandle { tx })
+}

@@ -1,0 +1,273 @@
+//! The neighborhood task's private state and loop.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use bytes::Bytes;
+use meshnode_protocol::ui::{KnownNode, NeighborStatus};
+use meshnode_protocol::{Frame, Identity, NodeId, NodeRecord, RecordError, VerifiedRecord};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::{GossipCounters, Merge, NeighborhoodMsg, NeighborhoodStatus, NodeDb};
+use crate::stream_handler_pool::{QueueError, StreamHandle};
+
+/// Most messages handled before pending gossip is flushed, so that a burst of changes leaves
+/// as one gossip per neighbor while a steady stream of them still gets out promptly.
+const MAX_BATCH: usize = 256;
+
+pub(super) struct Neighborhood {
+    identity: Identity,
+    db: NodeDb,
+    own: VerifiedRecord,
+    /// One admitted stream per immediate neighbor.
+    streams: HashMap<NodeId, StreamHandle>,
+    outbox: Outbox,
+    counters: GossipCounters,
+}
+
+/// Gossip owed at the end of the current batch.
+#[derive(Debug, Default)]
+struct Outbox {
+    /// Records changed in this batch, with the neighbor whose gossip changed them (not sent
+    /// back there) or `None` for changes every neighbor needs.
+    changed: BTreeMap<NodeId, Option<NodeId>>,
+    /// Newly connected neighbors, owed the whole database.
+    full_sync: BTreeSet<NodeId>,
+}
+
+impl Neighborhood {
+    pub(super) fn new(identity: Identity, addr: String) -> Result<Self, RecordError> {
+        let record = NodeRecord {
+            id: identity.id(),
+            addr,
+            version: 1,
+            neighbors: BTreeSet::new(),
+        };
+        let own = identity.sign_verified(record)?;
+        let mut db = NodeDb::new();
+        db.merge(own.clone());
+        Ok(Self {
+            identity,
+            db,
+            own,
+            streams: HashMap::new(),
+            outbox: Outbox::default(),
+            counters: GossipCounters::default(),
+        })
+    }
+
+    pub(super) async fn run(
+        mut self,
+        mut inbox: mpsc::Receiver<NeighborhoodMsg>,
+        cancel: CancellationToken,
+    ) {
+        debug!("started");
+        loop {
+            // Cancellation first: once the node stops, queued work is moot.
+            let msg = tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                msg = inbox.recv() => match msg {
+                    Some(msg) => msg,
+                    None => break,
+                },
+            };
+            self.handle(msg);
+            for _ in 1..MAX_BATCH {
+                match inbox.try_recv() {
+                    Ok(msg) => self.handle(msg),
+                    Err(_) => break,
+                }
+            }
+            self.flush();
+        }
+        debug!("stopped");
+    }
+
+    pub(super) fn handle(&mut self, msg: NeighborhoodMsg) {
+        match msg {
+            NeighborhoodMsg::NeighborConnected { stream, record } => {
+                self.neighbor_connected(stream, record)
+            }
+            NeighborhoodMsg::Gossip { from, records } => self.gossip(from, records),
+            NeighborhoodMsg::NeighborDisconnected { conn, peer } => {
+                if self.streams.get(&peer).is_some_and(|s| s.id() == conn) {
+                    self.streams.remove(&peer);
+                    self.outbox.full_sync.remove(&peer);
+                    if self.change_own(|neighbors| neighbors.remove(&peer)) {
+                        info!(peer = %peer.short(), %conn, "neighbor gone; half-neighborship removed");
+                    }
+                }
+            }
+            NeighborhoodMsg::OwnRecord { reply } => {
+                let _ = reply.send(self.own.signed().clone());
+            }
+            NeighborhoodMsg::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+        }
+    }
+
+    fn neighbor_connected(&mut self, stream: StreamHandle, record: VerifiedRecord) {
+        let peer = stream.peer();
+        info!(peer = %peer.short(), conn = %stream.id(), addr = %record.record().addr, "neighbor connected");
+        self.merge(record, Some(peer));
+        // A replaced stream was closed by the pool; its disconnect will not match this one.
+        self.streams.insert(peer, stream);
+        self.outbox.full_sync.insert(peer);
+        self.change_own(|neighbors| neighbors.insert(peer));
+    }
+
+    fn gossip(&mut self, from: NodeId, records: Vec<VerifiedRecord>) {
+        self.counters.frames_received += 1;
+        for record in records {
+            if record.id() == self.own.id() {
+                // Our own record from an earlier life of this key: outbid it, or every
+                // neighbor would go on preferring the old one.
+                if record.version() >= self.own.version() {
+                    let floor = record.version();
+                    self.counters.records_accepted += 1;
+                    self.bump_own_above(floor);
+                } else {
+                    self.counters.records_stale += 1;
+                }
+                continue;
+            }
+            self.merge(record, Some(from));
+        }
+    }
+
+    fn merge(&mut self, record: VerifiedRecord, source: Option<NodeId>) {
+        let id = record.id();
+        match self.db.merge(record) {
+            Merge::Accepted => {
+                self.counters.records_accepted += 1;
+                self.outbox.changed.insert(id, source);
+            }
+            Merge::Stale => self.counters.records_stale += 1,
+        }
+    }
+
+    /// Applies `edit` to the own neighbor set; if it changed anything, bumps the version once,
+    /// re-signs and queues the new record for every neighbor. Returns whether it changed.
+    fn change_own(&mut self, edit: impl FnOnce(&mut BTreeSet<NodeId>) -> bool) -> bool {
+        let mut record = self.own.record().clone();
+        if !edit(&mut record.neighbors) {
+            return false;
+        }
+        record.version += 1;
+        self.install_own(record)
+    }
+
+    fn bump_own_above(&mut self, floor: u64) {
+        let mut record = self.own.record().clone();
+        record.version = floor + 1;
+        self.install_own(record);
+    }
+
+    fn install_own(&mut self, record: NodeRecord) -> bool {
+        match self.identity.sign_verified(record) {
+            Ok(own) => {
+                self.own = own;
+                self.db.merge(self.own.clone());
+                self.outbox.changed.insert(self.own.id(), None);
+                true
+            }
+            Err(e) => {
+                // Only possible past the protocol's neighbor limit, which the pool stays under.
+                error!(error = %e, "own record would be invalid; keeping the previous one");
+                false
+            }
+        }
+    }
+
+    /// Sends what the batch changed: the whole database to newly connected neighbors, and to
+    /// every other neighbor the changed records it did not itself send. Each distinct set of
+    /// records is encoded once.
+    pub(super) fn flush(&mut self) {
+        let outbox = std::mem::take(&mut self.outbox);
+        if outbox.changed.is_empty() && outbox.full_sync.is_empty() {
+            return;
+        }
+        let mut encoded: HashMap<Vec<NodeId>, Vec<Bytes>> = HashMap::new();
+        let mut slow = Vec::new();
+        for (peer, stream) in &self.streams {
+            let ids: Vec<NodeId> = if outbox.full_sync.contains(peer) {
+                self.db
+                    .records()
+                    .map(VerifiedRecord::id)
+                    .filter(|id| id != peer)
+                    .collect()
+            } else {
+                outbox
+                    .changed
+                    .iter()
+                    .filter(|(id, source)| *id != peer && source.as_ref() != Some(peer))
+                    .map(|(id, _)| *id)
+                    .collect()
+            };
+            if ids.is_empty() {
+                continue;
+            }
+            let db = &self.db;
+            let bodies = encoded.entry(ids).or_insert_with_key(|ids| {
+                Frame::gossip_bodies(ids.iter().filter_map(|id| db.get(id)).map(|r| r.signed())).0
+            });
+            for body in bodies.iter() {
+                match stream.try_send(body.clone()) {
+                    Ok(()) => self.counters.frames_sent += 1,
+                    Err(QueueError::Full) => {
+                        self.counters.frames_dropped += 1;
+                        slow.push(stream.clone());
+                        break;
+                    }
+                    // The stream is ending; its disconnect is on its way.
+                    Err(QueueError::Closed) => break,
+                }
+            }
+        }
+        for stream in slow {
+            // Dropping one frame would leave the neighbor silently out of date; closing the
+            // stream makes it reconnect and resynchronize from a full exchange instead.
+            warn!(peer = %stream.peer().short(), conn = %stream.id(), "send queue full; closing stream to a slow neighbor");
+            stream.kill();
+        }
+    }
+
+    fn status(&self) -> NeighborhoodStatus {
+        let me = self.own.id();
+        let neighbors = self
+            .own
+            .record()
+            .neighbors
+            .iter()
+            .map(|id| NeighborStatus {
+                node_id: id.to_string(),
+                addr: self
+                    .db
+                    .get(id)
+                    .map(|r| r.record().addr.clone())
+                    .unwrap_or_default(),
+                full: self.db.lists(id, &me),
+            })
+            .collect();
+        let known_nodes = self
+            .db
+            .records()
+            .map(|r| KnownNode {
+                node_id: r.id().to_string(),
+                addr: r.record().addr.clone(),
+                version: r.version(),
+                neighbors: r.record().neighbors.iter().map(NodeId::to_string).collect(),
+            })
+            .collect();
+        NeighborhoodStatus {
+            node_id: me,
+            version: self.own.version(),
+            neighbors,
+            known_nodes,
+            counters: self.counters,
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! One stream's life: handshake, admission, then a reader (this task) and a writer (a task of
+//! its own that owns the write half and drains the stream's queue).
+
+use futures::{SinkExt, StreamExt};
+use meshnode_protocol::{Frame, FrameCodec, Inbound, PROTOCOL_VERSION, VerifiedRecord};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, warn};
+
+use super::{
+    Admission, Counters, HANDSHAKE_TIMEOUT, MAX_STRIKES, PoolMsg, Shared, StreamHandle, WriterCmd,
+};
+use crate::neighborhood::NeighborhoodMsg;
+use meshnode_protocol::NodeId;
+
+/// How a stream task ended, for the dialer that may have started it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Ended {
+    /// The handshake failed or the stream was not admitted; nothing reached the neighborhood.
+    NotAdmitted(String),
+    /// Another stream to this peer is preferred.
+    Duplicate(NodeId),
+    /// The stream was admitted and has now ended.
+    Closed(NodeId),
+    /// The node is stopping.
+    Cancelled,
+}
+
+/// Runs a stream from handshake to end. `dialed` is true when this node dialed it.
+pub(super) async fn run<S>(shared: Shared, stream: S, dialed: bool) -> Ended
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (read, write) = tokio::io::split(stream);
+    let mut reader = FramedRead::new(read, FrameCodec::new());
+    let mut writer = FramedWrite::new(write, FrameCodec::new());
+    let cancel = shared.cancel.child_token();
+
+    let handshake = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        handshake(&shared, &mut reader, &mut writer),
+    );
+    let record = match cancel.run_until_cancelled(handshake).await {
+        None => return Ended::Cancelled,
+        Some(Err(_)) => return not_admitted("no hello within the handshake timeout".into()),
+        Some(Ok(Err(reason))) => return not_admitted(reason),
+        Some(Ok(Ok(record))) => record,
+    };
+    let peer = record.id();
+    let conn = shared.next_conn_id();
+    let (handle, queue) = StreamHandle::new(conn, peer, cancel.clone());
+
+    let (reply, admission) = oneshot::channel();
+    let admit = PoolMsg::Admit {
+        stream: handle.clone(),
+        dialed,
+        reply,
+    };
+    if shared.pool.send(admit).await.is_err() {
+        return Ended::Cancelled;
+    }
+    match cancel.run_until_cancelled(admission).await {
+        Some(Ok(Admission::Admitted)) => {}
+        Some(Ok(Admission::Duplicate)) => return Ended::Duplicate(peer),
+        Some(Ok(Admission::Full)) => return not_admitted("the pool is full".into()),
+        None | Some(Err(_)) => return Ended::Cancelled,
+    }
+
+    let _open = OpenGauge::new(&shared.counters);
+    let span = tracing::info_span!("writer", %conn);
+    shared
+        .tracker
+        .spawn(write_loop(writer, queue, cancel.clone()).instrument(span));
+    let connected = NeighborhoodMsg::NeighborConnected {
+        stream: handle,
+        record,
+    };
+    let reason = if shared.neighborhood.send(connected).await.is_err() {
+        "the neighborhood has stopped".to_owned()
+    } else {
+        read_loop(&shared, &mut reader, peer, &cancel).await
+    };
+    info!(peer = %peer.short(), %conn, %reason, "stream ended");
+    cancel.cancel();
+    let _ = shared
+        .neighborhood
+        .send(NeighborhoodMsg::NeighborDisconnected { conn, peer })
+        .await;
+    let _ = shared.pool.send(PoolMsg::Closed { conn, peer }).await;
+    Ended::Closed(peer)
+}
+
+fn not_admitted(reason: String) -> Ended {
+    debug!(%reason, "stream not admitted");
+    Ended::NotAdmitted(reason)
+}
+
+/// Sends our hello and reads theirs at the same time (a large hello must not wait for the
+/// other side to read), then checks theirs.
+async fn handshake<R, W>(
+    shared: &Shared,
+    reader: &mut FramedRead<R, FrameCodec>,
+    writer: &mut FramedWrite<W, FrameCodec>,
+) -> Result<VerifiedRecord, String>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let own = shared
+        .neighborhood
+        .own_record()
+        .await
+        .map_err(|e| e.to_string())?;
+    let hello = Frame::Hello {
+        protocol: PROTOCOL_VERSION,
+        record: own,
+    }
+    .encode()
+    .map_err(|e| format!("cannot encode hello: {e}"))?;
+    let send = async {
+        writer
+            .send(hello)
+            .await
+            .map_err(|e| format!("cannot send hello: {e}"))
+    };
+    let receive = async {
+        match reader.next().await {
+            Some(Ok(Inbound::Frame(body))) => match Frame::decode(&body) {
+                Ok(Frame::Hello { protocol, record }) if protocol == PROTOCOL_VERSION => {
+                    let record = record
+                        .into_verified()
+                        .map_err(|e| format!("bad hello: {e}"))?;
+                    if record.id() == shared.me {
+                        return Err("connected to itself".to_owned());
+                    }
+                    Ok(record)
+                }
+                Ok(Frame::Hello { protocol, .. }) => Err(format!(
+                    "peer speaks protocol {protocol}, not {PROTOCOL_VERSION}"
+                )),
+                Ok(_) => Err("first frame is not a hello".to_owned()),
+                Err(e) => Err(format!("bad hello: {e}")),
+            },
+            Some(Ok(Inbound::Oversized { len })) => {
+                Err(format!("hello of {len} bytes is too large"))
+            }
+            Some(Err(e)) => Err(format!("read failed: {e}")),
+            None => Err("closed before hello".to_owned()),
+        }
+    };
+    let ((), record) = tokio::try_join!(send, receive)?;
+    Ok(record)
+}
+
+/// Reads frames until the stream ends, is cancelled, or the peer has sent too much garbage.
+/// Returns why it stopped.
+async fn read_loop<R>(
+    shared: &Shared,
+    reader: &mut FramedRead<R, FrameCodec>,
+    peer: NodeId,
+    cancel: &CancellationToken,
+) -> String
+where
+    R: AsyncRead + Unpin,
+{
+    let counters = &shared.counters;
+    let mut strikes = 0u32;
+    loop {
+        let Some(item) = cancel.run_until_cancelled(reader.next()).await else {
+            return "closed by this node".to_owned();
+        };
+        let strike = match item {
+            None => return "end of stream".to_owned(),
+            Some(Err(e)) => {
+                Counters::bump(&counters.frames_malformed);
+                return format!("read failed: {e}");
+            }
+            Some(Ok(Inbound::Oversized { len })) => {
+                Counters::bump(&counters.frames_oversized);
+                debug!(len, "oversized frame skipped");
+                true
+            }
+            Some(Ok(Inbound::Frame(body))) => match Frame::decode(&body) {
+                Ok(Frame::Gossip { records }) => {
+                    let total = records.len();
+                    let verified: Vec<VerifiedRecord> = records
+                        .into_iter()
+                        .filter_map(|r| r.into_verified().ok())
+                        .collect();
+                    let rejected = total - verified.len();
+                    for _ in 0..rejected {
+                        Counters::bump(&counters.records_rejected);
+                    }
+                    if rejected > 0 {
+                        debug!(rejected, "records with bad signatures dropped");
+                    }
+                    let gossip = NeighborhoodMsg::Gossip {
+                        from: peer,
+                        records: verified,
+                    };
+                    if shared.neighborhood.send(gossip).await.is_err() {
+                        return "the neighborhood has stopped".to_owned();
+                    }
+                    rejected > 0
+                }
+                Ok(Frame::Hello { .. }) => {
+                    Counters::bump(&counters.frames_malformed);
+                    debug!("hello out of turn");
+                    true
+                }
+                Err(e) => {
+                    Counters::bump(&counters.frames_malformed);
+                    debug!(error = %e, "malformed frame dropped");
+                    true
+                }
+            },
+        };
+        if strike {
+            strikes += 1;
+            if strikes >= MAX_STRIKES {
+                Counters::bump(&counters.peers_disconnected_for_abuse);
+                warn!(peer = %peer.short(), strikes, "neighbor sends too many bad frames; disconnecting");
+                return "too many bad frames".to_owned();
+            }
+        }
+    }
+}
+
+/// Drains the stream's queue into the socket, in order, until told to close or cancelled.
+async fn write_loop<W>(
+    mut writer: FramedWrite<W, FrameCodec>,
+    mut queue: mpsc::Receiver<WriterCmd>,
+    cancel: CancellationToken,
+) where
+    W: AsyncWrite + Unpin,
+{
+    loop {
+        let Some(Some(cmd)) = cancel.run_until_cancelled(queue.recv()).await else {
+            break;
+        };
+        let result = match cmd {
+            WriterCmd::Frame(body) => {
+                let write = async {
+                    writer.feed(body).await?;
+                    // Flush only when nothing else is queued, so a burst leaves in few writes.
+                    if queue.is_empty() {
+                        writer.flush().await
+                    } else {
+                        Ok(())
+                    }
+                };
+                cancel.run_until_cancelled(write).await
+            }
+            WriterCmd::Close => {
+                let close = async {
+                    writer.flush().await?;
+                    writer.get_mut().shutdown().await
+                };
+                let closed = cancel.run_until_cancelled(close).await;
+                if let Some(Err(e)) = &closed {
+                    debug!(error = %e, "close failed");
+                }
+                break;
+            }
+        };
+        match result {
+            None => break,
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                debug!(error = %e, "write failed; ending the stream");
+                cancel.cancel();
+                break;
+            }
+        }
+    }
+}
+
+/// Counts a stream as open for as long as it lives.
+struct OpenGauge<'a>(&'a Counters);
+
+impl<'a> OpenGauge<'a> {
+    fn new(counters: &'a Counters) -> Self {
+        Counters::bump(&counters.streams_open);
+        Self(counters)
+    }
+}
+
+impl Drop for OpenGauge<'_> {
+    fn drop(&mut self) {
+        self.0
+            .streams_open
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,268 @@
+//! The stream handler pool: sole owner of the TCP streams to immediate neighbors. It accepts
+//! and dials them, runs the handshake, admits one stream per neighbor, and gives each admitted
+//! stream a reader (feeding the neighborhood) and a writer (fed by a bounded queue).
+
+mod connection;
+mod dialer;
+mod state;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use meshnode_protocol::NodeId;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::neighborhood::NeighborhoodHandle;
+
+/// How many messages may wait in the pool's inbox.
+pub const POOL_INBOX: usize = 1024;
+/// How many frames may wait for one stream's writer. When it is full the neighbor is not
+/// keeping up: the neighborhood closes the stream rather than block or silently skip gossip.
+pub const WRITER_QUEUE: usize = 32;
+/// Longest a new stream may take to exchange hellos.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest one dial may take to connect.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Most admitted streams; more are closed right after their handshake. Kept below the
+/// protocol's limit on neighbors per record.
+pub const MAX_STREAMS: usize = 8_000;
+/// Bad frames (malformed, oversized, forged records, out of turn) a neighbor may send over one
+/// stream before it is disconnected.
+pub const MAX_STRIKES: u32 = 16;
+
+/// Identifies one stream for its whole life; never reused within a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+impl fmt::Display for ConnId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// A command for a stream's writer task, executed in queue order.
+#[derive(Debug)]
+pub enum WriterCmd {
+    /// Write one frame body.
+    Frame(Bytes),
+    /// Flush, shut the write half down (the neighbor sees EOF after every earlier frame) and stop.
+    Close,
+}
+
+/// Why a frame could not be queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum QueueError {
+    #[error("the stream's send queue is full")]
+    Full,
+    #[error("the stream is closed")]
+    Closed,
+}
+
+/// The sending side of one admitted stream: queue frames, or kill the stream. Cloneable; the
+/// pool and the neighborhood each hold one.
+#[derive(Debug, Clone)]
+pub struct StreamHandle {
+    id: ConnId,
+    peer: NodeId,
+    queue: mpsc::Sender<WriterCmd>,
+    cancel: CancellationToken,
+}
+
+impl StreamHandle {
+    /// A handle and the queue its writer reads; `cancel` ends the stream.
+    pub(crate) fn new(
+        id: ConnId,
+        peer: NodeId,
+        cancel: CancellationToken,
+    ) -> (Self, mpsc::Receiver<WriterCmd>) {
+        let (queue, rx) = mpsc::channel(WRITER_QUEUE);
+        (
+            Self {
+                id,
+                peer,
+                queue,
+                cancel,
+            },
+            rx,
+        )
+    }
+
+    pub fn id(&self) -> ConnId {
+        self.id
+    }
+
+    pub fn peer(&self) -> NodeId {
+        self.peer
+    }
+
+    /// Queues a frame body without waiting.
+    pub fn try_send(&self, body: Bytes) -> Result<(), QueueError> {
+        self.queue
+            .try_send(WriterCmd::Frame(body))
+            .map_err(|e| match e {
+                TrySendError::Full(_) => QueueError::Full,
+                TrySendError::Closed(_) => QueueError::Closed,
+            })
+    }
+
+    /// Ends the stream now: reader and writer stop, queued frames are dropped.
+    pub fn kill(&self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Stream and frame counters since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolCounters {
+    pub frames_malformed: u64,
+    pub frames_oversized: u64,
+    pub records_rejected: u64,
+    pub peers_disconnected_for_abuse: u64,
+    pub streams_open: u64,
+    pub streams_accepted: u64,
+    pub streams_dialed: u64,
+}
+
+/// The live counters, shared by the pool with its own stream tasks only.
+#[derive(Debug, Default)]
+struct Counters {
+    frames_malformed: AtomicU64,
+    frames_oversized: AtomicU64,
+    records_rejected: AtomicU64,
+    peers_disconnected_for_abuse: AtomicU64,
+    streams_open: AtomicU64,
+    streams_accepted: AtomicU64,
+    streams_dialed: AtomicU64,
+}
+
+impl Counters {
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> PoolCounters {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        PoolCounters {
+            frames_malformed: get(&self.frames_malformed),
+            frames_oversized: get(&self.frames_oversized),
+            records_rejected: get(&self.records_rejected),
+            peers_disconnected_for_abuse: get(&self.peers_disconnected_for_abuse),
+            streams_open: get(&self.streams_open),
+            streams_accepted: get(&self.streams_accepted),
+            streams_dialed: get(&self.streams_dialed),
+        }
+    }
+}
+
+/// The pool's answer to a stream that finished its handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Admitted,
+    /// Another stream to the same neighbor is preferred; this one closes.
+    Duplicate,
+    /// The pool holds [`MAX_STREAMS`] streams already.
+    Full,
+}
+
+/// Messages the pool task handles.
+#[derive(Debug)]
+pub enum PoolMsg {
+    /// A stream passed its handshake and asks to be admitted as the stream to its peer.
+    Admit {
+        stream: StreamHandle,
+        dialed: bool,
+        reply: oneshot::Sender<Admission>,
+    },
+    /// An admitted stream has ended.
+    Closed { conn: ConnId, peer: NodeId },
+    /// Answers once no admitted stream to `peer` remains.
+    WaitPeerGone {
+        peer: NodeId,
+        reply: oneshot::Sender<()>,
+    },
+    /// Stream and frame counters for the status payload.
+    Counters {
+        reply: oneshot::Sender<PoolCounters>,
+    },
+}
+
+/// The pool task has stopped and can no longer answer.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the stream handler pool has stopped")]
+pub struct PoolGone;
+
+/// A cloneable handle for talking to the pool task.
+#[derive(Debug, Clone)]
+pub struct PoolHandle {
+    tx: mpsc::Sender<PoolMsg>,
+}
+
+impl PoolHandle {
+    pub async fn send(&self, msg: PoolMsg) -> Result<(), PoolGone> {
+        self.tx.send(msg).await.map_err(|_| PoolGone)
+    }
+
+    pub async fn counters(&self) -> Result<PoolCounters, PoolGone> {
+        let (reply, rx) = oneshot::channel();
+        self.send(PoolMsg::Counters { reply }).await?;
+        rx.await.map_err(|_| PoolGone)
+    }
+}
+
+/// What every stream task of one pool shares.
+#[derive(Debug, Clone)]
+struct Shared {
+    me: NodeId,
+    neighborhood: NeighborhoodHandle,
+    pool: PoolHandle,
+    /// Cancelled when the node stops; each stream's token is a child of it.
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    counters: Arc<Counters>,
+    next_conn: Arc<AtomicU64>,
+}
+
+impl Shared {
+    fn next_conn_id(&self) -> ConnId {
+        ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Starts the pool on an already bound listener, dialing each of `neighbors` (`HOST:PORT`).
+pub fn spawn(
+    me: NodeId,
+    listener: TcpListener,
+    neighbors: Vec<String>,
+    neighborhood: NeighborhoodHandle,
+    cancel: CancellationToken,
+    tracker: &TaskTracker,
+) -> PoolHandle {
+    let (tx, rx) = mpsc::channel(POOL_INBOX);
+    let handle = PoolHandle { tx };
+    let shared = Shared {
+        me,
+        neighborhood,
+        pool: handle.clone(),
+        cancel,
+        tracker: tracker.clone(),
+        counters: Arc::default(),
+        next_conn: Arc::new(AtomicU64::new(1)),
+    };
+    for target in neighbors {
+        let span = tracing::info_span!("dialer", node = %me.short(), %target);
+        tracker.spawn(dialer::run(shared.clone(), target).instrument(span));
+    }
+    let span = tracing::info_span!("stream_handler_pool", node = %me.short());
+    tracker.spawn(state::Pool::new(shared, listener).run(rx).instrument(span));
+    handle
+}

@@ -1,0 +1,286 @@
+//! The MASQ Node UI protocol envelope, as meshnode speaks it over its websocket, and the
+//! payloads of the opcodes meshnode answers.
+//!
+//! A conversation message carries `contextId`; a response reuses the request's opcode and
+//! context id and carries either `payload` (a JSON object) or `error` (an unsigned 64-bit code
+//! and a message). A broadcast has no `contextId`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The websocket subprotocol every client must offer.
+pub const UI_SUBPROTOCOL: &str = "MASQNode-UIv2";
+/// MASQ's default UI port.
+pub const DEFAULT_UI_PORT: u16 = 5333;
+/// Longest UI message accepted, in bytes.
+pub const MAX_UI_MESSAGE_LEN: usize = 64 * 1024;
+
+/// Error codes. Those MASQ defines keep MASQ's numbers; meshnode's own sit above them.
+pub mod codes {
+    const PREFIX: u64 = 0x8000_0000_0000_0000;
+    /// MASQ: the node cannot serve the request (it is shutting down or stopped).
+    pub const NODE_NOT_RUNNING: u64 = PREFIX | 2;
+    /// MASQ: the message is not valid JSON, lacks `opcode`, `contextId` or an object `payload`.
+    pub const UNMARSHAL_ERROR: u64 = PREFIX | 4;
+    /// MASQ: the node did not finish in time.
+    pub const TIMEOUT: u64 = PREFIX | 6;
+    /// meshnode: the opcode is not one meshnode answers.
+    pub const UNKNOWN_OPCODE: u64 = PREFIX | 0x1_0001;
+    /// meshnode: the message exceeds `MAX_UI_MESSAGE_LEN` or is not a text frame.
+    pub const BAD_FRAME: u64 = PREFIX | 0x1_0002;
+    /// meshnode: the node failed inside while answering.
+    pub const INTERNAL: u64 = PREFIX | 0x1_0003;
+}
+
+/// One UI message in the MASQ envelope.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UiMessage {
+    pub opcode: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_id: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<UiError>,
+}
+
+/// The `error` member of a response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UiError {
+    pub code: u64,
+    pub message: String,
+}
+
+/// A well-formed request: opcode, context id and an object payload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UiRequest {
+    pub opcode: String,
+    pub context_id: u64,
+    pub payload: Map<String, Value>,
+}
+
+impl UiMessage {
+    pub fn response(opcode: &str, context_id: u64, payload: impl Serialize) -> Self {
+        let payload = serde_json::to_value(payload).unwrap_or_else(|_| Value::Object(Map::new()));
+        Self {
+            opcode: opcode.into(),
+            context_id: Some(context_id),
+            payload: Some(payload),
+            error: None,
+        }
+    }
+
+    pub fn error(
+        opcode: &str,
+        context_id: Option<u64>,
+        code: u64,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            opcode: opcode.into(),
+            context_id,
+            payload: None,
+            error: Some(UiError {
+                code,
+                message: message.into(),
+            }),
+        }
+    }
+
+    pub fn broadcast(opcode: &str, payload: impl Serialize) -> Self {
+        let payload = serde_json::to_value(payload).unwrap_or_else(|_| Value::Object(Map::new()));
+        Self {
+            opcode: opcode.into(),
+            context_id: None,
+            payload: Some(payload),
+            error: None,
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("{}"))
+    }
+
+    /// The payload deserialized as `T`, or the error the message carries.
+    pub fn into_payload<T: serde::de::DeserializeOwned>(self) -> Result<T, UiError> {
+        if let Some(error) = self.error {
+            return Err(error);
+        }
+        let payload = self.payload.unwrap_or(Value::Null);
+        serde_json::from_value(payload).map_err(|e| UiError {
+            code: codes::UNMARSHAL_ERROR,
+            message: format!("unexpected {} payload: {e}", self.opcode),
+        })
+    }
+}
+
+/// Parses a client's text into a request, or into the error response it deserves.
+pub fn parse_request(text: &str) -> Result<UiRequest, UiMessage> {
+    const UNPARSEABLE: &str = "unmarshalError";
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        UiMessage::error(
+            UNPARSEABLE,
+            None,
+            codes::UNMARSHAL_ERROR,
+            format!("not JSON: {e}"),
+        )
+    })?;
+    let Value::Object(mut obj) = value else {
+        return Err(UiMessage::error(
+            UNPARSEABLE,
+            None,
+            codes::UNMARSHAL_ERROR,
+            "message must be a JSON object",
+        ));
+    };
+    let context_id = obj.get("contextId").and_then(Value::as_u64);
+    let Some(opcode) = obj.get("opcode").and_then(Value::as_str).map(str::to_owned) else {
+        return Err(UiMessage::error(
+            UNPARSEABLE,
+            context_id,
+            codes::UNMARSHAL_ERROR,
+            "message has no string opcode",
+        ));
+    };
+    let bad = |msg: &str| UiMessage::error(&opcode, context_id, codes::UNMARSHAL_ERROR, msg);
+    let Some(context_id) = context_id else {
+        return Err(bad("request has no unsigned integer contextId"));
+    };
+    match obj.remove("payload") {
+        Some(Value::Object(payload)) => Ok(UiRequest {
+            opcode,
+            context_id,
+            payload,
+        }),
+        Some(_) => Err(bad("payload must be a JSON object")),
+        None => Err(bad("request has no payload")),
+    }
+}
+
+/// What a node is doing, as `state` in the status payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum NodeState {
+    Running,
+    ShuttingDown,
+}
+
+/// The payload of the `status` opcode and of `GET /status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusPayload {
+    pub node_id: String,
+    /// The address neighbors connect to, as bound.
+    pub listen: String,
+    /// The UI address, as bound.
+    pub ui: String,
+    pub state: NodeState,
+    /// The version of the node's own signed record.
+    pub version: u64,
+    /// meshnode's software version.
+    pub software_version: String,
+    /// The node's half-neighborships.
+    pub neighbors: Vec<NeighborStatus>,
+    /// Every record in the node's database, its own included.
+    pub known_nodes: Vec<KnownNode>,
+    pub stats: Stats,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NeighborStatus {
+    pub node_id: String,
+    pub addr: String,
+    /// True when the neighbor's record lists this node back.
+    pub full: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KnownNode {
+    pub node_id: String,
+    pub addr: String,
+    pub version: u64,
+    pub neighbors: Vec<String>,
+}
+
+/// Counters since start. Gossip counters are the neighborhood's; frame and stream counters
+/// are the stream handler pool's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Stats {
+    pub gossip_frames_sent: u64,
+    pub gossip_frames_received: u64,
+    /// Records that changed the database.
+    pub records_accepted: u64,
+    /// Records no newer than the stored one (replays, echoes).
+    pub records_stale: u64,
+    /// Records with a bad signature or shape.
+    pub records_rejected: u64,
+    /// Gossip frames dropped because a neighbor's send queue was full.
+    pub gossip_frames_dropped: u64,
+    /// Frames that were not valid JSON of a known type, or arrived out of turn.
+    pub frames_malformed: u64,
+    /// Frames over the size limit.
+    pub frames_oversized: u64,
+    /// Neighbors disconnected for sending too much garbage.
+    pub peers_disconnected_for_abuse: u64,
+    pub streams_open: u64,
+    pub streams_accepted: u64,
+    pub streams_dialed: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_masq_shutdown_request_parses() {
+        let req = parse_request(r#"{"opcode": "shutdown", "contextId": 1, "payload": {}}"#)
+            .expect("well formed");
+        assert_eq!((req.opcode.as_str(), req.context_id), ("shutdown", 1));
+    }
+
+    #[test]
+    fn responses_and_broadcasts_have_the_masq_shape() {
+        let resp = UiMessage::response("shutdown", 1, serde_json::json!({}));
+        assert_eq!(
+            resp.to_json(),
+            r#"{"opcode":"shutdown","contextId":1,"payload":{}}"#
+        );
+        let b = UiMessage::broadcast("x", serde_json::json!({"a": 1}));
+        assert_eq!(b.to_json(), r#"{"opcode":"x","payload":{"a":1}}"#);
+    }
+
+    #[test]
+    fn error_codes_above_i64_max_survive_a_round_trip() {
+        let err = UiMessage::error("shutdown", Some(1), codes::NODE_NOT_RUNNING, "no");
+        let json = err.to_json();
+        assert!(json.contains("9223372036854775810"), "{json}");
+        let back: UiMessage = serde_json::from_str(&json).expect("parses");
+        assert_eq!(back.error.expect("error").code, 0x8000_0000_0000_0002);
+    }
+
+    #[test]
+    fn bad_requests_get_unmarshal_errors_that_keep_what_could_be_read() {
+        let cases = [
+            ("{", None, "unmarshalError"),
+            ("[1]", None, "unmarshalError"),
+            (r#"{"contextId": 4}"#, Some(4), "unmarshalError"),
+            (r#"{"opcode": "status", "payload": {}}"#, None, "status"),
+            (r#"{"opcode": "status", "contextId": 5}"#, Some(5), "status"),
+            (
+                r#"{"opcode": "status", "contextId": 6, "payload": []}"#,
+                Some(6),
+                "status",
+            ),
+        ];
+        for (text, context_id, opcode) in cases {
+            let err = parse_request(text).expect_err(text);
+            assert_eq!(err.opcode, opcode, "{text}");
+            assert_eq!(err.context_id, context_id, "{text}");
+            assert_eq!(err.error.expect("error").code, codes::UNMARSHAL_ERROR);
+        }
+    }
+}
