@@ -1,6 +1,7 @@
 //! The `meshnode` command. The only place that exits the process.
 #![forbid(unsafe_code)]
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -150,7 +151,8 @@ fn render_status(s: &StatusPayload) -> String {
     let short = |id: &str| id.get(..8).unwrap_or(id).to_owned();
     let mut out = String::new();
     let _ = writeln!(out, "node       {}", s.node_id);
-    let _ = writeln!(out, "state      {:?}", s.state);
+    let state = serde_json::to_value(s.state).unwrap_or_default();
+    let _ = writeln!(out, "state      {}", state.as_str().unwrap_or("unknown"));
     let _ = writeln!(out, "listen     {}", s.listen);
     let _ = writeln!(out, "ui         {}", s.ui);
     let _ = writeln!(

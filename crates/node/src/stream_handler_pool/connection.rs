@@ -89,7 +89,11 @@ where
         .send(NeighborhoodMsg::NeighborDisconnected { conn, peer })
         .await;
     let _ = shared.pool.send(PoolMsg::Closed { conn, peer }).await;
-    Ended::Closed(peer)
+    if shared.cancel.is_cancelled() {
+        Ended::Cancelled
+    } else {
+        Ended::Closed(peer)
+    }
 }
 
 fn not_admitted(reason: String) -> Ended {
