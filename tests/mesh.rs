@@ -1,1 +1,268 @@
+//! In-process meshes on loopback: real nodes, real sockets, one process.
 
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use meshnode::{Config, Node};
+use meshnode_protocol::ui::StatusPayload;
+use meshnode_protocol::{
+    Frame, FrameCodec, Identity, Inbound, NodeRecord, PROTOCOL_VERSION, SignedRecord,
+};
+use tokio::net::TcpStream;
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+const BOUND: Duration = Duration::from_secs(20);
+
+async fn node(seed: u8, neighbors: &[&Node]) -> Node {
+    let mut config = Config::new(Identity::from_seed([seed; 32]));
+    config.neighbors = neighbors
+        .iter()
+        .map(|n| n.listen_addr().to_string())
+        .collect();
+    meshnode::start(config).await.expect("node starts")
+}
+
+async fn status(node: &Node) -> StatusPayload {
+    node.status().await.expect("status")
+}
+
+/// Polls `check` until it holds, failing the test after [`BOUND`].
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + BOUND;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn ids(nodes: &[&Node]) -> BTreeSet<String> {
+    nodes.iter().map(|n| n.id().to_string()).collect()
+}
+
+/// True when `node`'s half-neighborships are exactly `expected`, all full.
+async fn has_full_neighbors(node: &Node, expected: BTreeSet<String>) -> bool {
+    let s = status(node).await;
+    let got: BTreeSet<String> = s.neighbors.iter().map(|n| n.node_id.clone()).collect();
+    got == expected && s.neighbors.iter().all(|n| n.full)
+}
+
+async fn knows(node: &Node, expected: BTreeSet<String>) -> bool {
+    let s = status(node).await;
+    let got: BTreeSet<String> = s.known_nodes.iter().map(|k| k.node_id.clone()).collect();
+    expected.is_subset(&got)
+}
+
+#[tokio::test]
+async fn three_nodes_become_full_neighbors_and_a_fourth_is_learned_through_gossip() {
+    let a = node(1, &[]).await;
+    let b = node(2, &[&a]).await;
+    let c = node(3, &[&a]).await;
+    let all = [&a, &b, &c];
+
+    eventually("A is a full neighbor of B and C", || {
+        has_full_neighbors(&a, ids(&[&b, &c]))
+    })
+    .await;
+    eventually("B is a full neighbor of A", || {
+        has_full_neighbors(&b, ids(&[&a]))
+    })
+    .await;
+    eventually("C is a full neighbor of A", || {
+        has_full_neighbors(&c, ids(&[&a]))
+    })
+    .await;
+    for n in all {
+        eventually("every node knows all three records", || knows(n, ids(&all))).await;
+    }
+    // B learned C's record, which lists A, only through A's gossip.
+    let c_in_b = status(&b)
+        .await
+        .known_nodes
+        .into_iter()
+        .find(|k| k.node_id == c.id().to_string());
+    assert_eq!(
+        c_in_b.expect("B knows C").neighbors,
+        vec![a.id().to_string()]
+    );
+
+    let d = node(4, &[&b]).await;
+    let everyone = [&a, &b, &c, &d];
+    for n in everyone {
+        eventually("every node learns of D", || knows(n, ids(&everyone))).await;
+    }
+    eventually("B is a full neighbor of A and D", || {
+        has_full_neighbors(&b, ids(&[&a, &d]))
+    })
+    .await;
+    // A is two hops from D and C three: their view of D's record came through gossip alone.
+    for n in [&a, &c] {
+        let s = status(n).await;
+        let d_rec = s
+            .known_nodes
+            .iter()
+            .find(|k| k.node_id == d.id().to_string())
+            .expect("D");
+        assert_eq!(d_rec.neighbors, vec![b.id().to_string()]);
+        assert!(s.stats.gossip_frames_received > 0);
+    }
+
+    for n in [a, b, c, d] {
+        assert!(n.stop().await, "node stops cleanly");
+    }
+}
+
+#[tokio::test]
+async fn a_stopped_neighbor_is_dropped_and_a_restarted_one_is_redialed() {
+    let a = node(11, &[]).await;
+    let a_addr = a.listen_addr();
+    let b = node(12, &[&a]).await;
+    eventually("B connects to A", || has_full_neighbors(&b, ids(&[&a]))).await;
+    assert!(a.stop().await);
+    eventually("B drops A", || async {
+        status(&b).await.neighbors.is_empty()
+    })
+    .await;
+
+    let mut config = Config::new(Identity::from_seed([11; 32]));
+    config.listen = a_addr;
+    let a = meshnode::start(config)
+        .await
+        .expect("A restarts on its old address");
+    eventually("B redials A", || has_full_neighbors(&b, ids(&[&a]))).await;
+    // A restarted at version 1; B held A's old record at a higher version and sent it back,
+    // so A outbid its earlier life and B holds the new record.
+    eventually("B holds A's current record", || async {
+        let mine = status(&a).await.version;
+        status(&b)
+            .await
+            .known_nodes
+            .iter()
+            .any(|k| k.node_id == a.id().to_string() && k.version == mine)
+    })
+    .await;
+    assert!(b.stop().await && a.stop().await);
+}
+
+/// A hand-driven peer: handshakes with a node as `identity`, then sends what a test tells it to.
+struct FakePeer {
+    identity: Identity,
+    reader: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
+    writer: FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec>,
+}
+
+impl FakePeer {
+    async fn connect(node: &Node, identity: Identity) -> Self {
+        let stream = TcpStream::connect(node.listen_addr())
+            .await
+            .expect("connects");
+        let (read, write) = stream.into_split();
+        let mut peer = Self {
+            reader: FramedRead::new(read, FrameCodec::new()),
+            writer: FramedWrite::new(write, FrameCodec::new()),
+            identity,
+        };
+        let hello = Frame::Hello {
+            protocol: PROTOCOL_VERSION,
+            record: peer.record(1, "127.0.0.1:9"),
+        };
+        peer.send(&hello).await;
+        let first = tokio::time::timeout(BOUND, peer.reader.next())
+            .await
+            .expect("hello in time");
+        let Some(Ok(Inbound::Frame(body))) = first else {
+            panic!("no hello: {first:?}")
+        };
+        assert!(matches!(Frame::decode(&body), Ok(Frame::Hello { .. })));
+        peer
+    }
+
+    fn record(&self, version: u64, addr: &str) -> SignedRecord {
+        let id = self.identity.id();
+        self.identity.sign(NodeRecord {
+            id,
+            addr: addr.into(),
+            version,
+            neighbors: BTreeSet::new(),
+        })
+    }
+
+    async fn send(&mut self, frame: &Frame) {
+        let body = frame.encode().expect("encodes");
+        tokio::time::timeout(BOUND, self.writer.send(body))
+            .await
+            .expect("in time")
+            .expect("sent");
+    }
+}
+
+#[tokio::test]
+async fn forged_gossip_changes_nothing() {
+    let a = node(21, &[]).await;
+    let mut mallory = FakePeer::connect(&a, Identity::from_seed([22; 32])).await;
+    let victim = Identity::from_seed([23; 32]);
+    let victim_record = |version: u64, addr: &str| {
+        victim.sign(NodeRecord {
+            id: victim.id(),
+            addr: addr.into(),
+            version,
+            neighbors: BTreeSet::new(),
+        })
+    };
+    // The victim's genuine record, version 5, arrives first (relayed, as gossip does).
+    let genuine = victim_record(5, "127.0.0.1:5005");
+    mallory
+        .send(&Frame::Gossip {
+            records: vec![genuine],
+        })
+        .await;
+    eventually("A learns the victim", || async {
+        status(&a)
+            .await
+            .known_nodes
+            .iter()
+            .any(|k| k.node_id == victim.id().to_string())
+    })
+    .await;
+    let before = status(&a).await;
+
+    // 1. A newer version of the victim's record, signed by Mallory: bad signature.
+    let mut forged = mallory.record(9, "127.0.0.1:6666");
+    forged.record.id = victim.id();
+    // 2. A record of Mallory's own, tampered with after signing.
+    let mut tampered = mallory.record(3, "127.0.0.1:9");
+    tampered.record.version = 40;
+    // 3. A replay of the victim's genuine record at a lower version.
+    let replay = victim_record(4, "127.0.0.1:4004");
+    mallory
+        .send(&Frame::Gossip {
+            records: vec![forged, tampered, replay],
+        })
+        .await;
+
+    eventually("the forgeries are counted", || async {
+        let s = status(&a).await.stats;
+        s.records_rejected == 2 && s.records_stale > before.stats.records_stale
+    })
+    .await;
+    let after = status(&a).await;
+    assert_eq!(
+        after.known_nodes, before.known_nodes,
+        "forged gossip changed the database"
+    );
+    let v = after
+        .known_nodes
+        .iter()
+        .find(|k| k.node_id == victim.id().to_string())
+        .expect("victim");
+    assert_eq!((v.version, v.addr.as_str()), (5, "127.0.0.1:5005"));
+    assert!(a.stop().await);
+}

@@ -1,1 +1,216 @@
+//! The real `meshnode` binary, run as a process.
 
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use meshnode_protocol::ui::{NodeState, StatusPayload};
+
+const BIN: &str = env!("CARGO_BIN_EXE_meshnode");
+const BOUND: Duration = Duration::from_secs(20);
+
+/// A running `meshnode run`, killed if the test ends without stopping it.
+struct Daemon {
+    child: Child,
+    ui: SocketAddr,
+    listen: SocketAddr,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Daemon {
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["run", "--listen", "127.0.0.1:0", "--ui", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("meshnode starts");
+        let (tx, stderr) = mpsc::channel();
+        let pipe = child.stderr.take().expect("stderr piped");
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut daemon = Self {
+            child,
+            ui: addr0(),
+            listen: addr0(),
+            stderr,
+        };
+        let line = daemon.wait_for_line("node started");
+        daemon.ui = field(&line, "ui=");
+        daemon.listen = field(&line, "listen=");
+        daemon
+    }
+
+    /// Waits for a log line containing `needle`, failing after [`BOUND`].
+    fn wait_for_line(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + BOUND;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(e) => panic!("no log line with {needle:?}: {e}"),
+            }
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{name}"), self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + BOUND;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "meshnode did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn addr0() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+fn field(line: &str, key: &str) -> SocketAddr {
+    let start = line
+        .find(key)
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+        + key.len();
+    let value: String = line[start..]
+        .chars()
+        .take_while(|c| !c.is_whitespace())
+        .collect();
+    value
+        .parse()
+        .unwrap_or_else(|e| panic!("{key}{value}: {e}"))
+}
+
+fn meshnode(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("meshnode runs")
+}
+
+fn get_status(ui: SocketAddr) -> StatusPayload {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    runtime.block_on(async {
+        let get = reqwest::get(format!("http://{ui}/status"));
+        let response = tokio::time::timeout(BOUND, get)
+            .await
+            .expect("in time")
+            .expect("GET");
+        assert!(response.status().is_success());
+        response.json().await.expect("status JSON")
+    })
+}
+
+#[test]
+fn the_binary_serves_status_and_stops_on_sigterm() {
+    let mut a = Daemon::start(&[]);
+    let neighbor = a.listen.to_string();
+    let mut b = Daemon::start(&["--neighbor", &neighbor]);
+    b.wait_for_line("neighbor connected");
+
+    let status = get_status(a.ui);
+    assert_eq!(status.state, NodeState::Running);
+    assert_eq!(status.ui, a.ui.to_string());
+    assert_eq!(status.listen, a.listen.to_string());
+
+    let ui = b.ui.to_string();
+    let printed = meshnode(&["status", "--ui", &ui]);
+    assert!(printed.status.success(), "{printed:?}");
+    let text = String::from_utf8_lossy(&printed.stdout);
+    assert!(text.contains("state      running"), "{text}");
+    assert!(
+        text.contains(&status.node_id[..8]),
+        "B's status names its neighbor A:\n{text}"
+    );
+
+    b.signal("TERM");
+    assert!(b.wait_exit().success());
+    a.signal("INT");
+    assert!(a.wait_exit().success());
+}
+
+fn assert_one_line_error(out: &Output, needle: &str) {
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
+    assert_eq!(errors.len(), 1, "one error line expected:\n{stderr}");
+    assert!(errors[0].contains(needle), "{needle:?} not in {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn bad_input_gives_a_one_line_error_and_a_non_zero_exit() {
+    let out = meshnode(&["run", "--listen", "not-an-address"]);
+    assert_one_line_error(&out, "invalid value 'not-an-address'");
+    let out = meshnode(&["run", "--neighbor", "nohost"]);
+    assert_one_line_error(&out, "is not HOST:PORT");
+    let out = meshnode(&["run", "--bogus"]);
+    assert_one_line_error(&out, "--bogus");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let out = meshnode(&["run", "--listen", &addr, "--ui", "127.0.0.1:0"]);
+    assert_one_line_error(&out, &format!("cannot listen for neighbors on {addr}"));
+    let out = meshnode(&["run", "--ui", &addr]);
+    assert_one_line_error(&out, &format!("cannot listen for UIs on {addr}"));
+
+    let dir = std::env::temp_dir().join(format!("meshnode-process-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let key = dir.join("corrupt.key");
+    std::fs::write(&key, "definitely not a key\n").expect("write");
+    let key = key.to_string_lossy().into_owned();
+    let out = meshnode(&["run", "--ui", "127.0.0.1:0", "--key-file", &key]);
+    assert_one_line_error(&out, "is corrupt");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let out = meshnode(&["status", "--ui", &addr]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    drop(taken);
+}
+
+#[test]
+fn a_key_file_keeps_the_node_id_across_restarts() {
+    let dir = std::env::temp_dir().join(format!("meshnode-key-restart-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let key = dir.join("node.key").to_string_lossy().into_owned();
+    let mut first = Daemon::start(&["--key-file", &key]);
+    let id = get_status(first.ui).node_id;
+    first.signal("TERM");
+    assert!(first.wait_exit().success());
+    let second = Daemon::start(&["--key-file", &key]);
+    assert_eq!(get_status(second.ui).node_id, id);
+    drop(second);
+    let _ = std::fs::remove_dir_all(&dir);
+}
