@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::{GossipCounters, Merge, NeighborhoodMsg, NeighborhoodStatus, NodeDb};
-use crate::stream_handler_pool::{QueueError, StreamHandle};
+use crate::stream_handler_pool::{ConnId, QueueError, StreamHandle};
 
 /// Most messages handled before pending gossip is flushed, so that a burst of changes leaves
 /// as one gossip per neighbor while a steady stream of them still gets out promptly.
@@ -20,8 +20,10 @@ pub(super) struct Neighborhood {
     identity: Identity,
     db: NodeDb,
     own: VerifiedRecord,
-    /// One admitted stream per immediate neighbor.
-    streams: HashMap<NodeId, StreamHandle>,
+    /// The streams to each immediate neighbor that have connected and not yet disconnected,
+    /// oldest first; gossip goes to the newest. The pool admits one stream per neighbor, but a
+    /// stream it replaced may still be connecting, in any order relative to its successor.
+    streams: HashMap<NodeId, Vec<StreamHandle>>,
     outbox: Outbox,
     counters: GossipCounters,
 }
@@ -34,6 +36,9 @@ struct Outbox {
     changed: BTreeMap<NodeId, Option<NodeId>>,
     /// Newly connected neighbors, owed the whole database.
     full_sync: BTreeSet<NodeId>,
+    /// Newly connected neighbors whose hello was older than the record stored for them, owed
+    /// that record too: it is from an earlier run of their key, which they must outbid.
+    earlier_life: BTreeSet<NodeId>,
 }
 
 impl Neighborhood {
@@ -92,13 +97,7 @@ impl Neighborhood {
             }
             NeighborhoodMsg::Gossip { from, records } => self.gossip(from, records),
             NeighborhoodMsg::NeighborDisconnected { conn, peer } => {
-                if self.streams.get(&peer).is_some_and(|s| s.id() == conn) {
-                    self.streams.remove(&peer);
-                    self.outbox.full_sync.remove(&peer);
-                    if self.change_own(|neighbors| neighbors.remove(&peer)) {
-                        info!(peer = %peer.short(), %conn, "neighbor gone; half-neighborship removed");
-                    }
-                }
+                self.neighbor_disconnected(conn, peer)
             }
             NeighborhoodMsg::OwnRecord { reply } => {
                 let _ = reply.send(self.own.signed().clone());
@@ -112,11 +111,39 @@ impl Neighborhood {
     fn neighbor_connected(&mut self, stream: StreamHandle, record: VerifiedRecord) {
         let peer = stream.peer();
         info!(peer = %peer.short(), conn = %stream.id(), addr = %record.record().addr, "neighbor connected");
+        let hello_version = record.version();
         self.merge(record, Some(peer));
-        // A replaced stream was closed by the pool; its disconnect will not match this one.
-        self.streams.insert(peer, stream);
+        if self
+            .db
+            .get(&peer)
+            .is_some_and(|r| r.version() > hello_version)
+        {
+            self.outbox.earlier_life.insert(peer);
+        }
+        // A replaced stream was closed by the pool; its disconnect removes only itself.
+        self.streams.entry(peer).or_default().push(stream);
         self.outbox.full_sync.insert(peer);
         self.change_own(|neighbors| neighbors.insert(peer));
+    }
+
+    fn neighbor_disconnected(&mut self, conn: ConnId, peer: NodeId) {
+        let Some(streams) = self.streams.get_mut(&peer) else {
+            return;
+        };
+        let Some(at) = streams.iter().position(|s| s.id() == conn) else {
+            return;
+        };
+        streams.remove(at);
+        if streams.is_empty() {
+            self.streams.remove(&peer);
+            self.outbox.full_sync.remove(&peer);
+            if self.change_own(|neighbors| neighbors.remove(&peer)) {
+                info!(peer = %peer.short(), %conn, "neighbor gone; half-neighborship removed");
+            }
+        } else if at == streams.len() {
+            // Gossip went to the stream that ended; the one before it may have missed some.
+            self.outbox.full_sync.insert(peer);
+        }
     }
 
     fn gossip(&mut self, from: NodeId, records: Vec<VerifiedRecord>) {
@@ -124,8 +151,11 @@ impl Neighborhood {
         for record in records {
             if record.id() == self.own.id() {
                 // Our own record from an earlier life of this key: outbid it, or every
-                // neighbor would go on preferring the old one.
-                if record.version() >= self.own.version() {
+                // neighbor would go on preferring the old one. A copy of the current record
+                // is no earlier life.
+                let earlier_life = record.version() > self.own.version()
+                    || (record.version() == self.own.version() && record != self.own);
+                if earlier_life {
                     let floor = record.version();
                     self.counters.records_accepted += 1;
                     self.bump_own_above(floor);
@@ -192,12 +222,16 @@ impl Neighborhood {
         }
         let mut encoded: HashMap<Vec<NodeId>, Vec<Bytes>> = HashMap::new();
         let mut slow = Vec::new();
-        for (peer, stream) in &self.streams {
+        for (peer, streams) in &self.streams {
+            let Some(stream) = streams.last() else {
+                continue;
+            };
             let ids: Vec<NodeId> = if outbox.full_sync.contains(peer) {
+                let earlier_life = outbox.earlier_life.contains(peer);
                 self.db
                     .records()
                     .map(VerifiedRecord::id)
-                    .filter(|id| id != peer)
+                    .filter(|id| id != peer || earlier_life)
                     .collect()
             } else {
                 outbox

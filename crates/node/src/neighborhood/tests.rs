@@ -1,1 +1,696 @@
+//! The neighborhood driven through its inbox. Each neighbor is a [`StreamHandle`] whose writer
+//! queue the test holds, so a test sees exactly the gossip frames queued for each neighbor.
+//!
+//! These tests run on the current-thread runtime of `#[tokio::test]`: the neighborhood handles a
+//! batch and flushes it without an await in between, so once the answer to a status request
+//! comes back, every frame owed by that request's batch is already queued.
 
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::time::Duration;
+
+use meshnode_protocol::{Frame, Identity, NodeId, NodeRecord, SignedRecord, VerifiedRecord};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::state::Neighborhood;
+use super::{GossipCounters, NeighborhoodHandle, NeighborhoodMsg, NeighborhoodStatus};
+use crate::stream_handler_pool::{ConnId, StreamHandle, WRITER_QUEUE, WriterCmd};
+
+/// Bound on every await: generous, so that only a bug reaches it.
+const BOUND: Duration = Duration::from_secs(10);
+const ADDR: &str = "127.0.0.1:4000";
+
+async fn within<F: Future>(what: &str, fut: F) -> F::Output {
+    tokio::time::timeout(BOUND, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not within {BOUND:?}"))
+}
+
+fn identity(seed: u8) -> Identity {
+    Identity::from_seed([seed; 32])
+}
+
+fn record(owner: &Identity, version: u64, neighbors: &[NodeId]) -> VerifiedRecord {
+    owner
+        .sign_verified(NodeRecord {
+            id: owner.id(),
+            addr: format!("127.0.0.1:{}", 5000 + u16::from(owner.id().0[0])),
+            version,
+            neighbors: neighbors.iter().copied().collect(),
+        })
+        .expect("a well-formed record verifies")
+}
+
+/// Ids and versions of a frame's records, for comparisons that read well.
+fn summary(records: &[SignedRecord]) -> BTreeSet<(NodeId, u64)> {
+    records.iter().map(|r| (r.id(), r.version())).collect()
+}
+
+fn ids(ids: &[NodeId]) -> BTreeSet<NodeId> {
+    ids.iter().copied().collect()
+}
+
+/// A neighbor as the neighborhood sees it: the handle of its stream, and the queue that stream's
+/// writer would drain.
+struct Neighbor {
+    identity: Identity,
+    stream: StreamHandle,
+    queue: mpsc::Receiver<WriterCmd>,
+    killed: CancellationToken,
+}
+
+impl Neighbor {
+    fn new(seed: u8, conn: u64) -> Self {
+        Self::with_identity(identity(seed), conn)
+    }
+
+    fn with_identity(identity: Identity, conn: u64) -> Self {
+        let killed = CancellationToken::new();
+        let (stream, queue) = StreamHandle::new(ConnId(conn), identity.id(), killed.clone());
+        Self {
+            identity,
+            stream,
+            queue,
+            killed,
+        }
+    }
+
+    /// The same neighbor over a new stream.
+    fn new_stream(&self, conn: u64) -> Self {
+        Self::with_identity(self.identity.clone(), conn)
+    }
+
+    fn id(&self) -> NodeId {
+        self.identity.id()
+    }
+
+    fn connected(&self, version: u64, neighbors: &[NodeId]) -> NeighborhoodMsg {
+        NeighborhoodMsg::NeighborConnected {
+            stream: self.stream.clone(),
+            record: record(&self.identity, version, neighbors),
+        }
+    }
+
+    fn gossip(&self, records: Vec<VerifiedRecord>) -> NeighborhoodMsg {
+        NeighborhoodMsg::Gossip {
+            from: self.id(),
+            records,
+        }
+    }
+
+    fn disconnected(&self) -> NeighborhoodMsg {
+        NeighborhoodMsg::NeighborDisconnected {
+            conn: self.stream.id(),
+            peer: self.id(),
+        }
+    }
+
+    /// The records of every gossip frame queued for this neighbor since the last look.
+    fn queued(&mut self) -> Vec<Vec<SignedRecord>> {
+        let mut frames = Vec::new();
+        while let Ok(cmd) = self.queue.try_recv() {
+            let WriterCmd::Frame(body) = cmd else {
+                panic!("the neighborhood only queues frames, got {cmd:?}");
+            };
+            match Frame::decode(&body).expect("the neighborhood queues valid frames") {
+                Frame::Gossip { records } => {
+                    for r in &records {
+                        r.verify().expect("gossiped records verify");
+                    }
+                    frames.push(records);
+                }
+                other => panic!("the neighborhood only sends gossip, got {other:?}"),
+            }
+        }
+        frames
+    }
+
+    /// The records of the one gossip frame queued since the last look.
+    fn one_frame(&mut self) -> Vec<SignedRecord> {
+        let mut frames = self.queued();
+        assert_eq!(frames.len(), 1, "one frame expected, got {frames:?}");
+        frames.remove(0)
+    }
+
+    fn nothing_queued(&mut self) {
+        let frames = self.queued();
+        assert!(frames.is_empty(), "no frame expected, got {frames:?}");
+    }
+}
+
+/// The neighborhood task, started through the public `spawn`.
+struct Running {
+    identity: Identity,
+    handle: NeighborhoodHandle,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Running {
+    fn spawn(seed: u8) -> Self {
+        let identity = identity(seed);
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let handle = super::spawn(identity.clone(), ADDR.into(), cancel.clone(), &tracker)
+            .expect("the node's first record is valid");
+        Self {
+            identity,
+            handle,
+            cancel,
+            tracker,
+        }
+    }
+
+    fn me(&self) -> NodeId {
+        self.identity.id()
+    }
+
+    async fn send(&self, msg: NeighborhoodMsg) {
+        within("the neighborhood takes a message", self.handle.send(msg))
+            .await
+            .expect("the neighborhood is running");
+    }
+
+    /// The status after every message sent before it, the gossip they caused included. The task
+    /// answers a status request inside its batch, before that batch's flush, so this asks twice:
+    /// the second request is handled in a later batch, after the flush has been counted.
+    async fn status(&self) -> NeighborhoodStatus {
+        within("the neighborhood answers status", self.handle.status())
+            .await
+            .expect("the neighborhood is running");
+        within("the neighborhood answers status", self.handle.status())
+            .await
+            .expect("the neighborhood is running")
+    }
+
+    async fn neighbors(&self) -> BTreeSet<NodeId> {
+        self.status()
+            .await
+            .neighbors
+            .iter()
+            .map(|n| n.node_id.parse().expect("neighbor ids are hex"))
+            .collect()
+    }
+
+    /// The own record as the neighborhood would put it in a hello.
+    async fn own(&self) -> SignedRecord {
+        within("the neighborhood answers", self.handle.own_record())
+            .await
+            .expect("the neighborhood is running")
+    }
+
+    /// Cancels the task and checks that it ends.
+    async fn stop(self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        within("the neighborhood stops", self.tracker.wait()).await;
+        let after = within("a stopped neighborhood says so", self.handle.status()).await;
+        assert!(after.is_err(), "a stopped neighborhood answers nothing");
+    }
+}
+
+#[tokio::test]
+async fn a_new_neighbor_gets_the_whole_database_and_is_listed_in_a_bumped_own_record() {
+    let hood = Running::spawn(1);
+    let me = hood.me();
+    let mut a = Neighbor::new(10, 1);
+    let mut b = Neighbor::new(11, 2);
+
+    let first = hood.status().await;
+    assert_eq!((first.node_id, first.version), (me, 1));
+    assert!(first.neighbors.is_empty());
+    assert_eq!(first.known_nodes.len(), 1);
+
+    hood.send(a.connected(1, &[])).await;
+    let status = hood.status().await;
+    assert_eq!(status.version, 2, "one bump for one new neighbor");
+    assert_eq!(hood.neighbors().await, ids(&[a.id()]));
+    assert!(!status.neighbors[0].full, "A does not list this node yet");
+    // The whole database but A's own record: this node's record, which now lists A.
+    let frame = a.one_frame();
+    assert_eq!(summary(&frame), BTreeSet::from([(me, 2)]));
+    assert_eq!(frame[0].record.neighbors, ids(&[a.id()]));
+    assert_eq!(frame[0].record.addr, ADDR);
+    assert_eq!(&frame[0], &hood.own().await);
+
+    // B already lists this node, so B is a full neighbor.
+    hood.send(b.connected(1, &[me])).await;
+    let status = hood.status().await;
+    assert_eq!(status.version, 3);
+    assert_eq!(hood.neighbors().await, ids(&[a.id(), b.id()]));
+    let full: Vec<_> = status.neighbors.iter().map(|n| n.full).collect();
+    let b_first = b.id() < a.id();
+    assert_eq!(
+        full,
+        if b_first {
+            [true, false]
+        } else {
+            [false, true]
+        }
+    );
+    assert_eq!(status.known_nodes.len(), 3);
+    // B gets the whole database; A gets what changed: the own record and B's.
+    assert_eq!(
+        summary(&b.one_frame()),
+        BTreeSet::from([(me, 3), (a.id(), 1)])
+    );
+    let frame = a.one_frame();
+    assert_eq!(summary(&frame), BTreeSet::from([(me, 3), (b.id(), 1)]));
+    assert_eq!(
+        status.counters,
+        GossipCounters {
+            frames_sent: 3,
+            records_accepted: 2,
+            ..GossipCounters::default()
+        }
+    );
+    hood.stop().await;
+}
+
+#[tokio::test]
+async fn a_changed_record_goes_to_the_other_neighbors_only_and_a_stale_one_goes_nowhere() {
+    let hood = Running::spawn(1);
+    let mut a = Neighbor::new(10, 1);
+    let mut b = Neighbor::new(11, 2);
+    let mut c = Neighbor::new(12, 3);
+    for n in [&a, &b, &c] {
+        hood.send(n.connected(1, &[])).await;
+    }
+    let base = hood.status().await.counters;
+    for n in [&mut a, &mut b, &mut c] {
+        n.queued();
+    }
+    let x = identity(20);
+
+    hood.send(a.gossip(vec![record(&x, 2, &[a.id()])])).await;
+    let status = hood.status().await;
+    assert_eq!(summary(&b.one_frame()), BTreeSet::from([(x.id(), 2)]));
+    assert_eq!(summary(&c.one_frame()), BTreeSet::from([(x.id(), 2)]));
+    a.nothing_queued();
+    assert_eq!(
+        status.counters,
+        GossipCounters {
+            frames_received: base.frames_received + 1,
+            records_accepted: base.records_accepted + 1,
+            frames_sent: base.frames_sent + 2,
+            ..base
+        }
+    );
+    let known = status
+        .known_nodes
+        .iter()
+        .find(|k| k.node_id == x.id().to_string())
+        .expect("X is known");
+    assert_eq!(known.version, 2);
+    assert_eq!(known.neighbors, vec![a.id().to_string()]);
+
+    // The same version (an echo) and an older one change nothing and go nowhere.
+    hood.send(b.gossip(vec![record(&x, 2, &[a.id()])])).await;
+    hood.send(c.gossip(vec![record(&x, 1, &[])])).await;
+    let status = hood.status().await;
+    for n in [&mut a, &mut b, &mut c] {
+        n.nothing_queued();
+    }
+    assert_eq!(
+        status.counters,
+        GossipCounters {
+            frames_received: base.frames_received + 3,
+            records_accepted: base.records_accepted + 1,
+            records_stale: base.records_stale + 2,
+            frames_sent: base.frames_sent + 2,
+            ..base
+        }
+    );
+
+    // A newer one from C goes to A and B.
+    hood.send(c.gossip(vec![record(&x, 3, &[])])).await;
+    let status = hood.status().await;
+    assert_eq!(summary(&a.one_frame()), BTreeSet::from([(x.id(), 3)]));
+    assert_eq!(summary(&b.one_frame()), BTreeSet::from([(x.id(), 3)]));
+    c.nothing_queued();
+    assert_eq!(status.counters.records_accepted, base.records_accepted + 2);
+    assert_eq!(status.counters.frames_sent, base.frames_sent + 4);
+    assert_eq!(status.version, 4, "others' records never bump the own one");
+    hood.stop().await;
+}
+
+#[test]
+fn changes_handled_in_one_batch_leave_as_one_gossip_frame_per_neighbor() {
+    let me = identity(1);
+    let mut hood = Neighborhood::new(me.clone(), ADDR.into()).expect("own record");
+    let mut a = Neighbor::new(10, 1);
+    let mut b = Neighbor::new(11, 2);
+    let mut c = Neighbor::new(12, 3);
+    // Three neighbors connecting in one batch: three bumps, one full database each.
+    for n in [&a, &b, &c] {
+        hood.handle(n.connected(1, &[]));
+    }
+    a.nothing_queued();
+    hood.flush();
+    let others = |n: &Neighbor| {
+        [&a, &b, &c]
+            .iter()
+            .filter(|o| o.id() != n.id())
+            .map(|o| (o.id(), 1))
+            .chain([(me.id(), 4)])
+            .collect::<BTreeSet<_>>()
+    };
+    let (want_a, want_b, want_c) = (others(&a), others(&b), others(&c));
+    assert_eq!(summary(&a.one_frame()), want_a);
+    assert_eq!(summary(&b.one_frame()), want_b);
+    assert_eq!(summary(&c.one_frame()), want_c);
+
+    // Five changes from two neighbors in one batch.
+    let xs: Vec<Identity> = (20..25).map(identity).collect();
+    for x in &xs[..3] {
+        hood.handle(a.gossip(vec![record(x, 1, &[])]));
+    }
+    for x in &xs[3..] {
+        hood.handle(b.gossip(vec![record(x, 1, &[])]));
+    }
+    a.nothing_queued();
+    hood.flush();
+    let from = |xs: &[Identity]| xs.iter().map(|x| (x.id(), 1)).collect::<BTreeSet<_>>();
+    assert_eq!(summary(&a.one_frame()), from(&xs[3..]));
+    assert_eq!(summary(&b.one_frame()), from(&xs[..3]));
+    assert_eq!(summary(&c.one_frame()), from(&xs));
+
+    // Nothing changed since: nothing to send.
+    hood.flush();
+    for n in [&mut a, &mut b, &mut c] {
+        n.nothing_queued();
+    }
+    let (reply, mut rx) = oneshot::channel();
+    hood.handle(NeighborhoodMsg::Status { reply });
+    let status = rx.try_recv().expect("status is answered at once");
+    assert_eq!(status.version, 4);
+    assert_eq!(
+        status.counters,
+        GossipCounters {
+            frames_sent: 6,
+            frames_received: 5,
+            records_accepted: 8,
+            ..GossipCounters::default()
+        }
+    );
+}
+
+#[tokio::test]
+async fn messages_sent_back_to_back_to_the_running_task_are_flushed_as_one_batch() {
+    let hood = Running::spawn(1);
+    let mut a = Neighbor::new(10, 1);
+    let mut b = Neighbor::new(11, 2);
+    hood.send(a.connected(1, &[])).await;
+    hood.send(b.connected(1, &[])).await;
+    hood.status().await;
+    a.queued();
+    b.queued();
+    // Back to back: the task does not run until the status request below waits for its answer.
+    let xs: Vec<Identity> = (20..26).map(identity).collect();
+    for x in &xs {
+        hood.send(a.gossip(vec![record(x, 1, &[])])).await;
+    }
+    let status = hood.status().await;
+    let frame = b.one_frame();
+    assert_eq!(frame.len(), xs.len());
+    assert_eq!(
+        summary(&frame),
+        xs.iter().map(|x| (x.id(), 1)).collect::<BTreeSet<_>>()
+    );
+    a.nothing_queued();
+    assert_eq!(status.counters.frames_received, 6);
+    hood.stop().await;
+}
+
+#[tokio::test]
+async fn a_disconnect_of_the_current_stream_drops_the_neighbor_once_and_a_stale_one_changes_nothing()
+ {
+    let hood = Running::spawn(1);
+    let me = hood.me();
+    let mut a = Neighbor::new(10, 1);
+    let mut b = Neighbor::new(11, 2);
+    hood.send(a.connected(1, &[])).await;
+    hood.send(b.connected(1, &[])).await;
+    assert_eq!(hood.status().await.version, 3);
+    a.queued();
+    b.queued();
+
+    // The pool replaced A's stream: the new one gets the whole database, the own record is
+    // unchanged and nobody else hears of it.
+    let mut a2 = a.new_stream(3);
+    hood.send(a2.connected(1, &[])).await;
+    assert_eq!(hood.status().await.version, 3);
+    assert_eq!(
+        summary(&a2.one_frame()),
+        BTreeSet::from([(me, 3), (b.id(), 1)])
+    );
+    a.nothing_queued();
+    b.nothing_queued();
+
+    // The replaced stream's disconnect, and one for a stream that never was, change nothing.
+    hood.send(a.disconnected()).await;
+    hood.send(NeighborhoodMsg::NeighborDisconnected {
+        conn: ConnId(99),
+        peer: b.id(),
+    })
+    .await;
+    let status = hood.status().await;
+    assert_eq!(status.version, 3);
+    assert_eq!(hood.neighbors().await, ids(&[a.id(), b.id()]));
+    for n in [&mut a, &mut a2, &mut b] {
+        n.nothing_queued();
+    }
+
+    // The current stream's disconnect removes the half-neighborship: one bump, gossiped once.
+    hood.send(a2.disconnected()).await;
+    let status = hood.status().await;
+    assert_eq!(status.version, 4);
+    assert_eq!(hood.neighbors().await, ids(&[b.id()]));
+    let frame = b.one_frame();
+    assert_eq!(summary(&frame), BTreeSet::from([(me, 4)]));
+    assert_eq!(frame[0].record.neighbors, ids(&[b.id()]));
+    a2.nothing_queued();
+    assert!(
+        status
+            .known_nodes
+            .iter()
+            .any(|k| k.node_id == a.id().to_string()),
+        "A's record is kept: only the half-neighborship goes"
+    );
+
+    // Hearing it again changes nothing.
+    hood.send(a2.disconnected()).await;
+    assert_eq!(hood.status().await.version, 4);
+    b.nothing_queued();
+    hood.stop().await;
+}
+
+#[tokio::test]
+async fn the_own_record_from_an_earlier_life_of_the_key_is_outbid() {
+    let hood = Running::spawn(1);
+    let me = hood.me();
+    let mut a = Neighbor::new(10, 1);
+    let mut b = Neighbor::new(11, 2);
+    hood.send(a.connected(1, &[])).await;
+    hood.send(b.connected(1, &[])).await;
+    assert_eq!(hood.status().await.version, 3);
+    a.queued();
+    b.queued();
+
+    // A relays the record this key signed in an earlier run, at a higher version.
+    let earlier = record(&hood.identity, 7, &[identity(30).id()]);
+    hood.send(a.gossip(vec![earlier])).await;
+    let status = hood.status().await;
+    assert_eq!(status.version, 8, "re-signed just above the earlier life");
+    let own = hood.own().await;
+    assert_eq!(own.version(), 8);
+    assert_eq!(
+        own.record.neighbors,
+        ids(&[a.id(), b.id()]),
+        "the current neighbors"
+    );
+    assert_eq!(own.record.addr, ADDR);
+    own.verify().expect("the new record is signed");
+    // Every neighbor needs the new record, A included: A holds the earlier one.
+    for n in [&mut a, &mut b] {
+        let frame = n.one_frame();
+        assert_eq!(summary(&frame), BTreeSet::from([(me, 8)]));
+        assert_eq!(frame[0], own);
+    }
+    let stored = status
+        .known_nodes
+        .iter()
+        .find(|k| k.node_id == me.to_string())
+        .expect("the own record is in the database");
+    assert_eq!(stored.version, 8);
+
+    // An earlier life at the very same version, with other content, is outbid too.
+    hood.send(a.gossip(vec![record(&hood.identity, 8, &[])]))
+        .await;
+    let status = hood.status().await;
+    assert_eq!(status.version, 9);
+    assert_eq!(summary(&a.one_frame()), BTreeSet::from([(me, 9)]));
+    assert_eq!(summary(&b.one_frame()), BTreeSet::from([(me, 9)]));
+
+    // An older copy changes nothing.
+    let stale_before = status.counters.records_stale;
+    hood.send(b.gossip(vec![record(&hood.identity, 5, &[])]))
+        .await;
+    let status = hood.status().await;
+    assert_eq!(status.version, 9);
+    assert_eq!(status.counters.records_stale, stale_before + 1);
+    a.nothing_queued();
+    b.nothing_queued();
+    hood.stop().await;
+}
+
+#[tokio::test]
+async fn a_neighbor_whose_queue_is_full_has_its_stream_killed_and_the_drop_counted() {
+    let hood = Running::spawn(1);
+    let slow = Neighbor::new(10, 1);
+    let mut fine = Neighbor::new(11, 2);
+    hood.send(slow.connected(1, &[])).await;
+    hood.send(fine.connected(1, &[])).await;
+    hood.status().await;
+    fine.queued();
+
+    // Every record `fine` relays is one frame for `slow`, which never reads.
+    let mut seed = 100u8;
+    while slow.queue.len() < WRITER_QUEUE {
+        hood.send(fine.gossip(vec![record(&identity(seed), 1, &[])]))
+            .await;
+        let status = hood.status().await;
+        assert_eq!(status.counters.frames_dropped, 0);
+        assert!(!slow.killed.is_cancelled());
+        seed += 1;
+    }
+    let sent = hood.status().await.counters.frames_sent;
+
+    hood.send(fine.gossip(vec![record(&identity(seed), 1, &[])]))
+        .await;
+    let status = hood.status().await;
+    assert_eq!(status.counters.frames_dropped, 1);
+    assert_eq!(status.counters.frames_sent, sent);
+    assert!(
+        slow.killed.is_cancelled(),
+        "the slow neighbor's stream is killed"
+    );
+    assert!(!fine.killed.is_cancelled());
+    assert_eq!(
+        slow.queue.len(),
+        WRITER_QUEUE,
+        "nothing was pushed past the bound"
+    );
+
+    // The killed stream's end arrives as for any lost neighbor.
+    hood.send(slow.disconnected()).await;
+    assert_eq!(hood.neighbors().await, ids(&[fine.id()]));
+    let frame = fine.one_frame();
+    assert_eq!(frame[0].record.neighbors, ids(&[fine.id()]));
+    hood.stop().await;
+}
+
+#[tokio::test]
+async fn a_replaced_stream_whose_connect_arrives_late_does_not_cost_the_neighbor() {
+    let hood = Running::spawn(1);
+    let me = hood.me();
+    let mut a_old = Neighbor::new(10, 1);
+    let mut a_new = a_old.new_stream(2);
+    let mut b = Neighbor::new(11, 3);
+    hood.send(b.connected(1, &[])).await;
+    hood.status().await;
+    b.queued();
+
+    // The pool admitted the old stream, then the new one, killing the old; the two stream tasks
+    // raced, and the new one's connect arrived first.
+    a_old.killed.cancel();
+    hood.send(a_new.connected(1, &[])).await;
+    hood.status().await;
+    assert_eq!(
+        summary(&a_new.one_frame()),
+        BTreeSet::from([(me, 3), (b.id(), 1)])
+    );
+    hood.send(a_old.connected(1, &[])).await;
+    hood.status().await;
+    a_old.queued();
+    hood.send(a_old.disconnected()).await;
+    let status = hood.status().await;
+    assert_eq!(hood.neighbors().await, ids(&[a_new.id(), b.id()]));
+    assert_eq!(status.version, 3, "A connected once and was never lost");
+    assert_eq!(
+        summary(&b.one_frame()),
+        BTreeSet::from([(me, 3), (a_new.id(), 1)]),
+        "B heard of A once"
+    );
+    // Gossip meant for A may have gone to the dead stream: the live one gets everything again.
+    assert_eq!(
+        summary(&a_new.one_frame()),
+        BTreeSet::from([(me, 3), (b.id(), 1)])
+    );
+    let x = identity(20);
+    hood.send(b.gossip(vec![record(&x, 1, &[])])).await;
+    hood.status().await;
+    assert_eq!(summary(&a_new.one_frame()), BTreeSet::from([(x.id(), 1)]));
+    a_old.nothing_queued();
+
+    // When the live stream ends, A goes.
+    hood.send(a_new.disconnected()).await;
+    assert_eq!(hood.neighbors().await, ids(&[b.id()]));
+    assert_eq!(hood.status().await.version, 4);
+    hood.stop().await;
+}
+
+#[tokio::test]
+async fn a_neighbor_whose_hello_is_older_than_its_stored_record_gets_that_record_back() {
+    let hood = Running::spawn(1);
+    let mut a = Neighbor::new(10, 1);
+    let mut b = Neighbor::new(11, 2);
+    hood.send(b.connected(1, &[])).await;
+    // B relays A's record from an earlier run of A, then A connects afresh at version 1.
+    let earlier = record(&a.identity, 5, &[identity(30).id()]);
+    hood.send(b.gossip(vec![earlier.clone()])).await;
+    hood.send(a.connected(1, &[])).await;
+    hood.status().await;
+    let frame = a.one_frame();
+    assert!(
+        frame.contains(earlier.signed()),
+        "A must learn of its earlier life to outbid it: {:?}",
+        summary(&frame)
+    );
+
+    // A outbids it; the new record replaces it and goes to B.
+    b.queued();
+    hood.send(a.gossip(vec![record(&a.identity, 6, &[hood.me()])]))
+        .await;
+    hood.status().await;
+    assert_eq!(summary(&b.one_frame()), BTreeSet::from([(a.id(), 6)]));
+    let status = hood.status().await;
+    let listed = status
+        .neighbors
+        .iter()
+        .find(|n| n.node_id == a.id().to_string())
+        .expect("A is a neighbor");
+    assert!(listed.full, "A's new record lists this node");
+
+    // A copy of the node's own current record (here from A, that got it back the same way) is
+    // not an earlier life: nothing changes.
+    let own = hood.own().await;
+    let own = own.into_verified().expect("the own record verifies");
+    hood.send(a.gossip(vec![own])).await;
+    let after = hood.status().await;
+    assert_eq!(after.version, status.version);
+    assert_eq!(
+        after.counters.records_stale,
+        status.counters.records_stale + 1
+    );
+    b.nothing_queued();
+
+    // A neighbor whose hello is current does not get its own record back.
+    let mut c = Neighbor::new(12, 3);
+    hood.send(c.connected(1, &[])).await;
+    hood.status().await;
+    assert!(c.one_frame().iter().all(|r| r.id() != c.id()));
+    hood.stop().await;
+}

@@ -65,6 +65,9 @@ where
         Some(Ok(Admission::Admitted)) => {}
         Some(Ok(Admission::Duplicate)) => return Ended::Duplicate(peer),
         Some(Ok(Admission::Full)) => return not_admitted("the pool is full".into()),
+        // Killed before it heard the answer, with the node still running: the pool admitted it
+        // and then a preferred stream to the same peer replaced it.
+        None if !shared.cancel.is_cancelled() => return Ended::Duplicate(peer),
         None | Some(Err(_)) => return Ended::Cancelled,
     }
 

@@ -1,1 +1,774 @@
+//! Streams run over in-memory `tokio::io::duplex` pipes against a real neighborhood and a real
+//! pool task, with the test playing the remote peer frame by frame; and the pool's admission
+//! rule driven directly through `Pool::handle`.
 
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use meshnode_protocol::{
+    Frame, FrameCodec, Identity, Inbound, MAX_FRAME_LEN, NodeRecord, PROTOCOL_VERSION, SignedRecord,
+};
+use tokio::io::{AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use super::connection::{self, Ended};
+use super::state::Pool;
+use super::*;
+
+/// Bound on every await: generous, so that only a bug reaches it.
+const BOUND: Duration = Duration::from_secs(10);
+/// Room in each direction of an in-memory stream.
+const PIPE: usize = 64 * 1024;
+const ADDR: &str = "127.0.0.1:4000";
+
+async fn within<F: Future>(what: &str, fut: F) -> F::Output {
+    tokio::time::timeout(BOUND, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not within {BOUND:?}"))
+}
+
+/// Polls `probe` until it yields a value, letting the other tasks run between tries. Everything
+/// here is in memory, so a bounded number of tries is plenty (and time does not move meanwhile).
+async fn until<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    const TRIES: usize = 10_000;
+    for _ in 0..TRIES {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("{what}: not after {TRIES} tries");
+}
+
+fn identity(seed: u8) -> Identity {
+    Identity::from_seed([seed; 32])
+}
+
+fn signed(owner: &Identity, version: u64) -> SignedRecord {
+    owner.sign(NodeRecord {
+        id: owner.id(),
+        addr: "127.0.0.1:5000".into(),
+        version,
+        neighbors: BTreeSet::new(),
+    })
+}
+
+fn summary(records: &[SignedRecord]) -> BTreeSet<(NodeId, u64)> {
+    records.iter().map(|r| (r.id(), r.version())).collect()
+}
+
+async fn loopback_listener() -> TcpListener {
+    let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    within("bind", TcpListener::bind(addr))
+        .await
+        .expect("a loopback port is free")
+}
+
+/// A node's neighborhood and pool, running, with the `Shared` its stream tasks get. The pool's
+/// listener is bound but never dialed: streams come in through [`Rig::open`].
+struct Rig {
+    me: Identity,
+    shared: Shared,
+    neighborhood: NeighborhoodHandle,
+    pool: PoolHandle,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Rig {
+    async fn start(seed: u8) -> Self {
+        let (rig, inbox) = Self::without_pool(seed);
+        let listener = loopback_listener().await;
+        rig.tracker
+            .spawn(Pool::new(rig.shared.clone(), listener).run(inbox));
+        rig
+    }
+
+    /// A node whose pool is played by the test, through the inbox returned.
+    fn without_pool(seed: u8) -> (Self, mpsc::Receiver<PoolMsg>) {
+        let me = identity(seed);
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let neighborhood =
+            crate::neighborhood::spawn(me.clone(), ADDR.into(), cancel.child_token(), &tracker)
+                .expect("the node's first record is valid");
+        let (tx, rx) = mpsc::channel(POOL_INBOX);
+        let pool = PoolHandle { tx };
+        let shared = Shared {
+            me: me.id(),
+            neighborhood: neighborhood.clone(),
+            pool: pool.clone(),
+            cancel: cancel.child_token(),
+            tracker: tracker.clone(),
+            counters: Arc::default(),
+            next_conn: Arc::new(AtomicU64::new(1)),
+        };
+        let rig = Self {
+            me,
+            shared,
+            neighborhood,
+            pool,
+            cancel,
+            tracker,
+        };
+        (rig, rx)
+    }
+
+    /// A new stream from the remote peer `seed`, run by the node as `connection::run` would be
+    /// by the pool (`dialed` false) or by a dialer (`dialed` true).
+    fn open(&self, seed: u8, dialed: bool) -> Remote {
+        let (node_end, remote_end) = tokio::io::duplex(PIPE);
+        let ended = tokio::spawn(connection::run(self.shared.clone(), node_end, dialed));
+        let (read, write) = tokio::io::split(remote_end);
+        Remote {
+            identity: identity(seed),
+            reader: FramedRead::new(read, FrameCodec::new()),
+            writer: FramedWrite::new(write, FrameCodec::new()),
+            ended,
+        }
+    }
+
+    async fn counters(&self) -> PoolCounters {
+        within("the pool answers", self.pool.counters())
+            .await
+            .expect("the pool is running")
+    }
+
+    async fn status(&self) -> crate::neighborhood::NeighborhoodStatus {
+        within("the neighborhood answers", self.neighborhood.status())
+            .await
+            .expect("the neighborhood is running")
+    }
+
+    async fn neighbors(&self) -> BTreeSet<NodeId> {
+        self.status()
+            .await
+            .neighbors
+            .iter()
+            .map(|n| n.node_id.parse().expect("neighbor ids are hex"))
+            .collect()
+    }
+
+    async fn knows(&self, id: NodeId) -> bool {
+        let id = id.to_string();
+        self.status()
+            .await
+            .known_nodes
+            .iter()
+            .any(|k| k.node_id == id)
+    }
+
+    /// Stops the node and checks that every task of it ends.
+    async fn stop(self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        within("the node's tasks end", self.tracker.wait()).await;
+    }
+}
+
+/// The remote peer's end of one stream, and the node's stream task for it.
+struct Remote {
+    identity: Identity,
+    reader: FramedRead<ReadHalf<DuplexStream>, FrameCodec>,
+    writer: FramedWrite<WriteHalf<DuplexStream>, FrameCodec>,
+    ended: JoinHandle<Ended>,
+}
+
+impl Remote {
+    fn id(&self) -> NodeId {
+        self.identity.id()
+    }
+
+    fn hello(&self) -> Frame {
+        Frame::Hello {
+            protocol: PROTOCOL_VERSION,
+            record: signed(&self.identity, 1),
+        }
+    }
+
+    async fn send(&mut self, frame: &Frame) {
+        self.send_body(frame.encode().expect("the test's frames encode"))
+            .await;
+    }
+
+    async fn send_body(&mut self, body: Bytes) {
+        within("the node takes a frame", self.writer.send(body))
+            .await
+            .expect("the stream is open");
+    }
+
+    /// A length prefix over `MAX_FRAME_LEN`, then (if `body`) that many bytes.
+    async fn send_oversized(&mut self, body: bool) {
+        let len = MAX_FRAME_LEN + 1;
+        let mut wire = Vec::with_capacity(4 + len);
+        wire.extend_from_slice(&u32::try_from(len).expect("fits").to_be_bytes());
+        if body {
+            wire.resize(4 + len, b'x');
+        }
+        let raw = self.writer.get_mut();
+        within("the node skips an oversized frame", raw.write_all(&wire))
+            .await
+            .expect("the stream is open");
+    }
+
+    /// The next frame from the node, or `None` at the end of the stream.
+    async fn next(&mut self) -> Option<Frame> {
+        match within("a frame or the end of the stream", self.reader.next()).await {
+            None => None,
+            Some(Ok(Inbound::Frame(body))) => {
+                Some(Frame::decode(&body).expect("the node sends valid frames"))
+            }
+            other => panic!("the node sent {other:?}"),
+        }
+    }
+
+    async fn next_gossip(&mut self) -> Vec<SignedRecord> {
+        match self.next().await {
+            Some(Frame::Gossip { records }) => records,
+            other => panic!("gossip expected, got {other:?}"),
+        }
+    }
+
+    /// Every frame up to the end of the stream.
+    async fn rest(&mut self) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        while let Some(frame) = self.next().await {
+            frames.push(frame);
+        }
+        frames
+    }
+
+    /// Sends this peer's hello and checks the node's, which it returns.
+    async fn handshake(&mut self, node: &Identity) -> SignedRecord {
+        let hello = self.hello();
+        self.send(&hello).await;
+        match self.next().await {
+            Some(Frame::Hello { protocol, record }) => {
+                assert_eq!(protocol, PROTOCOL_VERSION);
+                assert_eq!(record.id(), node.id());
+                record.verify().expect("the node's hello verifies");
+                record
+            }
+            other => panic!("hello expected, got {other:?}"),
+        }
+    }
+
+    /// How the node's stream task ended.
+    async fn ended(&mut self) -> Ended {
+        within("the stream task ends", &mut self.ended)
+            .await
+            .expect("the stream task does not panic")
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_good_hello_is_answered_admitted_and_followed_by_the_database() {
+    let rig = Rig::start(1).await;
+    let me = rig.me.id();
+    let mut a = rig.open(10, false);
+
+    let hello = a.handshake(&rig.me).await;
+    assert_eq!(hello.version(), 1, "the record from before A connected");
+    let gossip = a.next_gossip().await;
+    assert_eq!(summary(&gossip), BTreeSet::from([(me, 2)]));
+    assert_eq!(gossip[0].record.neighbors, BTreeSet::from([a.id()]));
+
+    assert_eq!(rig.neighbors().await, BTreeSet::from([a.id()]));
+    assert!(rig.knows(a.id()).await);
+    assert_eq!(rig.counters().await.streams_open, 1);
+
+    // What the peer gossips reaches the neighborhood.
+    let x = identity(20);
+    a.send(&Frame::Gossip {
+        records: vec![signed(&x, 1)],
+    })
+    .await;
+    until("X is known", || async {
+        rig.knows(x.id()).await.then_some(())
+    })
+    .await;
+
+    rig.stop().await;
+    assert_eq!(a.ended().await, Ended::Cancelled);
+    assert!(a.rest().await.is_empty(), "the stream closes with the node");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_sends_no_hello_is_dropped_at_the_handshake_timeout() {
+    let rig = Rig::start(1).await;
+    let mut a = rig.open(10, false);
+    let started = Instant::now();
+    match a.next().await {
+        Some(Frame::Hello { .. }) => {}
+        other => panic!("the node's hello expected, got {other:?}"),
+    }
+    let ended = a.ended().await;
+    assert!(
+        matches!(&ended, Ended::NotAdmitted(reason) if reason.contains("timeout")),
+        "{ended:?}"
+    );
+    assert!(started.elapsed() >= HANDSHAKE_TIMEOUT);
+    assert!(a.rest().await.is_empty());
+    assert!(rig.neighbors().await.is_empty());
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bad_hello_is_refused_and_nothing_reaches_the_neighborhood() {
+    let rig = Rig::start(1).await;
+    let peer = identity(10);
+    let forged = identity(66).sign(NodeRecord {
+        id: peer.id(),
+        addr: "127.0.0.1:5000".into(),
+        version: 1,
+        neighbors: BTreeSet::new(),
+    });
+    let encode = |frame: Frame| frame.encode().expect("encodes");
+    let cases = [
+        (
+            "a forged signature",
+            encode(Frame::Hello {
+                protocol: PROTOCOL_VERSION,
+                record: forged,
+            }),
+            "does not verify",
+        ),
+        (
+            "another protocol version",
+            encode(Frame::Hello {
+                protocol: PROTOCOL_VERSION + 1,
+                record: signed(&peer, 1),
+            }),
+            "protocol 2",
+        ),
+        (
+            "gossip first",
+            encode(Frame::Gossip {
+                records: vec![signed(&peer, 1)],
+            }),
+            "not a hello",
+        ),
+        (
+            "the node's own id",
+            encode(Frame::Hello {
+                protocol: PROTOCOL_VERSION,
+                record: signed(&rig.me, 9),
+            }),
+            "itself",
+        ),
+        (
+            "malformed JSON",
+            Bytes::from_static(br#"{"type":"hello","protocol":1"#),
+            "bad hello",
+        ),
+    ];
+    for (what, body, why) in cases {
+        let mut remote = rig.open(10, false);
+        remote.send_body(body).await;
+        let ended = remote.ended().await;
+        assert!(
+            matches!(&ended, Ended::NotAdmitted(reason) if reason.contains(why)),
+            "{what}: {ended:?}"
+        );
+        let frames = remote.rest().await;
+        assert!(
+            frames.iter().all(|f| matches!(f, Frame::Hello { .. })),
+            "{what}: only the node's hello may arrive, got {frames:?}"
+        );
+    }
+
+    // An oversized hello is refused on its length alone.
+    let mut remote = rig.open(10, false);
+    remote.send_oversized(false).await;
+    let ended = remote.ended().await;
+    assert!(
+        matches!(&ended, Ended::NotAdmitted(reason) if reason.contains("too large")),
+        "{ended:?}"
+    );
+
+    let status = rig.status().await;
+    assert_eq!(status.version, 1);
+    assert!(status.neighbors.is_empty());
+    assert_eq!(status.known_nodes.len(), 1, "only the node's own record");
+    assert_eq!(status.counters, Default::default());
+    let counters = rig.counters().await;
+    assert_eq!(counters.streams_open, 0);
+    assert_eq!(
+        counters.frames_malformed, 0,
+        "a refused hello is not a strike"
+    );
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_frames_are_counted_and_tolerated_until_max_strikes_then_the_peer_is_cut_off() {
+    let rig = Rig::start(1).await;
+    let mut a = rig.open(10, false);
+    a.handshake(&rig.me).await;
+    a.next_gossip().await;
+
+    // Four strikes, one of each kind; the good record beside the forged one still counts.
+    let (x, y) = (identity(20), identity(21));
+    let mut forged = signed(&y, 1);
+    forged.record.version = 2;
+    a.send_body(Bytes::from_static(b"not json")).await;
+    let hello = a.hello();
+    a.send(&hello).await;
+    a.send_oversized(true).await;
+    a.send(&Frame::Gossip {
+        records: vec![forged, signed(&x, 1)],
+    })
+    .await;
+    let counters = until("the four bad frames are counted", || async {
+        let c = rig.counters().await;
+        (c.records_rejected == 1).then_some(c)
+    })
+    .await;
+    assert_eq!(
+        counters,
+        PoolCounters {
+            frames_malformed: 2,
+            frames_oversized: 1,
+            records_rejected: 1,
+            streams_open: 1,
+            ..PoolCounters::default()
+        }
+    );
+    until("X is known", || async {
+        rig.knows(x.id()).await.then_some(())
+    })
+    .await;
+    assert!(!rig.knows(y.id()).await, "a forged record is never stored");
+
+    // Up to one strike short of the limit the stream lives on, as a good frame after them shows.
+    for _ in 4..MAX_STRIKES - 1 {
+        a.send_body(Bytes::from_static(b"{}")).await;
+    }
+    let z = identity(22);
+    a.send(&Frame::Gossip {
+        records: vec![signed(&z, 1)],
+    })
+    .await;
+    until("Z is known", || async {
+        rig.knows(z.id()).await.then_some(())
+    })
+    .await;
+    let counters = rig.counters().await;
+    assert_eq!(counters.frames_malformed, 2 + u64::from(MAX_STRIKES - 5));
+    assert_eq!(counters.peers_disconnected_for_abuse, 0);
+    assert_eq!(rig.neighbors().await, BTreeSet::from([a.id()]));
+
+    // One more is one too many.
+    a.send_body(Bytes::from_static(b"not json either")).await;
+    assert_eq!(a.ended().await, Ended::Closed(a.id()));
+    assert!(a.rest().await.is_empty(), "the node closes the stream");
+    let counters = rig.counters().await;
+    assert_eq!(counters.peers_disconnected_for_abuse, 1);
+    assert_eq!(counters.streams_open, 0);
+    assert!(rig.neighbors().await.is_empty());
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn end_of_stream_from_the_peer_drops_the_half_neighborship() {
+    let rig = Rig::start(1).await;
+    let me = rig.me.id();
+    let mut a = rig.open(10, false);
+    a.handshake(&rig.me).await;
+    a.next_gossip().await;
+    let mut b = rig.open(11, false);
+    b.handshake(&rig.me).await;
+    assert_eq!(
+        summary(&b.next_gossip().await),
+        BTreeSet::from([(me, 3), (a.id(), 1)])
+    );
+    assert_eq!(rig.counters().await.streams_open, 2);
+
+    within("A shuts its side", a.writer.get_mut().shutdown())
+        .await
+        .expect("the stream is open");
+    assert_eq!(a.ended().await, Ended::Closed(a.id()));
+    // The stream task told the neighborhood before it ended.
+    assert_eq!(rig.neighbors().await, BTreeSet::from([b.id()]));
+    let gossip = b.next_gossip().await;
+    assert_eq!(summary(&gossip), BTreeSet::from([(me, 4)]));
+    assert_eq!(gossip[0].record.neighbors, BTreeSet::from([b.id()]));
+    assert_eq!(rig.counters().await.streams_open, 1);
+
+    rig.stop().await;
+    assert_eq!(b.ended().await, Ended::Cancelled);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_stream_to_a_neighbor_replaces_or_yields_to_the_first_by_the_dialing_rule() {
+    let rig = Rig::start(1).await;
+    let peer = identity(10).id();
+    // This node keeps the stream dialed by the smaller id of the two.
+    let preferred = rig.me.id() < peer;
+
+    let mut first = rig.open(10, !preferred);
+    first.handshake(&rig.me).await;
+    first.next_gossip().await;
+
+    // The preferred direction replaces it: the first is closed by this node.
+    let mut second = rig.open(10, preferred);
+    second.handshake(&rig.me).await;
+    assert_eq!(first.ended().await, Ended::Closed(peer));
+    assert!(
+        second
+            .next_gossip()
+            .await
+            .iter()
+            .any(|r| r.id() == rig.me.id()),
+        "the new stream gets the database"
+    );
+    assert_eq!(rig.neighbors().await, BTreeSet::from([peer]));
+
+    // Another stream from the other direction yields to the kept one.
+    let mut third = rig.open(10, !preferred);
+    third.handshake(&rig.me).await;
+    assert_eq!(third.ended().await, Ended::Duplicate(peer));
+    assert!(third.rest().await.is_empty());
+    assert_eq!(rig.neighbors().await, BTreeSet::from([peer]));
+    assert_eq!(rig.counters().await.streams_open, 1);
+
+    rig.stop().await;
+    assert_eq!(second.ended().await, Ended::Cancelled);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_back_from_a_restart_is_sent_the_record_of_its_earlier_life() {
+    let rig = Rig::start(1).await;
+    let mut a = rig.open(10, false);
+    a.handshake(&rig.me).await;
+    a.next_gossip().await;
+    // A's record in its earlier run, with a neighbor it no longer has.
+    let earlier = a.identity.sign(NodeRecord {
+        id: a.id(),
+        addr: "127.0.0.1:5000".into(),
+        version: 5,
+        neighbors: BTreeSet::from([identity(30).id()]),
+    });
+    a.send(&Frame::Gossip {
+        records: vec![earlier.clone()],
+    })
+    .await;
+    let a_id = a.id().to_string();
+    until("A's earlier record is stored", || async {
+        let status = rig.status().await;
+        status
+            .known_nodes
+            .iter()
+            .any(|k| k.node_id == a_id && k.version == 5)
+            .then_some(())
+    })
+    .await;
+    within("A goes away", a.writer.get_mut().shutdown())
+        .await
+        .expect("the stream is open");
+    assert_eq!(a.ended().await, Ended::Closed(a.id()));
+
+    // A comes back at version 1 and hears what the mesh holds for it, so it can outbid it.
+    let mut again = rig.open(10, false);
+    again.handshake(&rig.me).await;
+    let database = again.next_gossip().await;
+    assert!(database.contains(&earlier), "{:?}", summary(&database));
+    rig.stop().await;
+    assert_eq!(again.ended().await, Ended::Cancelled);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_killed_before_it_hears_it_was_admitted_ends_as_a_duplicate() {
+    let (rig, mut pool) = Rig::without_pool(1);
+    let mut a = rig.open(10, true);
+    a.handshake(&rig.me).await;
+    let Some(PoolMsg::Admit {
+        stream,
+        dialed,
+        reply,
+    }) = within("the stream asks to be admitted", pool.recv()).await
+    else {
+        panic!("an admission request expected");
+    };
+    assert!(dialed);
+    assert_eq!(stream.peer(), a.id());
+    // A preferred stream to A replaced this one before its answer was read.
+    stream.kill();
+    // A dialer told `Cancelled` would stop dialing for good; the node is not stopping.
+    assert_eq!(a.ended().await, Ended::Duplicate(a.id()));
+    drop(reply); // held until now: the answer was never read
+    assert!(a.rest().await.is_empty());
+    assert!(
+        rig.neighbors().await.is_empty(),
+        "nothing reached the neighborhood"
+    );
+
+    // When the node is stopping, the same wait ends as `Cancelled`.
+    let mut b = rig.open(11, true);
+    b.handshake(&rig.me).await;
+    let admit = within("the stream asks to be admitted", pool.recv()).await;
+    assert!(matches!(admit, Some(PoolMsg::Admit { .. })), "{admit:?}");
+    rig.stop().await;
+    assert_eq!(b.ended().await, Ended::Cancelled);
+}
+
+/// A pool that is not running: the test hands it messages itself.
+async fn idle_pool(me: &Identity, tracker: &TaskTracker, cancel: &CancellationToken) -> Pool {
+    let neighborhood =
+        crate::neighborhood::spawn(me.clone(), ADDR.into(), cancel.child_token(), tracker)
+            .expect("the node's first record is valid");
+    let (tx, _rx) = mpsc::channel(1);
+    let shared = Shared {
+        me: me.id(),
+        neighborhood,
+        pool: PoolHandle { tx },
+        cancel: cancel.child_token(),
+        tracker: tracker.clone(),
+        counters: Arc::default(),
+        next_conn: Arc::new(AtomicU64::new(1)),
+    };
+    Pool::new(shared, loopback_listener().await)
+}
+
+fn admit(pool: &mut Pool, stream: &StreamHandle, dialed: bool) -> Admission {
+    let (reply, mut answer) = oneshot::channel();
+    pool.handle(PoolMsg::Admit {
+        stream: stream.clone(),
+        dialed,
+        reply,
+    });
+    answer.try_recv().expect("the pool answers at once")
+}
+
+/// One end's view of a stream: its handle, and the token the pool cancels to end it.
+fn end(conn: u64, peer: NodeId) -> (StreamHandle, CancellationToken) {
+    let cancel = CancellationToken::new();
+    let (handle, _queue) = StreamHandle::new(ConnId(conn), peer, cancel.clone());
+    (handle, cancel)
+}
+
+#[tokio::test]
+async fn when_both_ends_dial_each_other_both_keep_the_stream_dialed_by_the_smaller_id() {
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let (m, p) = (identity(1), identity(2));
+    let smaller = m.id().min(p.id());
+    // Each end may admit either stream first.
+    for (m_first, p_first) in [(true, true), (true, false), (false, true), (false, false)] {
+        let mut kept = Vec::new();
+        for (me, other, mine_first) in [(&m, &p, m_first), (&p, &m, p_first)] {
+            let mut pool = idle_pool(me, &tracker, &cancel).await;
+            // The stream this end dialed, and the one the other end dialed.
+            let mine = end(1, other.id());
+            let theirs = end(2, other.id());
+            let order = if mine_first {
+                [(&mine, true), (&theirs, false)]
+            } else {
+                [(&theirs, false), (&mine, true)]
+            };
+            let answers: Vec<Admission> = order
+                .iter()
+                .map(|((stream, _), dialed)| admit(&mut pool, stream, *dialed))
+                .collect();
+            let alive: Vec<bool> = order
+                .iter()
+                .zip(&answers)
+                .map(|(((_, token), _), a)| *a == Admission::Admitted && !token.is_cancelled())
+                .collect();
+            assert_eq!(
+                alive.iter().filter(|a| **a).count(),
+                1,
+                "one stream per neighbor: {answers:?}"
+            );
+            let dialer = |dialed: bool| if dialed { me.id() } else { other.id() };
+            let (_, dialed) = order[alive.iter().position(|a| *a).expect("one is alive")];
+            kept.push(dialer(dialed));
+        }
+        assert_eq!(
+            kept,
+            [smaller, smaller],
+            "both ends keep the stream the smaller id dialed (m first: {m_first}, p first: {p_first})"
+        );
+    }
+    cancel.cancel();
+    tracker.close();
+    within("the neighborhoods stop", tracker.wait()).await;
+}
+
+#[tokio::test]
+async fn the_newer_stream_from_one_side_wins_and_a_dialer_hears_when_the_peer_is_gone() {
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let me = identity(1);
+    let mut pool = idle_pool(&me, &tracker, &cancel).await;
+    let peer = identity(2).id();
+
+    let (old, old_cancel) = end(1, peer);
+    let (new, new_cancel) = end(2, peer);
+    assert_eq!(admit(&mut pool, &old, false), Admission::Admitted);
+    assert_eq!(admit(&mut pool, &new, false), Admission::Admitted);
+    assert!(old_cancel.is_cancelled(), "the older stream is closed");
+    assert!(!new_cancel.is_cancelled());
+
+    let (reply, mut gone) = oneshot::channel();
+    pool.handle(PoolMsg::WaitPeerGone { peer, reply });
+    assert!(gone.try_recv().is_err(), "a stream to the peer is open");
+    // The replaced stream's end is not the peer's.
+    pool.handle(PoolMsg::Closed {
+        conn: old.id(),
+        peer,
+    });
+    assert!(gone.try_recv().is_err(), "the kept stream is still open");
+    pool.handle(PoolMsg::Closed {
+        conn: new.id(),
+        peer,
+    });
+    gone.try_recv().expect("the waiter hears the peer is gone");
+
+    let (reply, mut gone) = oneshot::channel();
+    pool.handle(PoolMsg::WaitPeerGone { peer, reply });
+    gone.try_recv().expect("no stream: answered at once");
+
+    // With the peer gone, a stream from either direction is admitted again.
+    let (again, _again_cancel) = end(3, peer);
+    assert_eq!(admit(&mut pool, &again, true), Admission::Admitted);
+    cancel.cancel();
+    tracker.close();
+    within("the neighborhood stops", tracker.wait()).await;
+}
+
+#[tokio::test]
+async fn a_full_pool_refuses_new_neighbors_but_still_replaces_streams() {
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let mut pool = idle_pool(&identity(1), &tracker, &cancel).await;
+    let mut streams = Vec::with_capacity(MAX_STREAMS);
+    for i in 0..MAX_STREAMS {
+        let mut id = [0u8; 32];
+        id[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        let (handle, token) = end(i as u64, NodeId(id));
+        assert_eq!(admit(&mut pool, &handle, false), Admission::Admitted);
+        streams.push((handle, token));
+    }
+    let (extra, _extra_cancel) = end(u64::MAX, identity(3).id());
+    assert_eq!(admit(&mut pool, &extra, false), Admission::Full);
+
+    let (first, first_cancel) = &streams[0];
+    let (replacement, _cancel) = end(u64::MAX - 1, first.peer());
+    assert_eq!(admit(&mut pool, &replacement, false), Admission::Admitted);
+    assert!(first_cancel.is_cancelled());
+    cancel.cancel();
+    tracker.close();
+    within("the neighborhood stops", tracker.wait()).await;
+}
