@@ -67,6 +67,18 @@ impl UiClient {
         &mut self,
         opcode: &str,
         payload: serde_json::Value,
+        on_broadcast: impl FnMut(UiMessage),
+    ) -> Result<UiMessage, ClientError> {
+        self.request_within(opcode, payload, ANSWER_TIMEOUT, on_broadcast)
+            .await
+    }
+
+    /// [`UiClient::request`] with a bound of its own on the wait for the answer.
+    pub async fn request_within(
+        &mut self,
+        opcode: &str,
+        payload: serde_json::Value,
+        timeout: Duration,
         mut on_broadcast: impl FnMut(UiMessage),
     ) -> Result<UiMessage, ClientError> {
         let context_id = self.next_context;
@@ -109,12 +121,9 @@ impl UiClient {
                 }
             }
         };
-        tokio::time::timeout(ANSWER_TIMEOUT, wait)
+        tokio::time::timeout(timeout, wait)
             .await
-            .map_err(|_| ClientError::Timeout {
-                addr,
-                timeout: ANSWER_TIMEOUT,
-            })?
+            .map_err(|_| ClientError::Timeout { addr, timeout })?
     }
 
     /// Closes the websocket politely.

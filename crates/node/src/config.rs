@@ -3,8 +3,11 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use meshnode_protocol::Identity;
+
+use crate::ui_gateway::DEFAULT_SHUTDOWN_DEADLINE;
 
 /// Everything [`crate::start`] needs. Build it with [`Config::new`] and adjust the fields.
 #[derive(Debug, Clone)]
@@ -16,6 +19,8 @@ pub struct Config {
     /// Neighbors to dial and keep dialing, as `HOST:PORT`.
     pub neighbors: Vec<String>,
     pub identity: Identity,
+    /// Longest a graceful shutdown may take, from its first trigger to the answer.
+    pub shutdown_deadline: Duration,
 }
 
 impl Config {
@@ -26,6 +31,7 @@ impl Config {
             ui: SocketAddr::from(([127, 0, 0, 1], 0)),
             neighbors: Vec::new(),
             identity,
+            shutdown_deadline: DEFAULT_SHUTDOWN_DEADLINE,
         }
     }
 }
@@ -48,6 +54,25 @@ pub fn parse_neighbor(text: &str) -> Result<String, String> {
             }
         })?;
     Ok(text.to_owned())
+}
+
+/// Parses a duration written as seconds (`5`, `1.5`, `5s`) or milliseconds (`500ms`); it must
+/// be more than zero and at most an hour.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let bad = || format!("'{text}' is not a duration such as 5s, 1.5s or 500ms");
+    let (number, scale) = if let Some(ms) = text.strip_suffix("ms") {
+        (ms, 0.001)
+    } else {
+        (text.strip_suffix('s').unwrap_or(text), 1.0)
+    };
+    let value: f64 = number.trim().parse().map_err(|_| bad())?;
+    let seconds = value * scale;
+    if !seconds.is_finite() || seconds <= 0.0 || seconds > 3600.0 {
+        return Err(format!(
+            "'{text}' must be more than 0 and at most 3600 seconds"
+        ));
+    }
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 /// Why a key file could not serve as the node's identity.
@@ -110,6 +135,16 @@ mod tests {
         assert!(parse_neighbor("[::1]:4000").is_ok());
         for bad in ["4000", ":4000", "host:", "host:99999", "host:0", "host:x"] {
             assert!(parse_neighbor(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn durations_parse_in_seconds_or_milliseconds() {
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        for bad in ["", "0", "-1s", "x", "5m", "99999", "NaNs"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }
 

@@ -9,10 +9,12 @@
 
 pub mod client;
 pub mod config;
+pub mod demo;
 pub mod neighborhood;
 mod node;
 pub mod stream_handler_pool;
 pub mod ui_gateway;
 
 pub use config::Config;
-pub use node::{Node, StartError, start};
+pub use node::{Node, NodeController, StartError, start};
+pub use ui_gateway::{ShutdownOutcome, ShutdownReport, Trigger};

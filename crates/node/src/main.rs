@@ -5,15 +5,22 @@ use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use meshnode::config::{load_or_create_identity, parse_neighbor};
-use meshnode::{Config, client};
+use meshnode::config::{load_or_create_identity, parse_duration, parse_neighbor};
+use meshnode::ui_gateway::UI_GRACE;
+use meshnode::{Config, ShutdownReport, client};
 use meshnode_protocol::Identity;
-use meshnode_protocol::ui::{DEFAULT_UI_PORT, StatusPayload};
+use meshnode_protocol::ui::{DEFAULT_UI_PORT, StatusPayload, codes};
+use serde_json::json;
 use tracing_subscriber::EnvFilter;
 
 const DEFAULT_UI: &str = "127.0.0.1:5333";
+/// How long `meshnode shutdown` waits for the node's answer (as MASQ's `masq` does).
+const SHUTDOWN_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long `meshnode shutdown` waits for its probe of the UI port.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// A peer node daemon that leaves the network gracefully.
 #[derive(Debug, Parser)]
@@ -25,13 +32,26 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a node until it is stopped (Ctrl-C or SIGTERM).
+    /// Run a node until it is shut down (through its UI, or with SIGTERM or Ctrl-C).
     Run(RunArgs),
     /// Print the status of a running node.
     Status {
         /// The node's UI address.
         #[arg(long, value_name = "ADDR", default_value = DEFAULT_UI)]
         ui: SocketAddr,
+    },
+    /// Shut a running node down gracefully and print its report. Exits 0 when the shutdown was
+    /// graceful, 3 when its deadline expired, 1 otherwise.
+    Shutdown {
+        /// The node's UI address.
+        #[arg(long, value_name = "ADDR", default_value = DEFAULT_UI)]
+        ui: SocketAddr,
+    },
+    /// Start a local mesh on loopback, show one node withdrawing gracefully, then stop them all.
+    Demo {
+        /// How many nodes the mesh has.
+        #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u16).range(2..=64))]
+        nodes: u16,
     },
 }
 
@@ -50,11 +70,19 @@ struct RunArgs {
     /// as the process.
     #[arg(long, value_name = "PATH")]
     key_file: Option<PathBuf>,
+    /// Longest a graceful shutdown may take, from its first trigger to the exit (then the
+    /// process exits with code 3), e.g. 5s or 500ms.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    shutdown_deadline: Duration,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    let quiet = matches!(
+        cli.command,
+        Command::Demo { .. } | Command::Shutdown { .. } | Command::Status { .. }
+    );
+    init_logging(if quiet { "warn" } else { "info" });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -62,14 +90,19 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
     };
-    match cli.command {
+    let code = match cli.command {
         Command::Run(args) => runtime.block_on(run(args)),
         Command::Status { ui } => runtime.block_on(status(ui)),
-    }
+        Command::Shutdown { ui } => runtime.block_on(shutdown(ui)),
+        Command::Demo { nodes } => runtime.block_on(demo(nodes.into())),
+    };
+    // Whatever is still running (a DNS lookup of a dialer, say) must not hold the exit.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    code
 }
 
-fn init_logging() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+fn init_logging(default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -83,6 +116,12 @@ fn fail(message: &str) -> ExitCode {
 }
 
 async fn run(args: RunArgs) -> ExitCode {
+    // Listen for signals before anything else, so that one arriving while the node starts is
+    // honoured as soon as it runs.
+    let mut signals = match Signals::new() {
+        Ok(signals) => signals,
+        Err(e) => return fail(&format!("cannot listen for signals: {e}")),
+    };
     let identity = match &args.key_file {
         Some(path) => load_or_create_identity(path).map_err(|e| e.to_string()),
         None => Identity::generate().map_err(|e| e.to_string()),
@@ -95,38 +134,143 @@ async fn run(args: RunArgs) -> ExitCode {
     config.listen = args.listen;
     config.ui = args.ui;
     config.neighbors = args.neighbors;
+    config.shutdown_deadline = args.shutdown_deadline;
     let node = match meshnode::start(config).await {
         Ok(node) => node,
         Err(e) => return fail(&e.to_string()),
     };
-    tracing::info!(node = %node.id(), listen = %node.listen_addr(), ui = %node.ui_addr(), "meshnode running; stop it with Ctrl-C or SIGTERM");
-    match stop_signal().await {
-        Ok(signal) => tracing::info!(signal, "stopping"),
-        Err(e) => return fail(&format!("cannot listen for stop signals: {e}")),
-    }
-    if node.stop().await {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
+    tracing::info!(node = %node.id(), listen = %node.listen_addr(), ui = %node.ui_addr(), "meshnode running; shut it down through its UI, with SIGTERM or with Ctrl-C");
+
+    let controller = node.controller();
+    let wait = node.wait();
+    tokio::pin!(wait);
+    // Past this after a signal, the node is wedged: the gateway's own deadline should have
+    // ended it long before.
+    let watchdog = args.shutdown_deadline + UI_GRACE + Duration::from_secs(2);
+    let mut signalled: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            report = &mut wait => return ExitCode::from(report.exit_code()),
+            signal = signals.recv() => {
+                if signalled.is_some() {
+                    tracing::warn!(signal = signal.name, "second signal during the shutdown: exiting at once");
+                    return ExitCode::from(128 + signal.number);
+                }
+                tracing::info!(signal = signal.name, "shutting down gracefully; send it again to exit at once");
+                signalled = Some(tokio::time::Instant::now() + watchdog);
+                if controller.signal(signal.name).await.is_err() {
+                    tracing::warn!("the node is already ending");
+                }
+            }
+            () = sleep_until(signalled) => {
+                return fail("the node did not end in time after the signal");
+            }
+        }
     }
 }
 
-/// Waits for SIGINT or SIGTERM and names the one that came.
-async fn stop_signal() -> std::io::Result<&'static str> {
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A stop signal: its name and number.
+struct Signal {
+    name: &'static str,
+    number: u8,
+}
+
+/// SIGTERM and SIGINT (Ctrl-C elsewhere).
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => Ok("SIGTERM"),
-            _ = int.recv() => Ok("SIGINT"),
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    async fn recv(&mut self) -> Signal {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => Signal { name: "SIGTERM", number: 15 },
+                _ = self.int.recv() => Signal { name: "SIGINT", number: 2 },
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            if tokio::signal::ctrl_c().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            Signal {
+                name: "Ctrl-C",
+                number: 2,
+            }
         }
     }
-    #[cfg(not(unix))]
-    {
-        tokio::signal::ctrl_c().await?;
-        Ok("Ctrl-C")
+}
+
+async fn shutdown(ui: SocketAddr) -> ExitCode {
+    println!("asking the node at {ui} to shut down");
+    let mut client = match client::UiClient::connect(ui).await {
+        Ok(client) => client,
+        Err(e) => return fail(&e.to_string()),
+    };
+    println!("waiting while it withdraws from the network");
+    let answer = client
+        .request_within(
+            "shutdown",
+            json!({ "report": true }),
+            SHUTDOWN_ANSWER_TIMEOUT,
+            |_| {},
+        )
+        .await;
+    client.close().await;
+    let report: ShutdownReport = match answer.map(|m| m.into_payload()) {
+        Ok(Ok(report)) => report,
+        Ok(Err(e)) if e.code == codes::NODE_NOT_RUNNING => {
+            return fail(&format!("the node is not running: {}", e.message));
+        }
+        Ok(Err(e)) => {
+            return fail(&format!(
+                "the node answered error {}: {}",
+                e.code, e.message
+            ));
+        }
+        Err(e) => return fail(&e.to_string()),
+    };
+    print!("{}", report.render());
+    // As `masq shutdown` does: a node that has shut down refuses new connections on its UI.
+    let probe = tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(ui)).await;
+    match probe {
+        Ok(Ok(_)) => {
+            println!("the node still answers on {ui}");
+            return ExitCode::FAILURE;
+        }
+        _ => println!("the node stopped answering on {ui}"),
+    }
+    ExitCode::from(report.exit_code())
+}
+
+async fn demo(nodes: usize) -> ExitCode {
+    match meshnode::demo::run(nodes, |text| println!("{text}")).await {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => fail(&e.to_string()),
     }
 }
 

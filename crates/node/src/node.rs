@@ -6,18 +6,25 @@ use std::time::Duration;
 
 use meshnode_protocol::ui::StatusPayload;
 use meshnode_protocol::{NodeId, RecordError};
+use meshnode_shutdown::{DoneReport, Outcome};
 use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::neighborhood;
-use crate::stream_handler_pool;
-use crate::ui_gateway::{self, GatewayError, GatewayHandle, NodeInfo};
+use crate::stream_handler_pool::{self, AsyncStream, PoolHandle, PoolMsg};
+use crate::ui_gateway::{
+    self, GatewayConfig, GatewayError, GatewayHandle, NodeInfo, ShutdownOutcome, ShutdownReport,
+    Trigger,
+};
 
 /// Longest [`Node::stop`] waits for the node's tasks to end.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest [`Node::wait`] waits for the node's tasks to end once the gateway has let it go.
+pub const TEARDOWN_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -36,13 +43,16 @@ pub enum StartError {
     Record(#[from] RecordError),
 }
 
-/// A running node. Dropping it does not stop it; call [`Node::stop`].
+/// A running node. Dropping it does not stop it: shut it down ([`Node::shutdown`]) and
+/// [`Node::wait`] for it, or [`Node::stop`] it at once.
 #[derive(Debug)]
 pub struct Node {
     info: NodeInfo,
     gateway: GatewayHandle,
+    pool: PoolHandle,
     cancel: CancellationToken,
     tracker: TaskTracker,
+    exit: oneshot::Receiver<ShutdownReport>,
 }
 
 /// Binds the node's sockets and starts its subsystems.
@@ -52,23 +62,19 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         ui,
         neighbors,
         identity,
+        shutdown_deadline,
     } = config;
-    let listener = bind(listen).await.map_err(|source| StartError::Listen {
+    let listen_err = |source| StartError::Listen {
         addr: listen,
         source,
-    })?;
-    let ui_listener = bind(ui)
-        .await
-        .map_err(|source| StartError::Ui { addr: ui, source })?;
+    };
+    let ui_err = |source| StartError::Ui { addr: ui, source };
+    let listener = TcpListener::bind(listen).await.map_err(listen_err)?;
+    let ui_listener = TcpListener::bind(ui).await.map_err(ui_err)?;
     let info = NodeInfo {
         node_id: identity.id(),
-        listen: listener.local_addr().map_err(|source| StartError::Listen {
-            addr: listen,
-            source,
-        })?,
-        ui: ui_listener
-            .local_addr()
-            .map_err(|source| StartError::Ui { addr: ui, source })?,
+        listen: listener.local_addr().map_err(listen_err)?,
+        ui: ui_listener.local_addr().map_err(ui_err)?,
     };
     if !info.ui.ip().is_loopback() {
         warn!(ui = %info.ui, "the UI listens beyond loopback: anyone who can reach it can drive this node");
@@ -90,25 +96,23 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         cancel.child_token(),
         &tracker,
     );
-    let gateway = ui_gateway::spawn(
-        ui_listener,
+    let config = GatewayConfig {
+        listener: ui_listener,
         info,
-        neighborhood,
-        pool,
-        cancel.child_token(),
-        &tracker,
-    );
+        deadline: shutdown_deadline,
+    };
+    let (gateway, exit) =
+        ui_gateway::spawn(config, neighborhood, pool.clone(), cancel.clone(), &tracker)
+            .map_err(ui_err)?;
     info!(node = %info.node_id, listen = %info.listen, ui = %info.ui, "node started");
     Ok(Node {
         info,
         gateway,
+        pool,
         cancel,
         tracker,
+        exit,
     })
-}
-
-async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
 
 impl Node {
@@ -131,8 +135,56 @@ impl Node {
         self.gateway.status().await
     }
 
+    /// Shuts the node down gracefully (or joins the shutdown under way) and returns the
+    /// report once the shutdown has ended. The node then ends; [`Node::wait`] returns at once.
+    pub async fn shutdown(&self) -> Result<ShutdownReport, GatewayError> {
+        self.gateway.shutdown(Trigger::Api).await
+    }
+
+    /// Asks for a graceful shutdown (or joins one) without waiting; see [`Node::wait`].
+    pub async fn request_shutdown(&self) -> Result<(), GatewayError> {
+        self.gateway.request_shutdown(Trigger::Api).await
+    }
+
+    /// A cloneable handle that can ask for the status or a shutdown while another task
+    /// [`Node::wait`]s.
+    pub fn controller(&self) -> NodeController {
+        NodeController {
+            gateway: self.gateway.clone(),
+        }
+    }
+
+    /// Runs an already connected stream (of any transport) as a neighbor, as if accepted.
+    pub async fn adopt(&self, stream: impl AsyncStream) -> bool {
+        self.pool
+            .send(PoolMsg::Adopt {
+                stream: Box::new(stream),
+            })
+            .await
+            .is_ok()
+    }
+
+    /// Waits until the node has ended (after a shutdown, from any trigger) and returns the
+    /// report. If the gateway itself vanished, the report says so.
+    pub async fn wait(self) -> ShutdownReport {
+        let report = match self.exit.await {
+            Ok(report) => report,
+            Err(_) => vanished_gateway(&self.info),
+        };
+        self.cancel.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(TEARDOWN_TIMEOUT, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(node = %self.info.node_id.short(), tasks = self.tracker.len(), "tasks still running after the node ended");
+        }
+        report
+    }
+
     /// Stops the node at once, without telling its neighbors (they notice the closed streams),
-    /// and waits up to [`STOP_TIMEOUT`] for its tasks to end. Returns whether they all did.
+    /// as a crash would, and waits up to [`STOP_TIMEOUT`] for its tasks to end. Returns whether
+    /// they all did.
     pub async fn stop(self) -> bool {
         self.cancel.cancel();
         self.tracker.close();
@@ -143,5 +195,51 @@ impl Node {
             warn!(node = %self.info.node_id.short(), tasks = self.tracker.len(), "tasks still running after stop");
         }
         ended
+    }
+}
+
+/// Asks a running node for its status or its shutdown; see [`Node::controller`].
+#[derive(Debug, Clone)]
+pub struct NodeController {
+    gateway: GatewayHandle,
+}
+
+impl NodeController {
+    pub async fn status(&self) -> Result<StatusPayload, GatewayError> {
+        self.gateway.status().await
+    }
+
+    /// Asks for a graceful shutdown (or joins one) on behalf of a signal, without waiting.
+    pub async fn signal(&self, name: &str) -> Result<(), GatewayError> {
+        self.gateway
+            .request_shutdown(Trigger::Signal {
+                name: name.to_owned(),
+            })
+            .await
+    }
+
+    /// Asks for a graceful shutdown (or joins one) and waits for its report.
+    pub async fn shutdown(&self) -> Result<ShutdownReport, GatewayError> {
+        self.gateway.shutdown(Trigger::Api).await
+    }
+}
+
+fn vanished_gateway(info: &NodeInfo) -> ShutdownReport {
+    ShutdownReport {
+        node_id: info.node_id.to_string(),
+        trigger: Trigger::Api,
+        requests: 0,
+        outcome: ShutdownOutcome::Failed,
+        elapsed_ms: 0,
+        deadline_ms: 0,
+        subsystems: DoneReport {
+            subsystem: "ui_gateway".into(),
+            outcome: Outcome::Vanished,
+            elapsed: Duration::ZERO,
+            summary: "the gateway ended without a report".into(),
+            children: Vec::new(),
+        },
+        still_running: Vec::new(),
+        stats: None,
     }
 }

@@ -10,6 +10,7 @@ mod tests;
 
 use meshnode_protocol::ui::{KnownNode, NeighborStatus};
 use meshnode_protocol::{Identity, NodeId, RecordError, SignedRecord, VerifiedRecord};
+use meshnode_shutdown::DoneReply;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -41,10 +42,14 @@ pub enum NeighborhoodMsg {
     OwnRecord {
         reply: oneshot::Sender<SignedRecord>,
     },
-    /// What the status payload shows of the neighborhood.
+    /// What the status payload shows of the neighborhood, answered after the current batch's
+    /// gossip has gone out.
     Status {
         reply: oneshot::Sender<NeighborhoodStatus>,
     },
+    /// Drop every outgoing half-neighborship at once, queue exactly one gossip showing that on
+    /// each immediate neighbor's stream, answer done, and from then on gossip nothing.
+    WithdrawFromNetwork { reply: DoneReply },
 }
 
 /// The neighborhood's part of the status payload.

@@ -1,11 +1,12 @@
 //! The neighborhood task's private state and loop.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use bytes::Bytes;
 use meshnode_protocol::ui::{KnownNode, NeighborStatus};
 use meshnode_protocol::{Frame, Identity, NodeId, NodeRecord, RecordError, VerifiedRecord};
-use tokio::sync::mpsc;
+use meshnode_shutdown::DoneReply;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -26,6 +27,12 @@ pub(super) struct Neighborhood {
     streams: HashMap<NodeId, Vec<StreamHandle>>,
     outbox: Outbox,
     counters: GossipCounters,
+    /// Immediate neighbors that withdrew from the network: sent nothing more, not redialed.
+    departed: HashSet<NodeId>,
+    /// Set once this node withdrew: from then on it changes and gossips nothing.
+    withdrawn: bool,
+    /// Status requests of the current batch, answered after its gossip is counted.
+    status_replies: Vec<oneshot::Sender<NeighborhoodStatus>>,
 }
 
 /// Gossip owed at the end of the current batch.
@@ -59,6 +66,9 @@ impl Neighborhood {
             streams: HashMap::new(),
             outbox: Outbox::default(),
             counters: GossipCounters::default(),
+            departed: HashSet::new(),
+            withdrawn: false,
+            status_replies: Vec::new(),
         })
     }
 
@@ -86,6 +96,7 @@ impl Neighborhood {
                 }
             }
             self.flush();
+            self.answer_status();
         }
         debug!("stopped");
     }
@@ -102,14 +113,84 @@ impl Neighborhood {
             NeighborhoodMsg::OwnRecord { reply } => {
                 let _ = reply.send(self.own.signed().clone());
             }
-            NeighborhoodMsg::Status { reply } => {
-                let _ = reply.send(self.status());
+            NeighborhoodMsg::Status { reply } => self.status_replies.push(reply),
+            NeighborhoodMsg::WithdrawFromNetwork { reply } => self.withdraw(reply),
+        }
+    }
+
+    pub(super) fn answer_status(&mut self) {
+        if self.status_replies.is_empty() {
+            return;
+        }
+        let status = self.status();
+        for reply in self.status_replies.drain(..) {
+            let _ = reply.send(status.clone());
+        }
+    }
+
+    /// Drops every outgoing half-neighborship in one change (one version, one signature) and
+    /// queues exactly one gossip frame showing it on each immediate neighbor's stream, in the
+    /// slot each stream keeps for it. The pool closes the streams behind it once this answers.
+    fn withdraw(&mut self, reply: DoneReply) {
+        if self.withdrawn {
+            reply.done("already withdrawn", Vec::new());
+            return;
+        }
+        let targets: Vec<StreamHandle> = self
+            .streams
+            .values()
+            .filter_map(|streams| streams.last().cloned())
+            .collect();
+        self.change_own(|neighbors| {
+            let had = !neighbors.is_empty();
+            neighbors.clear();
+            had
+        });
+        // Nothing else goes out: not this batch's other changes, not anything later.
+        self.withdrawn = true;
+        self.outbox = Outbox::default();
+        let (bodies, _) = Frame::gossip_bodies([self.own.signed()]);
+        let mut notified = 0;
+        let mut gone = Vec::new();
+        for stream in &targets {
+            let queued = bodies
+                .iter()
+                .all(|body| stream.try_send_final(body.clone()).is_ok());
+            if queued {
+                notified += 1;
+                self.counters.frames_sent += bodies.len() as u64;
+            } else {
+                gone.push(stream.peer().short());
             }
         }
+        info!(
+            version = self.own.version(),
+            notified,
+            neighbors = targets.len(),
+            "withdrew from the network"
+        );
+        let summary = if targets.is_empty() {
+            "no neighbors to notify".to_owned()
+        } else if gone.is_empty() {
+            format!("notified {notified} neighbors")
+        } else {
+            format!(
+                "notified {notified} of {} neighbors; streams already gone: {}",
+                targets.len(),
+                gone.join(", ")
+            )
+        };
+        reply.done(summary, Vec::new());
     }
 
     fn neighbor_connected(&mut self, stream: StreamHandle, record: VerifiedRecord) {
         let peer = stream.peer();
+        if self.withdrawn {
+            debug!(peer = %peer.short(), "withdrawn; a late neighbor is ignored");
+            return;
+        }
+        // A neighbor that withdrew and came back is a neighbor again.
+        self.departed.remove(&peer);
         info!(peer = %peer.short(), conn = %stream.id(), addr = %record.record().addr, "neighbor connected");
         let hello_version = record.version();
         self.merge(record, Some(peer));
@@ -136,6 +217,7 @@ impl Neighborhood {
         streams.remove(at);
         if streams.is_empty() {
             self.streams.remove(&peer);
+            self.departed.remove(&peer);
             self.outbox.full_sync.remove(&peer);
             if self.change_own(|neighbors| neighbors.remove(&peer)) {
                 info!(peer = %peer.short(), %conn, "neighbor gone; half-neighborship removed");
@@ -148,6 +230,10 @@ impl Neighborhood {
 
     fn gossip(&mut self, from: NodeId, records: Vec<VerifiedRecord>) {
         self.counters.frames_received += 1;
+        if self.withdrawn {
+            return;
+        }
+        let me = self.own.id();
         for record in records {
             if record.id() == self.own.id() {
                 // Our own record from an earlier life of this key: outbid it, or every
@@ -164,19 +250,41 @@ impl Neighborhood {
                 }
                 continue;
             }
-            self.merge(record, Some(from));
+            let id = record.id();
+            let lists_me = record.record().neighbors.contains(&me);
+            if self.merge(record, Some(from)) == Merge::Accepted && id == from && !lists_me {
+                self.neighbor_withdrew(from);
+            }
         }
     }
 
-    fn merge(&mut self, record: VerifiedRecord, source: Option<NodeId>) {
+    /// A neighbor's own newer record, over its own stream, no longer lists this node: it
+    /// withdrew. Drop the half-neighborship to it now, in this batch's one gossip round, so
+    /// that its stream closing a moment later changes nothing. (The stream's reader has
+    /// already noted the departure, so that the neighbor is not redialed.)
+    fn neighbor_withdrew(&mut self, peer: NodeId) {
+        let Some(streams) = self.streams.get(&peer) else {
+            return;
+        };
+        if streams.is_empty() || !self.departed.insert(peer) {
+            return;
+        }
+        if self.change_own(|neighbors| neighbors.remove(&peer)) {
+            info!(peer = %peer.short(), "neighbor withdrew from the network; half-neighborship removed");
+        }
+    }
+
+    fn merge(&mut self, record: VerifiedRecord, source: Option<NodeId>) -> Merge {
         let id = record.id();
-        match self.db.merge(record) {
+        let merged = self.db.merge(record);
+        match merged {
             Merge::Accepted => {
                 self.counters.records_accepted += 1;
                 self.outbox.changed.insert(id, source);
             }
             Merge::Stale => self.counters.records_stale += 1,
         }
+        merged
     }
 
     /// Applies `edit` to the own neighbor set; if it changed anything, bumps the version once,
@@ -217,7 +325,7 @@ impl Neighborhood {
     /// records is encoded once.
     pub(super) fn flush(&mut self) {
         let outbox = std::mem::take(&mut self.outbox);
-        if outbox.changed.is_empty() && outbox.full_sync.is_empty() {
+        if self.withdrawn || (outbox.changed.is_empty() && outbox.full_sync.is_empty()) {
             return;
         }
         let mut encoded: HashMap<Vec<NodeId>, Vec<Bytes>> = HashMap::new();
@@ -226,6 +334,9 @@ impl Neighborhood {
             let Some(stream) = streams.last() else {
                 continue;
             };
+            if self.departed.contains(peer) {
+                continue;
+            }
             let ids: Vec<NodeId> = if outbox.full_sync.contains(peer) {
                 let earlier_life = outbox.earlier_life.contains(peer);
                 self.db

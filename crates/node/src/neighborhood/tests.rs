@@ -6,6 +6,8 @@
 //! comes back, every frame owed by that request's batch is already queued.
 
 use std::collections::BTreeSet;
+
+use bytes::Bytes;
 use std::future::Future;
 use std::time::Duration;
 
@@ -16,7 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use super::state::Neighborhood;
 use super::{GossipCounters, NeighborhoodHandle, NeighborhoodMsg, NeighborhoodStatus};
-use crate::stream_handler_pool::{ConnId, StreamHandle, WRITER_QUEUE, WriterCmd};
+use crate::stream_handler_pool::{ConnId, GOSSIP_QUEUE_LIMIT, StreamHandle};
 
 /// Bound on every await: generous, so that only a bug reaches it.
 const BOUND: Duration = Duration::from_secs(10);
@@ -57,7 +59,7 @@ fn ids(ids: &[NodeId]) -> BTreeSet<NodeId> {
 struct Neighbor {
     identity: Identity,
     stream: StreamHandle,
-    queue: mpsc::Receiver<WriterCmd>,
+    queue: mpsc::Receiver<Bytes>,
     killed: CancellationToken,
 }
 
@@ -110,10 +112,7 @@ impl Neighbor {
     /// The records of every gossip frame queued for this neighbor since the last look.
     fn queued(&mut self) -> Vec<Vec<SignedRecord>> {
         let mut frames = Vec::new();
-        while let Ok(cmd) = self.queue.try_recv() {
-            let WriterCmd::Frame(body) = cmd else {
-                panic!("the neighborhood only queues frames, got {cmd:?}");
-            };
+        while let Ok(body) = self.queue.try_recv() {
             match Frame::decode(&body).expect("the neighborhood queues valid frames") {
                 Frame::Gossip { records } => {
                     for r in &records {
@@ -384,7 +383,10 @@ fn changes_handled_in_one_batch_leave_as_one_gossip_frame_per_neighbor() {
     }
     let (reply, mut rx) = oneshot::channel();
     hood.handle(NeighborhoodMsg::Status { reply });
-    let status = rx.try_recv().expect("status is answered at once");
+    hood.answer_status();
+    let status = rx
+        .try_recv()
+        .expect("status is answered at the end of the batch");
     assert_eq!(status.version, 4);
     assert_eq!(
         status.counters,
@@ -558,7 +560,7 @@ async fn a_neighbor_whose_queue_is_full_has_its_stream_killed_and_the_drop_count
 
     // Every record `fine` relays is one frame for `slow`, which never reads.
     let mut seed = 100u8;
-    while slow.queue.len() < WRITER_QUEUE {
+    while slow.queue.len() < GOSSIP_QUEUE_LIMIT {
         hood.send(fine.gossip(vec![record(&identity(seed), 1, &[])]))
             .await;
         let status = hood.status().await;
@@ -580,7 +582,7 @@ async fn a_neighbor_whose_queue_is_full_has_its_stream_killed_and_the_drop_count
     assert!(!fine.killed.is_cancelled());
     assert_eq!(
         slow.queue.len(),
-        WRITER_QUEUE,
+        GOSSIP_QUEUE_LIMIT,
         "nothing was pushed past the bound"
     );
 

@@ -1,6 +1,7 @@
 //! One stream's life: handshake, admission, then a reader (this task) and a writer (a task of
 //! its own that owns the write half and drains the stream's queue).
 
+use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use meshnode_protocol::{Frame, FrameCodec, Inbound, PROTOCOL_VERSION, VerifiedRecord};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -9,9 +10,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
-use super::{
-    Admission, Counters, HANDSHAKE_TIMEOUT, MAX_STRIKES, PoolMsg, Shared, StreamHandle, WriterCmd,
-};
+use super::{Admission, Counters, HANDSHAKE_TIMEOUT, MAX_STRIKES, PoolMsg, Shared, StreamHandle};
 use crate::neighborhood::NeighborhoodMsg;
 use meshnode_protocol::NodeId;
 
@@ -24,6 +23,8 @@ pub(super) enum Ended {
     Duplicate(NodeId),
     /// The stream was admitted and has now ended.
     Closed(NodeId),
+    /// The stream was admitted and has now ended, after the neighbor withdrew from the network.
+    Departed(NodeId),
     /// The node is stopping.
     Cancelled,
 }
@@ -51,6 +52,7 @@ where
     let peer = record.id();
     let conn = shared.next_conn_id();
     let (handle, queue) = StreamHandle::new(conn, peer, cancel.clone());
+    let drain = handle.drain.clone();
 
     let (reply, admission) = oneshot::channel();
     let admit = PoolMsg::Admit {
@@ -65,6 +67,9 @@ where
         Some(Ok(Admission::Admitted)) => {}
         Some(Ok(Admission::Duplicate)) => return Ended::Duplicate(peer),
         Some(Ok(Admission::Full)) => return not_admitted("the pool is full".into()),
+        Some(Ok(Admission::ShuttingDown)) => {
+            return not_admitted("the node is shutting down".into());
+        }
         // Killed before it heard the answer, with the node still running: the pool admitted it
         // and then a preferred stream to the same peer replaced it.
         None if !shared.cancel.is_cancelled() => return Ended::Duplicate(peer),
@@ -75,15 +80,15 @@ where
     let span = tracing::info_span!("writer", %conn);
     shared
         .tracker
-        .spawn(write_loop(writer, queue, cancel.clone()).instrument(span));
+        .spawn(write_loop(writer, queue, cancel.clone(), drain).instrument(span));
     let connected = NeighborhoodMsg::NeighborConnected {
-        stream: handle,
+        stream: handle.clone(),
         record,
     };
     let reason = if shared.neighborhood.send(connected).await.is_err() {
         "the neighborhood has stopped".to_owned()
     } else {
-        read_loop(&shared, &mut reader, peer, &cancel).await
+        read_loop(&shared, &mut reader, &handle, &cancel).await
     };
     info!(peer = %peer.short(), %conn, %reason, "stream ended");
     cancel.cancel();
@@ -94,6 +99,8 @@ where
     let _ = shared.pool.send(PoolMsg::Closed { conn, peer }).await;
     if shared.cancel.is_cancelled() {
         Ended::Cancelled
+    } else if handle.departed() {
+        Ended::Departed(peer)
     } else {
         Ended::Closed(peer)
     }
@@ -166,13 +173,14 @@ where
 async fn read_loop<R>(
     shared: &Shared,
     reader: &mut FramedRead<R, FrameCodec>,
-    peer: NodeId,
+    stream: &StreamHandle,
     cancel: &CancellationToken,
 ) -> String
 where
     R: AsyncRead + Unpin,
 {
     let counters = &shared.counters;
+    let peer = stream.peer();
     let mut strikes = 0u32;
     loop {
         let Some(item) = cancel.run_until_cancelled(reader.next()).await else {
@@ -202,6 +210,14 @@ where
                     }
                     if rejected > 0 {
                         debug!(rejected, "records with bad signatures dropped");
+                    }
+                    // The neighbor's own record without this node in it: it withdrew. Noted
+                    // here, before its EOF can arrive, so that its dialer does not redial it.
+                    if verified
+                        .iter()
+                        .any(|r| r.id() == peer && !r.record().neighbors.contains(&shared.me))
+                    {
+                        stream.mark_departed();
                     }
                     let gossip = NeighborhoodMsg::Gossip {
                         from: peer,
@@ -235,53 +251,68 @@ where
     }
 }
 
-/// Drains the stream's queue into the socket, in order, until told to close or cancelled.
+/// Drains the stream's queue into the socket, in order, until cancelled or asked to close.
+/// Closing writes everything queued before it, then shuts the write half down, so the
+/// neighbor reads every frame this node handed over before it reads EOF.
 async fn write_loop<W>(
     mut writer: FramedWrite<W, FrameCodec>,
-    mut queue: mpsc::Receiver<WriterCmd>,
+    mut queue: mpsc::Receiver<Bytes>,
     cancel: CancellationToken,
+    drain: CancellationToken,
 ) where
     W: AsyncWrite + Unpin,
 {
-    loop {
-        let Some(Some(cmd)) = cancel.run_until_cancelled(queue.recv()).await else {
-            break;
+    let result = loop {
+        // Cancellation first; then closing, which itself writes out everything still queued.
+        let body = tokio::select! {
+            biased;
+            () = cancel.cancelled() => return,
+            () = drain.cancelled() => break close(&mut writer, &mut queue, &cancel).await,
+            body = queue.recv() => match body {
+                Some(body) => body,
+                None => return,
+            },
         };
-        let result = match cmd {
-            WriterCmd::Frame(body) => {
-                let write = async {
-                    writer.feed(body).await?;
-                    // Flush only when nothing else is queued, so a burst leaves in few writes.
-                    if queue.is_empty() {
-                        writer.flush().await
-                    } else {
-                        Ok(())
-                    }
-                };
-                cancel.run_until_cancelled(write).await
-            }
-            WriterCmd::Close => {
-                let close = async {
-                    writer.flush().await?;
-                    writer.get_mut().shutdown().await
-                };
-                let closed = cancel.run_until_cancelled(close).await;
-                if let Some(Err(e)) = &closed {
-                    debug!(error = %e, "close failed");
-                }
-                break;
+        let write = async {
+            writer.feed(body).await?;
+            // Flush only when nothing else is queued, so a burst leaves in few writes.
+            if queue.is_empty() {
+                writer.flush().await
+            } else {
+                Ok(())
             }
         };
-        match result {
-            None => break,
+        match cancel.run_until_cancelled(write).await {
+            None => return,
             Some(Ok(())) => {}
-            Some(Err(e)) => {
-                debug!(error = %e, "write failed; ending the stream");
-                cancel.cancel();
-                break;
-            }
+            Some(Err(e)) => break Err(e),
         }
+    };
+    if let Err(e) = result {
+        debug!(error = %e, "write failed; ending the stream");
+        cancel.cancel();
     }
+}
+
+/// Writes what is queued, in order, then shuts the write half down.
+async fn close<W>(
+    writer: &mut FramedWrite<W, FrameCodec>,
+    queue: &mut mpsc::Receiver<Bytes>,
+    cancel: &CancellationToken,
+) -> std::io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+{
+    // No frame can be queued after this, and every frame queued before it is still received.
+    queue.close();
+    let close = async {
+        while let Some(body) = queue.recv().await {
+            writer.feed(body).await?;
+        }
+        writer.flush().await?;
+        writer.get_mut().shutdown().await
+    };
+    cancel.run_until_cancelled(close).await.unwrap_or(Ok(()))
 }
 
 /// Counts a stream as open for as long as it lives.

@@ -8,13 +8,15 @@ use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use super::connection::{self, Ended};
-use super::{CONNECT_TIMEOUT, Counters, PoolMsg, Shared};
+use super::{CONNECT_TIMEOUT, Counters, DEPARTED_COOLDOWN, PoolMsg, Shared};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 pub(super) async fn run(shared: Shared, target: String) {
-    let cancel = shared.cancel.clone();
+    // Dialing stops with intake (at the start of a shutdown, or when the node stops); a stream
+    // this dialer already runs stays up until the pool closes it.
+    let cancel = shared.intake.clone();
     let mut delay = BACKOFF_MIN;
     let mut failures = 0u32;
     loop {
@@ -31,8 +33,24 @@ pub(super) async fn run(shared: Shared, target: String) {
             Ok(Err(e)) => Ended::NotAdmitted(format!("connect failed: {e}")),
             Err(_) => Ended::NotAdmitted("connect timed out".to_owned()),
         };
+        if cancel.is_cancelled() {
+            return;
+        }
         match outcome {
             Ended::Cancelled => return,
+            Ended::Departed(peer) => {
+                info!(peer = %peer.short(), cooldown = ?DEPARTED_COOLDOWN, "neighbor withdrew from the network; not dialing it for a while");
+                if cancel
+                    .run_until_cancelled(tokio::time::sleep(DEPARTED_COOLDOWN))
+                    .await
+                    .is_none()
+                {
+                    return;
+                }
+                failures = 0;
+                delay = BACKOFF_MIN;
+                continue;
+            }
             Ended::Closed(peer) => {
                 info!(peer = %peer.short(), "neighbor dropped; dialing again");
                 failures = 0;

@@ -10,11 +10,13 @@ mod tests;
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use meshnode_protocol::NodeId;
+use meshnode_shutdown::DoneReply;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
@@ -26,9 +28,14 @@ use crate::neighborhood::NeighborhoodHandle;
 
 /// How many messages may wait in the pool's inbox.
 pub const POOL_INBOX: usize = 1024;
-/// How many frames may wait for one stream's writer. When it is full the neighbor is not
-/// keeping up: the neighborhood closes the stream rather than block or silently skip gossip.
+/// How many frames may wait for one stream's writer.
 pub const WRITER_QUEUE: usize = 32;
+/// How many gossip frames may wait for one stream's writer; the remaining slot is kept for the
+/// withdrawal. When gossip finds the queue this full the neighbor is not keeping up: the
+/// neighborhood closes the stream rather than block or silently skip gossip.
+pub const GOSSIP_QUEUE_LIMIT: usize = WRITER_QUEUE - 1;
+/// How long a dialer waits before dialing a neighbor that withdrew from the network.
+pub const DEPARTED_COOLDOWN: Duration = Duration::from_secs(30);
 /// Longest a new stream may take to exchange hellos.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest one dial may take to connect.
@@ -50,15 +57,6 @@ impl fmt::Display for ConnId {
     }
 }
 
-/// A command for a stream's writer task, executed in queue order.
-#[derive(Debug)]
-pub enum WriterCmd {
-    /// Write one frame body.
-    Frame(Bytes),
-    /// Flush, shut the write half down (the neighbor sees EOF after every earlier frame) and stop.
-    Close,
-}
-
 /// Why a frame could not be queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum QueueError {
@@ -68,14 +66,19 @@ pub enum QueueError {
     Closed,
 }
 
-/// The sending side of one admitted stream: queue frames, or kill the stream. Cloneable; the
-/// pool and the neighborhood each hold one.
+/// The sending side of one admitted stream: queue frames, close the stream after them, or kill
+/// it. Cloneable; the pool and the neighborhood each hold one.
 #[derive(Debug, Clone)]
 pub struct StreamHandle {
     id: ConnId,
     peer: NodeId,
-    queue: mpsc::Sender<WriterCmd>,
+    queue: mpsc::Sender<Bytes>,
+    /// Ends the stream at once.
     cancel: CancellationToken,
+    /// Asks the writer to write what is queued, then shut the write half down.
+    drain: CancellationToken,
+    /// Set when the neighbor withdrew from the network, so that its dialer does not redial it.
+    departed: Arc<AtomicBool>,
 }
 
 impl StreamHandle {
@@ -84,17 +87,17 @@ impl StreamHandle {
         id: ConnId,
         peer: NodeId,
         cancel: CancellationToken,
-    ) -> (Self, mpsc::Receiver<WriterCmd>) {
+    ) -> (Self, mpsc::Receiver<Bytes>) {
         let (queue, rx) = mpsc::channel(WRITER_QUEUE);
-        (
-            Self {
-                id,
-                peer,
-                queue,
-                cancel,
-            },
-            rx,
-        )
+        let handle = Self {
+            id,
+            peer,
+            queue,
+            cancel,
+            drain: CancellationToken::new(),
+            departed: Arc::default(),
+        };
+        (handle, rx)
     }
 
     pub fn id(&self) -> ConnId {
@@ -105,19 +108,48 @@ impl StreamHandle {
         self.peer
     }
 
-    /// Queues a frame body without waiting.
+    /// Queues a gossip frame body without waiting. Fails with [`QueueError::Full`] once
+    /// [`GOSSIP_QUEUE_LIMIT`] frames wait: the last slot is kept for the withdrawal.
     pub fn try_send(&self, body: Bytes) -> Result<(), QueueError> {
-        self.queue
-            .try_send(WriterCmd::Frame(body))
-            .map_err(|e| match e {
-                TrySendError::Full(_) => QueueError::Full,
-                TrySendError::Closed(_) => QueueError::Closed,
-            })
+        if self.queue.capacity() <= WRITER_QUEUE - GOSSIP_QUEUE_LIMIT {
+            return if self.queue.is_closed() {
+                Err(QueueError::Closed)
+            } else {
+                Err(QueueError::Full)
+            };
+        }
+        self.try_send_final(body)
+    }
+
+    /// Queues the last frame this node will send on the stream, using the slot that
+    /// [`StreamHandle::try_send`] leaves free, so that a busy queue cannot cost a neighbor the
+    /// news that this node is leaving.
+    pub fn try_send_final(&self, body: Bytes) -> Result<(), QueueError> {
+        self.queue.try_send(body).map_err(|e| match e {
+            TrySendError::Full(_) => QueueError::Full,
+            TrySendError::Closed(_) => QueueError::Closed,
+        })
+    }
+
+    /// Closes the stream gracefully: every frame queued so far is written, then the write half
+    /// is shut down (the neighbor sees EOF after them). Never waits.
+    pub fn close(&self) {
+        self.drain.cancel();
     }
 
     /// Ends the stream now: reader and writer stop, queued frames are dropped.
     pub fn kill(&self) {
         self.cancel.cancel();
+    }
+
+    /// Records that the neighbor withdrew from the network: when this stream ends, its dialer
+    /// (if this node dialed it) waits [`DEPARTED_COOLDOWN`] before dialing again.
+    fn mark_departed(&self) {
+        self.departed.store(true, Ordering::Relaxed);
+    }
+
+    fn departed(&self) -> bool {
+        self.departed.load(Ordering::Relaxed)
     }
 }
 
@@ -172,6 +204,8 @@ pub enum Admission {
     Duplicate,
     /// The pool holds [`MAX_STREAMS`] streams already.
     Full,
+    /// The node is shutting down and takes no new neighbors.
+    ShuttingDown,
 }
 
 /// Messages the pool task handles.
@@ -194,6 +228,26 @@ pub enum PoolMsg {
     Counters {
         reply: oneshot::Sender<PoolCounters>,
     },
+    /// Run an already connected stream (of any transport) as if it had been accepted.
+    Adopt { stream: BoxedStream },
+    /// Withdraw from the network and close every stream: stop intake, have the neighborhood
+    /// gossip the withdrawal, close each stream after it, wait for the streams to end, then
+    /// answer `reply` with the neighborhood's done nested in the pool's.
+    Shutdown { reply: DoneReply },
+}
+
+/// Any bidirectional byte stream the pool can run a neighbor over.
+pub trait AsyncStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> AsyncStream for T {}
+
+/// A stream of any transport, for [`PoolMsg::Adopt`].
+pub type BoxedStream = Box<dyn AsyncStream>;
+
+impl fmt::Debug for dyn AsyncStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AsyncStream")
+    }
 }
 
 /// The pool task has stopped and can no longer answer.
@@ -227,6 +281,8 @@ struct Shared {
     pool: PoolHandle,
     /// Cancelled when the node stops; each stream's token is a child of it.
     cancel: CancellationToken,
+    /// Cancelled when the pool stops taking on neighbors: dialers stop dialing.
+    intake: CancellationToken,
     tracker: TaskTracker,
     counters: Arc<Counters>,
     next_conn: Arc<AtomicU64>,
@@ -253,6 +309,7 @@ pub fn spawn(
         me,
         neighborhood,
         pool: handle.clone(),
+        intake: cancel.child_token(),
         cancel,
         tracker: tracker.clone(),
         counters: Arc::default(),

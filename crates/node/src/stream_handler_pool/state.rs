@@ -1,50 +1,81 @@
 //! The pool task's private state and loop.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use meshnode_protocol::NodeId;
+use meshnode_shutdown::{DoneReply, DoneReport};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument, debug, info, warn};
 
-use super::{Admission, Counters, MAX_STREAMS, PoolMsg, Shared, StreamHandle, connection};
+use super::{
+    Admission, BoxedStream, ConnId, Counters, MAX_STREAMS, PoolMsg, Shared, StreamHandle,
+    connection,
+};
+use crate::neighborhood::NeighborhoodMsg;
 
 /// Pause after a failed accept (say, out of file descriptors) before accepting again.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 pub(super) struct Pool {
     shared: Shared,
-    listener: TcpListener,
+    /// Taken, and so closed, when the shutdown starts: neighbors can no longer reconnect.
+    listener: Option<TcpListener>,
     /// The admitted stream to each immediate neighbor, and whether this node dialed it.
     admitted: HashMap<NodeId, (StreamHandle, bool)>,
     /// Dialers waiting for a neighbor's stream to end before they dial it again.
     waiters: HashMap<NodeId, Vec<oneshot::Sender<()>>>,
+    phase: Phase,
+}
+
+/// Where the pool is in a shutdown.
+enum Phase {
+    Running,
+    /// Waiting for the neighborhood to say that its withdrawal gossip is queued on every stream.
+    Withdrawing {
+        reply: DoneReply,
+        neighborhood: Pin<Box<dyn Future<Output = DoneReport> + Send>>,
+    },
+    /// Every stream was told to close after that gossip; waiting for each to end.
+    Closing {
+        reply: DoneReply,
+        neighborhood: DoneReport,
+        streams: HashMap<ConnId, DoneReply>,
+        total: usize,
+    },
+    /// Answered.
+    Done,
 }
 
 impl Pool {
     pub(super) fn new(shared: Shared, listener: TcpListener) -> Self {
         Self {
             shared,
-            listener,
+            listener: Some(listener),
             admitted: HashMap::new(),
             waiters: HashMap::new(),
+            phase: Phase::Running,
         }
     }
 
     pub(super) async fn run(mut self, mut inbox: mpsc::Receiver<PoolMsg>) {
         let cancel = self.shared.cancel.clone();
         loop {
-            // Cancellation first; then the inbox before new connections, so that streams
-            // already running are served before more are taken on.
+            // Cancellation first; then the neighborhood's done, which moves a shutdown on;
+            // then the inbox before new connections, so that streams already running are
+            // served before more are taken on.
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
+                report = withdrawal(&mut self.phase) => self.neighborhood_done(report),
                 msg = inbox.recv() => match msg {
                     Some(msg) => self.handle(msg),
                     None => break,
                 },
-                accepted = self.listener.accept() => match accepted {
+                accepted = accept(self.listener.as_ref()) => match accepted {
                     Ok((stream, remote)) => self.accept(stream, remote),
                     Err(e) => {
                         warn!(error = %e, "accept failed; pausing");
@@ -58,8 +89,21 @@ impl Pool {
 
     fn accept(&mut self, stream: tokio::net::TcpStream, remote: std::net::SocketAddr) {
         Counters::bump(&self.shared.counters.streams_accepted);
+        let _ = stream.set_nodelay(true);
         debug!(%remote, "accepted");
         let span = tracing::info_span!("stream", %remote, inbound = true);
+        self.shared
+            .tracker
+            .spawn(connection::run(self.shared.clone(), stream, false).instrument(span));
+    }
+
+    fn adopt(&mut self, stream: BoxedStream) {
+        if !matches!(self.phase, Phase::Running) {
+            debug!("shutting down; an adopted stream is dropped");
+            return;
+        }
+        Counters::bump(&self.shared.counters.streams_accepted);
+        let span = tracing::info_span!("stream", adopted = true);
         self.shared
             .tracker
             .spawn(connection::run(self.shared.clone(), stream, false).instrument(span));
@@ -74,18 +118,7 @@ impl Pool {
             } => {
                 let _ = reply.send(self.admit(stream, dialed));
             }
-            PoolMsg::Closed { conn, peer } => {
-                if self
-                    .admitted
-                    .get(&peer)
-                    .is_some_and(|(s, _)| s.id() == conn)
-                {
-                    self.admitted.remove(&peer);
-                    for waiter in self.waiters.remove(&peer).unwrap_or_default() {
-                        let _ = waiter.send(());
-                    }
-                }
-            }
+            PoolMsg::Closed { conn, peer } => self.closed(conn, peer),
             PoolMsg::WaitPeerGone { peer, reply } => {
                 if self.admitted.contains_key(&peer) {
                     self.waiters.entry(peer).or_default().push(reply);
@@ -96,13 +129,37 @@ impl Pool {
             PoolMsg::Counters { reply } => {
                 let _ = reply.send(self.shared.counters.snapshot());
             }
+            PoolMsg::Adopt { stream } => self.adopt(stream),
+            PoolMsg::Shutdown { reply } => self.shutdown(reply),
         }
+    }
+
+    fn closed(&mut self, conn: ConnId, peer: NodeId) {
+        if self
+            .admitted
+            .get(&peer)
+            .is_some_and(|(s, _)| s.id() == conn)
+        {
+            self.admitted.remove(&peer);
+            for waiter in self.waiters.remove(&peer).unwrap_or_default() {
+                let _ = waiter.send(());
+            }
+        }
+        if let Phase::Closing { streams, .. } = &mut self.phase {
+            if let Some(reply) = streams.remove(&conn) {
+                reply.done("closed", Vec::new());
+            }
+        }
+        self.finish_if_closed();
     }
 
     /// One stream per neighbor. When both ends dial each other, both must keep the same
     /// stream, so the rule depends only on the pair: keep the stream dialed by the smaller id.
     /// Between two streams dialed by the same side, the newer wins (the older is likely dead).
     fn admit(&mut self, stream: StreamHandle, dialed: bool) -> Admission {
+        if !matches!(self.phase, Phase::Running) {
+            return Admission::ShuttingDown;
+        }
         let me = self.shared.me;
         let peer = stream.peer();
         let preferred = |dialed: bool| (if dialed { me } else { peer }) == me.min(peer);
@@ -124,5 +181,93 @@ impl Pool {
         info!(peer = %peer.short(), conn = %stream.id(), dialed, "stream admitted");
         self.admitted.insert(peer, (stream, dialed));
         Admission::Admitted
+    }
+
+    /// Stops intake and asks the neighborhood to withdraw; the streams stay open meanwhile.
+    fn shutdown(&mut self, reply: DoneReply) {
+        if !matches!(self.phase, Phase::Running) {
+            reply.failed("a shutdown is already under way", Vec::new());
+            return;
+        }
+        info!(
+            streams = self.admitted.len(),
+            "shutting down: intake stopped, withdrawing from the network"
+        );
+        self.shared.intake.cancel();
+        self.listener = None;
+        let (hood_reply, hood_wait) = reply.ledger().reply("neighborhood");
+        // Sent from a child so this loop never waits on the neighborhood's inbox; if the
+        // neighborhood is gone the message, and its reply, are dropped: "vanished".
+        let neighborhood = self.shared.neighborhood.clone();
+        let send = async move {
+            let msg = NeighborhoodMsg::WithdrawFromNetwork { reply: hood_reply };
+            if neighborhood.send(msg).await.is_err() {
+                debug!("the neighborhood is gone");
+            }
+        };
+        self.shared.tracker.spawn(send.in_current_span());
+        self.phase = Phase::Withdrawing {
+            reply,
+            neighborhood: Box::pin(hood_wait.wait()),
+        };
+    }
+
+    /// The neighborhood has queued its withdrawal gossip on every stream (or is gone): close
+    /// every stream behind what is queued on it.
+    fn neighborhood_done(&mut self, neighborhood: DoneReport) {
+        let Phase::Withdrawing { reply, .. } = std::mem::replace(&mut self.phase, Phase::Done)
+        else {
+            return;
+        };
+        debug!(outcome = %neighborhood.outcome, summary = %neighborhood.summary, "neighborhood done; closing streams");
+        let mut streams = HashMap::new();
+        for (peer, (stream, _)) in &self.admitted {
+            stream.close();
+            let name = format!("stream to {} ({})", peer.short(), stream.id());
+            let (stream_reply, _) = reply.ledger().reply(name);
+            streams.insert(stream.id(), stream_reply);
+        }
+        let total = streams.len();
+        self.phase = Phase::Closing {
+            reply,
+            neighborhood,
+            streams,
+            total,
+        };
+        self.finish_if_closed();
+    }
+
+    fn finish_if_closed(&mut self) {
+        if !matches!(&self.phase, Phase::Closing { streams, .. } if streams.is_empty()) {
+            return;
+        }
+        if let Phase::Closing {
+            reply,
+            neighborhood,
+            total,
+            ..
+        } = std::mem::replace(&mut self.phase, Phase::Done)
+        {
+            info!(streams = total, "every stream closed");
+            reply.done(format!("closed {total} streams"), vec![neighborhood]);
+        }
+    }
+}
+
+/// The neighborhood's done, while withdrawing; never resolves otherwise.
+async fn withdrawal(phase: &mut Phase) -> DoneReport {
+    match phase {
+        Phase::Withdrawing { neighborhood, .. } => neighborhood.await,
+        _ => std::future::pending().await,
+    }
+}
+
+/// The next connection, while the listener is open; never resolves otherwise.
+async fn accept(
+    listener: Option<&TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    match listener {
+        Some(listener) => listener.accept().await,
+        None => std::future::pending().await,
     }
 }

@@ -110,6 +110,7 @@ impl Rig {
             neighborhood: neighborhood.clone(),
             pool: pool.clone(),
             cancel: cancel.child_token(),
+            intake: cancel.child_token(),
             tracker: tracker.clone(),
             counters: Arc::default(),
             next_conn: Arc::new(AtomicU64::new(1)),
@@ -553,12 +554,13 @@ async fn a_peer_back_from_a_restart_is_sent_the_record_of_its_earlier_life() {
     let mut a = rig.open(10, false);
     a.handshake(&rig.me).await;
     a.next_gossip().await;
-    // A's record in its earlier run, with a neighbor it no longer has.
+    // A's record in its earlier run, with a neighbor it no longer has. (It lists this node
+    // too: a newer record of A's own that did not would say that A withdrew.)
     let earlier = a.identity.sign(NodeRecord {
         id: a.id(),
         addr: "127.0.0.1:5000".into(),
         version: 5,
-        neighbors: BTreeSet::from([identity(30).id()]),
+        neighbors: BTreeSet::from([identity(30).id(), rig.me.id()]),
     });
     a.send(&Frame::Gossip {
         records: vec![earlier.clone()],
@@ -634,6 +636,7 @@ async fn idle_pool(me: &Identity, tracker: &TaskTracker, cancel: &CancellationTo
         neighborhood,
         pool: PoolHandle { tx },
         cancel: cancel.child_token(),
+        intake: cancel.child_token(),
         tracker: tracker.clone(),
         counters: Arc::default(),
         next_conn: Arc::new(AtomicU64::new(1)),

@@ -1,43 +1,42 @@
-//! The UI server: the MASQ websocket at `/` and `GET /status`.
+//! The UI server: the MASQ websocket at `/`, `GET /status` and `POST /shutdown`.
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use meshnode_protocol::ui::{UiMessage, codes};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error};
 
+use super::listener::{ClientAddr, ClosableListener};
+use super::report::Trigger;
+use super::state::Ui;
 use super::{GatewayError, GatewayHandle, ws};
 
 #[derive(Debug, Clone)]
 pub(super) struct AppState {
     pub gateway: GatewayHandle,
-    /// Cancelled when the node stops; open websockets end with it.
-    pub cancel: CancellationToken,
+    /// Cancelled when the node ends; open websockets end with it.
+    pub node: CancellationToken,
+    pub ui: Ui,
 }
 
 pub(super) fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(ws::upgrade))
         .route("/status", get(status))
+        .route("/shutdown", post(shutdown))
         .with_state(state)
 }
 
-/// Serves the UI until the node stops; then the listening socket closes.
-pub(super) async fn serve(
-    listener: TcpListener,
-    gateway: GatewayHandle,
-    cancel: CancellationToken,
-) {
-    let app = router(AppState {
-        gateway,
-        cancel: cancel.clone(),
-    });
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(cancel.cancelled_owned())
+/// Serves the UI until the node ends. The gateway closes the listening socket earlier, when it
+/// answers a shutdown; connections already open are served until the node ends.
+pub(super) async fn serve(listener: ClosableListener, app: AppState) {
+    let end = app.node.clone().cancelled_owned();
+    let service = router(app).into_make_service_with_connect_info::<ClientAddr>();
+    if let Err(e) = axum::serve(listener, service)
+        .with_graceful_shutdown(end)
         .await
     {
         error!(error = %e, "UI server failed");
@@ -52,8 +51,19 @@ async fn status(State(app): State<AppState>) -> Response {
     }
 }
 
+/// Asks for the shutdown (or joins it) and answers with the report once it has ended.
+async fn shutdown(
+    ConnectInfo(ClientAddr(client)): ConnectInfo<ClientAddr>,
+    State(app): State<AppState>,
+) -> Response {
+    match app.gateway.shutdown(Trigger::Http { client }).await {
+        Ok(report) => axum::Json(report).into_response(),
+        Err(e) => error_response("shutdown", &e),
+    }
+}
+
 /// An HTTP error carrying the MASQ error envelope as its body.
-pub(super) fn error_response(opcode: &str, e: &GatewayError) -> Response {
+fn error_response(opcode: &str, e: &GatewayError) -> Response {
     let (http, code) = match e {
         GatewayError::Stopped => (StatusCode::SERVICE_UNAVAILABLE, codes::NODE_NOT_RUNNING),
         GatewayError::NoAnswer(_) => (StatusCode::GATEWAY_TIMEOUT, codes::TIMEOUT),

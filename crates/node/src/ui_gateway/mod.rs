@@ -1,7 +1,9 @@
 //! The UI gateway: the MASQ Node UI websocket and the HTTP routes, and the task that speaks for
-//! the node as a whole (its state, and, with graceful shutdown, the end of the process).
+//! the node as a whole: its state, its shutdown, and the end of the node.
 
 mod http;
+mod listener;
+mod report;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -13,10 +15,12 @@ use std::time::Duration;
 use meshnode_protocol::NodeId;
 use meshnode_protocol::ui::StatusPayload;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
+
+pub use report::{ShutdownOutcome, ShutdownReport, Trigger};
 
 use crate::neighborhood::NeighborhoodHandle;
 use crate::stream_handler_pool::PoolHandle;
@@ -25,6 +29,13 @@ use crate::stream_handler_pool::PoolHandle;
 pub const GATEWAY_INBOX: usize = 256;
 /// Longest the gateway waits for the other subsystems' parts of a status answer.
 pub const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default time from the first shutdown trigger to the end of the node.
+pub const DEFAULT_SHUTDOWN_DEADLINE: Duration = Duration::from_secs(5);
+/// After answering a shutdown, how long the node waits for answered UI clients to disconnect.
+/// The node never outlives its deadline by more than this (plus a few milliseconds of teardown).
+pub const UI_GRACE: Duration = Duration::from_secs(1);
+/// How many broadcasts may wait for a slow UI client before it misses some.
+const BROADCAST_BUFFER: usize = 16;
 
 /// Where the node is, for the status payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,12 +52,17 @@ pub enum GatewayMsg {
     Status {
         reply: oneshot::Sender<Result<StatusPayload, GatewayError>>,
     },
+    /// Shut the node down, or join the shutdown under way; the report comes when it has ended.
+    Shutdown {
+        trigger: Trigger,
+        reply: Option<oneshot::Sender<ShutdownReport>>,
+    },
 }
 
 /// Why the gateway could not answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GatewayError {
-    #[error("the node is stopping")]
+    #[error("the node is not running")]
     Stopped,
     #[error("{0} did not answer within {STATUS_TIMEOUT:?}")]
     NoAnswer(&'static str),
@@ -67,24 +83,80 @@ impl GatewayHandle {
             .map_err(|_| GatewayError::Stopped)?;
         rx.await.unwrap_or(Err(GatewayError::Stopped))
     }
+
+    /// Asks for a shutdown (or joins one) and waits for its report.
+    pub async fn shutdown(&self, trigger: Trigger) -> Result<ShutdownReport, GatewayError> {
+        let (reply, rx) = oneshot::channel();
+        let msg = GatewayMsg::Shutdown {
+            trigger,
+            reply: Some(reply),
+        };
+        self.tx.send(msg).await.map_err(|_| GatewayError::Stopped)?;
+        rx.await.map_err(|_| GatewayError::Stopped)
+    }
+
+    /// Asks for a shutdown (or joins one) without waiting for it.
+    pub async fn request_shutdown(&self, trigger: Trigger) -> Result<(), GatewayError> {
+        let msg = GatewayMsg::Shutdown {
+            trigger,
+            reply: None,
+        };
+        self.tx.send(msg).await.map_err(|_| GatewayError::Stopped)
+    }
 }
 
-/// Starts the gateway task and the UI server on an already bound listener.
+/// What [`spawn`] needs besides the other subsystems' handles.
+#[derive(Debug)]
+pub struct GatewayConfig {
+    pub listener: TcpListener,
+    pub info: NodeInfo,
+    pub deadline: Duration,
+}
+
+/// Starts the gateway task and the UI server. The receiver gets the final report when the node
+/// has ended; `node` is the node's root token, which the gateway cancels at the end.
 pub fn spawn(
-    listener: TcpListener,
-    info: NodeInfo,
+    config: GatewayConfig,
     neighborhood: NeighborhoodHandle,
     pool: PoolHandle,
-    cancel: CancellationToken,
+    node: CancellationToken,
     tracker: &TaskTracker,
-) -> GatewayHandle {
+) -> std::io::Result<(GatewayHandle, oneshot::Receiver<ShutdownReport>)> {
+    let GatewayConfig {
+        listener,
+        info,
+        deadline,
+    } = config;
     let (tx, rx) = mpsc::channel(GATEWAY_INBOX);
     let handle = GatewayHandle { tx };
-    let node = info.node_id.short();
-    let task = state::Gateway::new(info, neighborhood, pool, tracker.clone());
-    let span = tracing::info_span!("ui_gateway", %node);
-    tracker.spawn(task.run(rx, cancel.clone()).instrument(span));
-    let span = tracing::info_span!("ui_server", %node, ui = %info.ui);
-    tracker.spawn(http::serve(listener, handle.clone(), cancel).instrument(span));
-    handle
+    let ui = state::Ui {
+        broadcasts: broadcast::channel(BROADCAST_BUFFER).0,
+        clients: TaskTracker::new(),
+        release: CancellationToken::new(),
+        close_listener: CancellationToken::new(),
+    };
+    let (listener, listener_closed) =
+        listener::ClosableListener::new(listener, ui.close_listener.clone())?;
+    let (exit, exit_rx) = oneshot::channel();
+    let task = state::Gateway::new(state::Parts {
+        info,
+        neighborhood,
+        pool,
+        tracker: tracker.clone(),
+        ui: ui.clone(),
+        deadline,
+        listener_closed,
+        exit,
+    });
+    let node_span = info.node_id.short();
+    let span = tracing::info_span!("ui_gateway", node = %node_span);
+    tracker.spawn(task.run(rx, node.clone()).instrument(span));
+    let app = http::AppState {
+        gateway: handle.clone(),
+        node,
+        ui,
+    };
+    let span = tracing::info_span!("ui_server", node = %node_span, ui = %info.ui);
+    tracker.spawn(http::serve(listener, app).instrument(span));
+    Ok((handle, exit_rx))
 }

@@ -1,97 +1,334 @@
-//! The gateway task's private state and loop.
+//! The gateway task's private state and loop. The gateway owns the node's state and the end of
+//! the node: it starts a shutdown, races the done tree against the deadline, answers everyone
+//! who asked, and then lets the node go.
 
-use meshnode_protocol::ui::{NodeState, Stats, StatusPayload};
-use tokio::sync::{mpsc, oneshot};
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use meshnode_protocol::ui::{NodeState, Stats, StatusPayload, UiMessage};
+use meshnode_shutdown::{DoneReport, Ledger, Outcome};
+use serde_json::json;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug};
+use tracing::{Instrument, debug, info, warn};
 
-use super::{GatewayError, GatewayMsg, NodeInfo, STATUS_TIMEOUT};
+use super::report::{ShutdownOutcome, ShutdownReport, Trigger};
+use super::{GatewayError, GatewayMsg, NodeInfo, STATUS_TIMEOUT, UI_GRACE};
 use crate::neighborhood::NeighborhoodHandle;
-use crate::stream_handler_pool::PoolHandle;
+use crate::stream_handler_pool::{PoolHandle, PoolMsg};
+
+/// Longest the gateway waits for the final counters before answering a shutdown.
+const FINAL_STATS_TIMEOUT: Duration = Duration::from_millis(100);
+/// Longest the gateway waits for the UI listener to report itself closed.
+const LISTENER_CLOSE_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// What the gateway shares with the UI server and its client tasks.
+#[derive(Debug, Clone)]
+pub(super) struct Ui {
+    /// Broadcasts to UI clients, with the one client (if any) that must not get it.
+    pub broadcasts: broadcast::Sender<(Option<std::net::SocketAddr>, UiMessage)>,
+    /// Tracks every websocket client task, so the gateway can wait for answered ones to leave.
+    pub clients: TaskTracker,
+    /// Cancelled once the shutdown is answered: clients that did not ask for it are closed.
+    pub release: CancellationToken,
+    /// Cancelled to close the UI listening socket.
+    pub close_listener: CancellationToken,
+}
 
 pub(super) struct Gateway {
     info: NodeInfo,
     neighborhood: NeighborhoodHandle,
     pool: PoolHandle,
-    state: NodeState,
     tracker: TaskTracker,
+    ui: Ui,
+    deadline: Duration,
+    listener_closed: Option<oneshot::Receiver<()>>,
+    /// Where the final report goes: to whoever waits for the node to end.
+    exit: Option<oneshot::Sender<ShutdownReport>>,
+    phase: Phase,
+}
+
+enum Phase {
+    Running,
+    ShuttingDown(Box<InProgress>),
+    /// Answered; waiting for answered UI clients to leave, up to the grace.
+    Finishing {
+        report: Box<ShutdownReport>,
+        until: Instant,
+    },
+}
+
+struct InProgress {
+    trigger: Trigger,
+    started: Instant,
+    requests: u64,
+    requesters: Vec<oneshot::Sender<ShutdownReport>>,
+    ledger: Ledger,
+    /// The pool's done reply, or `Late` at the deadline.
+    wait: Pin<Box<dyn Future<Output = DoneReport> + Send>>,
+}
+
+pub(super) struct Parts {
+    pub info: NodeInfo,
+    pub neighborhood: NeighborhoodHandle,
+    pub pool: PoolHandle,
+    pub tracker: TaskTracker,
+    pub ui: Ui,
+    pub deadline: Duration,
+    pub listener_closed: oneshot::Receiver<()>,
+    pub exit: oneshot::Sender<ShutdownReport>,
 }
 
 impl Gateway {
-    pub(super) fn new(
-        info: NodeInfo,
-        neighborhood: NeighborhoodHandle,
-        pool: PoolHandle,
-        tracker: TaskTracker,
-    ) -> Self {
+    pub(super) fn new(parts: Parts) -> Self {
         Self {
-            info,
-            neighborhood,
-            pool,
-            state: NodeState::Running,
-            tracker,
+            info: parts.info,
+            neighborhood: parts.neighborhood,
+            pool: parts.pool,
+            tracker: parts.tracker,
+            ui: parts.ui,
+            deadline: parts.deadline,
+            listener_closed: Some(parts.listener_closed),
+            exit: Some(parts.exit),
+            phase: Phase::Running,
         }
     }
 
+    /// Runs until the node ends: after a shutdown, or when `node` is cancelled from outside.
     pub(super) async fn run(
-        self,
+        mut self,
         mut inbox: mpsc::Receiver<GatewayMsg>,
-        cancel: CancellationToken,
+        node: CancellationToken,
     ) {
         loop {
-            let msg = tokio::select! {
+            // Cancellation first (the node was stopped from outside); then the shutdown's own
+            // progress, so that a flood of UI requests cannot hold back the end of the node.
+            tokio::select! {
                 biased;
-                () = cancel.cancelled() => break,
+                () = node.cancelled() => break,
+                event = progress(&mut self.phase, &self.ui.clients) => match event {
+                    Progress::Tree(tree) => self.answer(tree).await,
+                    Progress::Released => break,
+                },
                 msg = inbox.recv() => match msg {
-                    Some(msg) => msg,
+                    Some(msg) => self.handle(msg),
                     None => break,
                 },
-            };
-            match msg {
-                GatewayMsg::Status { reply } => self.status(reply),
             }
         }
+        if let Phase::Finishing { report, .. } = std::mem::replace(&mut self.phase, Phase::Running)
+        {
+            if let Some(exit) = self.exit.take() {
+                let _ = exit.send(*report);
+            }
+        }
+        // The node ends with the gateway, whatever ended the gateway.
+        node.cancel();
         debug!("stopped");
+    }
+
+    fn handle(&mut self, msg: GatewayMsg) {
+        match msg {
+            GatewayMsg::Status { reply } => self.status(reply),
+            GatewayMsg::Shutdown { trigger, reply } => self.shutdown(trigger, reply),
+        }
+    }
+
+    fn shutdown(&mut self, trigger: Trigger, reply: Option<oneshot::Sender<ShutdownReport>>) {
+        match &mut self.phase {
+            Phase::Finishing { report, .. } => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(ShutdownReport::clone(report));
+                }
+            }
+            Phase::ShuttingDown(run) => {
+                info!(%trigger, "shutdown requested again; joining the one under way");
+                run.requests += 1;
+                run.requesters.extend(reply);
+            }
+            Phase::Running => {
+                let started = Instant::now();
+                let deadline = started + self.deadline;
+                info!(%trigger, deadline_ms = self.deadline.as_millis() as u64, "shutdown started");
+                let ledger = Ledger::new();
+                let (pool_reply, pool_wait) = ledger.reply("stream_handler_pool");
+                // The pool's inbox may be busy: send from a child so this loop never waits.
+                let pool = self.pool.clone();
+                let send = async move {
+                    if pool
+                        .send(PoolMsg::Shutdown { reply: pool_reply })
+                        .await
+                        .is_err()
+                    {
+                        debug!("the pool is gone; its reply vanished");
+                    }
+                };
+                self.tracker.spawn(send.in_current_span());
+                let broadcast = UiMessage::broadcast(
+                    "shuttingDown",
+                    json!({ "trigger": &trigger, "deadlineMs": self.deadline.as_millis() as u64 }),
+                );
+                let requester = match &trigger {
+                    Trigger::Ui { client } => Some(*client),
+                    _ => None,
+                };
+                let _ = self.ui.broadcasts.send((requester, broadcast));
+                self.phase = Phase::ShuttingDown(Box::new(InProgress {
+                    trigger,
+                    started,
+                    requests: 1,
+                    requesters: reply.into_iter().collect(),
+                    ledger,
+                    wait: Box::pin(pool_wait.wait_until(deadline)),
+                }));
+            }
+        }
+    }
+
+    /// The tree is in (or the deadline passed): close the UI listener, then answer everyone.
+    async fn answer(&mut self, tree: DoneReport) {
+        let Phase::ShuttingDown(run) = std::mem::replace(&mut self.phase, Phase::Running) else {
+            return;
+        };
+        let elapsed_ms = run.started.elapsed().as_millis() as u64;
+        let late = tree.outcome == Outcome::Late;
+        let (hood, pool) = (self.neighborhood.clone(), self.pool.clone());
+        let last = gather(
+            self.info,
+            NodeState::ShuttingDown,
+            hood,
+            pool,
+            FINAL_STATS_TIMEOUT,
+        )
+        .await;
+        let report = ShutdownReport {
+            node_id: self.info.node_id.to_string(),
+            trigger: run.trigger,
+            requests: run.requests,
+            outcome: if late {
+                ShutdownOutcome::DeadlineExpired
+            } else {
+                ShutdownReport::outcome_of(&tree)
+            },
+            elapsed_ms,
+            deadline_ms: self.deadline.as_millis() as u64,
+            subsystems: tree,
+            still_running: if late {
+                run.ledger.still_running()
+            } else {
+                Vec::new()
+            },
+            stats: last.ok().map(|s| s.stats),
+        };
+        // `masq shutdown` probes the UI port right after the answer and calls a refused
+        // connection success: the listener must be closed before anyone is answered.
+        self.ui.close_listener.cancel();
+        if let Some(closed) = self.listener_closed.take() {
+            if tokio::time::timeout(LISTENER_CLOSE_TIMEOUT, closed)
+                .await
+                .is_err()
+            {
+                warn!("the UI listener did not report itself closed");
+            }
+        }
+        for requester in run.requesters {
+            let _ = requester.send(report.clone());
+        }
+        match report.outcome {
+            ShutdownOutcome::Graceful => info!(report = %report.render(), "shutdown complete"),
+            _ => warn!(report = %report.render(), "shutdown incomplete"),
+        }
+        self.ui.release.cancel();
+        self.ui.clients.close();
+        self.phase = Phase::Finishing {
+            report: Box::new(report),
+            until: Instant::now() + UI_GRACE,
+        };
     }
 
     /// Gathers the status in a child task, so the gateway's inbox keeps moving meanwhile.
     fn status(&self, reply: oneshot::Sender<Result<StatusPayload, GatewayError>>) {
-        let (info, state) = (self.info, self.state);
-        let (neighborhood, pool) = (self.neighborhood.clone(), self.pool.clone());
-        let gather = async move {
-            let both = async { tokio::join!(neighborhood.status(), pool.counters()) };
-            let answer = match tokio::time::timeout(STATUS_TIMEOUT, both).await {
-                Err(_) => Err(GatewayError::NoAnswer("the neighborhood or the pool")),
-                Ok((Err(_), _)) | Ok((_, Err(_))) => Err(GatewayError::Stopped),
-                Ok((Ok(hood), Ok(pool))) => Ok(StatusPayload {
-                    node_id: info.node_id.to_string(),
-                    listen: info.listen.to_string(),
-                    ui: info.ui.to_string(),
-                    state,
-                    version: hood.version,
-                    software_version: env!("CARGO_PKG_VERSION").to_owned(),
-                    neighbors: hood.neighbors,
-                    known_nodes: hood.known_nodes,
-                    stats: Stats {
-                        gossip_frames_sent: hood.counters.frames_sent,
-                        gossip_frames_received: hood.counters.frames_received,
-                        records_accepted: hood.counters.records_accepted,
-                        records_stale: hood.counters.records_stale,
-                        records_rejected: pool.records_rejected,
-                        gossip_frames_dropped: hood.counters.frames_dropped,
-                        frames_malformed: pool.frames_malformed,
-                        frames_oversized: pool.frames_oversized,
-                        peers_disconnected_for_abuse: pool.peers_disconnected_for_abuse,
-                        streams_open: pool.streams_open,
-                        streams_accepted: pool.streams_accepted,
-                        streams_dialed: pool.streams_dialed,
-                    },
-                }),
-            };
-            let _ = reply.send(answer);
+        let state = match self.phase {
+            Phase::Running => NodeState::Running,
+            Phase::ShuttingDown(_) => NodeState::ShuttingDown,
+            Phase::Finishing { .. } => {
+                let _ = reply.send(Err(GatewayError::Stopped));
+                return;
+            }
+        };
+        let gather = gather(
+            self.info,
+            state,
+            self.neighborhood.clone(),
+            self.pool.clone(),
+            STATUS_TIMEOUT,
+        );
+        let answer = async move {
+            let _ = reply.send(gather.await);
         };
         self.tracker
-            .spawn(gather.instrument(tracing::debug_span!("status")));
+            .spawn(answer.instrument(tracing::debug_span!("status")));
+    }
+}
+
+/// Builds the status payload from the neighborhood's and the pool's parts.
+async fn gather(
+    info: NodeInfo,
+    state: NodeState,
+    neighborhood: NeighborhoodHandle,
+    pool: PoolHandle,
+    timeout: Duration,
+) -> Result<StatusPayload, GatewayError> {
+    let both = async { tokio::join!(neighborhood.status(), pool.counters()) };
+    let (hood, pool) = match tokio::time::timeout(timeout, both).await {
+        Err(_) => return Err(GatewayError::NoAnswer("the neighborhood or the pool")),
+        Ok((Ok(hood), Ok(pool))) => (hood, pool),
+        Ok(_) => return Err(GatewayError::Stopped),
+    };
+    Ok(StatusPayload {
+        node_id: info.node_id.to_string(),
+        listen: info.listen.to_string(),
+        ui: info.ui.to_string(),
+        state,
+        version: hood.version,
+        software_version: env!("CARGO_PKG_VERSION").to_owned(),
+        neighbors: hood.neighbors,
+        known_nodes: hood.known_nodes,
+        stats: Stats {
+            gossip_frames_sent: hood.counters.frames_sent,
+            gossip_frames_received: hood.counters.frames_received,
+            records_accepted: hood.counters.records_accepted,
+            records_stale: hood.counters.records_stale,
+            records_rejected: pool.records_rejected,
+            gossip_frames_dropped: hood.counters.frames_dropped,
+            frames_malformed: pool.frames_malformed,
+            frames_oversized: pool.frames_oversized,
+            peers_disconnected_for_abuse: pool.peers_disconnected_for_abuse,
+            streams_open: pool.streams_open,
+            streams_accepted: pool.streams_accepted,
+            streams_dialed: pool.streams_dialed,
+        },
+    })
+}
+
+enum Progress {
+    /// The pool answered, or the deadline passed.
+    Tree(DoneReport),
+    /// Every answered UI client left, or the grace passed.
+    Released,
+}
+
+/// What the current phase is waiting for; never resolves while running.
+async fn progress(phase: &mut Phase, clients: &TaskTracker) -> Progress {
+    match phase {
+        Phase::Running => std::future::pending().await,
+        Phase::ShuttingDown(run) => Progress::Tree((&mut run.wait).await),
+        Phase::Finishing { until, .. } => {
+            let _ = tokio::time::timeout_at(*until, clients.wait()).await;
+            Progress::Released
+        }
     }
 }

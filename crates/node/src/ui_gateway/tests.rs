@@ -342,7 +342,13 @@ async fn a_node_whose_neighborhood_has_stopped_answers_node_not_running() {
         cancel.child_token(),
         &tracker,
     );
-    let gateway = super::spawn(ui, info, neighborhood, pool, cancel.child_token(), &tracker);
+    let config = super::GatewayConfig {
+        listener: ui,
+        info,
+        deadline: super::DEFAULT_SHUTDOWN_DEADLINE,
+    };
+    let (gateway, _exit) = super::spawn(config, neighborhood, pool, cancel.clone(), &tracker)
+        .expect("the UI listener has an address");
 
     assert_eq!(
         within("the gateway answers", gateway.status()).await,

@@ -1,20 +1,33 @@
-//! One UI client's websocket: MASQ envelopes in, MASQ envelopes out, one request at a time.
-//! The server never pings, so clients that do not answer pings (such as `masq`) are fine.
+//! One UI client's websocket: MASQ envelopes in, MASQ envelopes out, one request at a time,
+//! and the gateway's broadcasts. The server never pings, so clients that do not answer pings
+//! (such as `masq`) are fine.
 
-use axum::extract::State;
+use std::net::SocketAddr;
+
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use meshnode_protocol::ui::{MAX_UI_MESSAGE_LEN, UI_SUBPROTOCOL, UiMessage, codes, parse_request};
-use tracing::debug;
+use meshnode_protocol::ui::{
+    MAX_UI_MESSAGE_LEN, UI_SUBPROTOCOL, UiMessage, UiRequest, codes, parse_request,
+};
+use serde_json::Value;
+use tokio::sync::broadcast;
+use tracing::{Instrument, debug};
 
 use super::GatewayError;
 use super::http::AppState;
+use super::listener::ClientAddr;
+use super::report::Trigger;
 
 /// Opcodes the gateway answers.
-pub const OPCODES: &[&str] = &["status"];
+pub const OPCODES: &[&str] = &["status", "shutdown"];
 
-pub(super) async fn upgrade(ws: WebSocketUpgrade, State(app): State<AppState>) -> Response {
+pub(super) async fn upgrade(
+    ws: WebSocketUpgrade,
+    ConnectInfo(ClientAddr(client)): ConnectInfo<ClientAddr>,
+    State(app): State<AppState>,
+) -> Response {
     let ws = ws
         .protocols([UI_SUBPROTOCOL])
         .max_message_size(MAX_UI_MESSAGE_LEN);
@@ -24,68 +37,130 @@ pub(super) async fn upgrade(ws: WebSocketUpgrade, State(app): State<AppState>) -
         );
         return (StatusCode::BAD_REQUEST, message).into_response();
     }
-    ws.on_upgrade(move |socket| serve_client(socket, app))
+    let span = tracing::debug_span!("ui_client", %client);
+    let clients = app.ui.clients.clone();
+    ws.on_upgrade(move |socket| {
+        clients.track_future(
+            ClientTask {
+                socket,
+                app,
+                client,
+                asked_shutdown: false,
+            }
+            .run()
+            .instrument(span),
+        )
+    })
 }
 
-async fn serve_client(mut socket: WebSocket, app: AppState) {
-    debug!("UI client connected");
-    loop {
-        let Some(received) = app.cancel.run_until_cancelled(socket.recv()).await else {
-            break;
-        };
-        let reply = match received {
-            None | Some(Ok(Message::Close(_))) => break,
-            Some(Err(e)) => {
-                // Includes messages over MAX_UI_MESSAGE_LEN: the protocol has no way to answer
-                // a message it could not read, so the connection closes.
-                debug!(error = %e, "UI client connection failed");
+struct ClientTask {
+    socket: WebSocket,
+    app: AppState,
+    client: SocketAddr,
+    /// Set once this client has been answered a shutdown: it may then stay until it leaves
+    /// (bounded by the gateway's grace), as `masq` expects.
+    asked_shutdown: bool,
+}
+
+impl ClientTask {
+    async fn run(mut self) {
+        debug!("UI client connected");
+        let mut broadcasts = self.app.ui.broadcasts.subscribe();
+        let (node, release) = (self.app.node.clone(), self.app.ui.release.clone());
+        loop {
+            // The node's end first; then release (a client that did not ask for the shutdown
+            // is closed once it is answered); then broadcasts before requests, so a client
+            // hears "shutting down" before any answer that follows it.
+            let reply = tokio::select! {
+                biased;
+                () = node.cancelled() => break,
+                () = release.cancelled(), if !self.asked_shutdown => break,
+                broadcast = broadcasts.recv() => match broadcast {
+                    Ok((exclude, msg)) if exclude != Some(self.client) => msg,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                received = self.socket.recv() => match received {
+                    None | Some(Ok(Message::Close(_))) => break,
+                    Some(Err(e)) => {
+                        // Includes messages over MAX_UI_MESSAGE_LEN: the protocol has no way
+                        // to answer a message it could not read, so the connection closes.
+                        debug!(error = %e, "UI client connection failed");
+                        break;
+                    }
+                    Some(Ok(Message::Text(text))) => self.answer(text.as_str()).await,
+                    Some(Ok(Message::Binary(_))) => UiMessage::error(
+                        "unmarshalError",
+                        None,
+                        codes::BAD_FRAME,
+                        "binary frames are not part of the protocol; send JSON text",
+                    ),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                },
+            };
+            if self
+                .socket
+                .send(Message::Text(reply.to_json().into()))
+                .await
+                .is_err()
+            {
                 break;
             }
-            Some(Ok(Message::Text(text))) => answer(&app, text.as_str()).await,
-            Some(Ok(Message::Binary(_))) => UiMessage::error(
-                "unmarshalError",
-                None,
-                codes::BAD_FRAME,
-                "binary frames are not part of the protocol; send JSON text",
-            ),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+        }
+        let _ = self.socket.send(Message::Close(None)).await;
+        debug!("UI client gone");
+    }
+
+    async fn answer(&mut self, text: &str) -> UiMessage {
+        let request = match parse_request(text) {
+            Ok(request) => request,
+            Err(response) => return response,
         };
-        if socket
-            .send(Message::Text(reply.to_json().into()))
-            .await
-            .is_err()
-        {
-            break;
+        let context_id = request.context_id;
+        match request.opcode.as_str() {
+            "status" => match self.app.gateway.status().await {
+                Ok(status) => UiMessage::response("status", context_id, status),
+                Err(e) => gateway_error("status", context_id, &e),
+            },
+            "shutdown" => self.shutdown(request).await,
+            other => UiMessage::error(
+                other,
+                Some(context_id),
+                codes::UNKNOWN_OPCODE,
+                format!(
+                    "meshnode does not answer opcode '{other}'; it answers: {}",
+                    OPCODES.join(", ")
+                ),
+            ),
         }
     }
-    debug!("UI client gone");
+
+    /// Asks for the shutdown (or joins it) and answers when it has ended. The answer is MASQ's
+    /// empty payload, unless the request's payload asks for `"report": true`.
+    async fn shutdown(&mut self, request: UiRequest) -> UiMessage {
+        let context_id = request.context_id;
+        let with_report = request.payload.get("report").and_then(Value::as_bool) == Some(true);
+        let trigger = Trigger::Ui {
+            client: self.client,
+        };
+        match self.app.gateway.shutdown(trigger).await {
+            Ok(report) => {
+                self.asked_shutdown = true;
+                if with_report {
+                    UiMessage::response("shutdown", context_id, report)
+                } else {
+                    UiMessage::response("shutdown", context_id, serde_json::json!({}))
+                }
+            }
+            Err(e) => gateway_error("shutdown", context_id, &e),
+        }
+    }
 }
 
-async fn answer(app: &AppState, text: &str) -> UiMessage {
-    let request = match parse_request(text) {
-        Ok(request) => request,
-        Err(response) => return response,
+fn gateway_error(opcode: &str, context_id: u64, e: &GatewayError) -> UiMessage {
+    let code = match e {
+        GatewayError::Stopped => codes::NODE_NOT_RUNNING,
+        GatewayError::NoAnswer(_) => codes::TIMEOUT,
     };
-    let context_id = Some(request.context_id);
-    match request.opcode.as_str() {
-        "status" => match app.gateway.status().await {
-            Ok(status) => UiMessage::response("status", request.context_id, status),
-            Err(e) => {
-                let code = match e {
-                    GatewayError::Stopped => codes::NODE_NOT_RUNNING,
-                    GatewayError::NoAnswer(_) => codes::TIMEOUT,
-                };
-                UiMessage::error("status", context_id, code, e.to_string())
-            }
-        },
-        other => UiMessage::error(
-            other,
-            context_id,
-            codes::UNKNOWN_OPCODE,
-            format!(
-                "meshnode does not answer opcode '{other}'; it answers: {}",
-                OPCODES.join(", ")
-            ),
-        ),
-    }
+    UiMessage::error(opcode, Some(context_id), code, e.to_string())
 }
