@@ -15,6 +15,11 @@ mod node;
 pub mod stream_handler_pool;
 pub mod ui_gateway;
 
+#[cfg(test)]
+mod shutdown_tests;
+#[cfg(test)]
+mod test_support;
+
 pub use config::Config;
 pub use node::{Node, NodeController, StartError, start};
 pub use ui_gateway::{ShutdownOutcome, ShutdownReport, Trigger};

@@ -84,6 +84,12 @@ pub struct NeighborhoodHandle {
 }
 
 impl NeighborhoodHandle {
+    /// A handle whose messages go to `tx`, for tests that play this subsystem themselves.
+    #[cfg(test)]
+    pub(crate) fn from_sender(tx: mpsc::Sender<NeighborhoodMsg>) -> Self {
+        Self { tx }
+    }
+
     /// Sends a message, waiting for room in the inbox.
     pub async fn send(&self, msg: NeighborhoodMsg) -> Result<(), NeighborhoodGone> {
         self.tx.send(msg).await.map_err(|_| NeighborhoodGone)

@@ -262,6 +262,12 @@ pub struct PoolHandle {
 }
 
 impl PoolHandle {
+    /// A handle whose messages go to `tx`, for tests that play this subsystem themselves.
+    #[cfg(test)]
+    pub(crate) fn from_sender(tx: mpsc::Sender<PoolMsg>) -> Self {
+        Self { tx }
+    }
+
     pub async fn send(&self, msg: PoolMsg) -> Result<(), PoolGone> {
         self.tx.send(msg).await.map_err(|_| PoolGone)
     }

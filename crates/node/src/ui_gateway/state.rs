@@ -64,6 +64,7 @@ enum Phase {
 struct InProgress {
     trigger: Trigger,
     started: Instant,
+    deadline: Instant,
     requests: u64,
     requesters: Vec<oneshot::Sender<ShutdownReport>>,
     ledger: Ledger,
@@ -179,6 +180,7 @@ impl Gateway {
                 self.phase = Phase::ShuttingDown(Box::new(InProgress {
                     trigger,
                     started,
+                    deadline,
                     requests: 1,
                     requesters: reply.into_iter().collect(),
                     ledger,
@@ -195,15 +197,17 @@ impl Gateway {
         };
         let elapsed_ms = run.started.elapsed().as_millis() as u64;
         let late = tree.outcome == Outcome::Late;
-        let (hood, pool) = (self.neighborhood.clone(), self.pool.clone());
-        let last = gather(
-            self.info,
-            NodeState::ShuttingDown,
-            hood,
-            pool,
-            FINAL_STATS_TIMEOUT,
-        )
-        .await;
+        // The final counters, if the subsystems answer in time; never past the deadline.
+        let last = if late {
+            None
+        } else {
+            let (hood, pool) = (self.neighborhood.clone(), self.pool.clone());
+            let left = run.deadline.saturating_duration_since(Instant::now());
+            let state = NodeState::ShuttingDown;
+            gather(self.info, state, hood, pool, left.min(FINAL_STATS_TIMEOUT))
+                .await
+                .ok()
+        };
         let report = ShutdownReport {
             node_id: self.info.node_id.to_string(),
             trigger: run.trigger,
@@ -221,7 +225,7 @@ impl Gateway {
             } else {
                 Vec::new()
             },
-            stats: last.ok().map(|s| s.stats),
+            stats: last.map(|s| s.stats),
         };
         // `masq shutdown` probes the UI port right after the answer and calls a refused
         // connection success: the listener must be closed before anyone is answered.

@@ -1,0 +1,521 @@
+//! The graceful shutdown across all three subsystems, in paused time over in-memory streams:
+//! the happy path, the order of gossip and FIN under a backlog, repeated requests, the
+//! neighbors' side, and subsystems that never answer or panic.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use meshnode_protocol::{Frame, NodeId, SignedRecord};
+use meshnode_shutdown::Outcome;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::neighborhood::{NeighborhoodHandle, NeighborhoodMsg};
+use crate::stream_handler_pool::{PoolCounters, PoolHandle, PoolMsg};
+use crate::test_support::{Peer, identity, record, within};
+use crate::ui_gateway::{
+    self, DEFAULT_SHUTDOWN_DEADLINE, GatewayConfig, GatewayHandle, NodeInfo, ShutdownOutcome,
+    ShutdownReport, Trigger,
+};
+use crate::{Config, Node};
+
+const PIPE: usize = 64 * 1024;
+
+async fn node(seed: u8) -> Node {
+    within("start", crate::start(Config::new(identity(seed))))
+        .await
+        .expect("the node starts")
+}
+
+/// `peers` neighbors, handshaken and caught up with the node's record that lists them all.
+async fn neighbors(node: &Node, seeds: std::ops::Range<u8>) -> Vec<Peer> {
+    let mut peers = Vec::new();
+    for seed in seeds {
+        let (mut peer, stream) = Peer::new(identity(seed), PIPE);
+        assert!(node.adopt(stream).await, "the pool takes the stream");
+        peer.handshake().await;
+        peers.push(peer);
+    }
+    let all: BTreeSet<NodeId> = peers.iter().map(Peer::id).collect();
+    for peer in &mut peers {
+        peer.until_node_lists(node.id(), &all).await;
+    }
+    peers
+}
+
+/// Each peer reads to the end of its stream in a task of its own, then hangs up, as a meshnode
+/// neighbor does.
+fn read_to_end(peers: Vec<Peer>) -> Vec<tokio::task::JoinHandle<Vec<Vec<SignedRecord>>>> {
+    peers
+        .into_iter()
+        .map(|mut peer| tokio::spawn(async move { peer.rest().await }))
+        .collect()
+}
+
+fn is_withdrawal(frame: &[SignedRecord], node: NodeId) -> bool {
+    frame
+        .iter()
+        .any(|r| r.id() == node && r.record.neighbors.is_empty())
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_neighbor_gets_exactly_one_withdrawal_gossip_then_eof() {
+    let node = node(1).await;
+    let me = node.id();
+    let peers = neighbors(&node, 10..14).await;
+    let version = node.status().await.expect("status").version;
+    let readers = read_to_end(peers);
+
+    let started = tokio::time::Instant::now();
+    let report = within("the shutdown", node.shutdown())
+        .await
+        .expect("answered");
+    assert_eq!(
+        report.outcome,
+        ShutdownOutcome::Graceful,
+        "{}",
+        report.render()
+    );
+    assert_eq!(report.exit_code(), 0);
+    assert_eq!(report.trigger, Trigger::Api);
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "well under the deadline"
+    );
+    assert_eq!(report.subsystems.subsystem, "stream_handler_pool");
+    assert_eq!(report.subsystems.summary, "closed 4 streams");
+    let hood = &report.subsystems.children[0];
+    assert_eq!(
+        (hood.subsystem.as_str(), hood.summary.as_str()),
+        ("neighborhood", "notified 4 neighbors")
+    );
+    assert!(report.still_running.is_empty());
+
+    for reader in readers {
+        let frames = within("the peer reads to EOF", reader)
+            .await
+            .expect("no panic");
+        let last = frames.last().expect("at least the withdrawal");
+        assert_eq!(
+            last.len(),
+            1,
+            "the withdrawal carries only the node's record"
+        );
+        assert_eq!(last[0].id(), me);
+        assert_eq!(
+            last[0].version(),
+            version + 1,
+            "one version bump for all neighbors"
+        );
+        assert!(last[0].record.neighbors.is_empty());
+        last[0].verify().expect("signed by the node");
+        let withdrawals = frames.iter().filter(|f| is_withdrawal(f, me)).count();
+        assert_eq!(withdrawals, 1, "exactly one withdrawal gossip, then EOF");
+    }
+    let ended = within("the node ends", node.wait()).await;
+    assert_eq!(ended, report);
+}
+
+#[tokio::test(start_paused = true)]
+async fn under_a_backlog_every_queued_frame_and_then_the_withdrawal_precede_the_fin() {
+    let node = node(1).await;
+    let me = node.id();
+    let mut peers = neighbors(&node, 10..12).await;
+    let mut slow = peers.pop().expect("two peers");
+    let mut relay = peers.pop().expect("two peers");
+
+    // The relay feeds the node records one batch at a time; each becomes a frame queued for
+    // the slow neighbor, which reads nothing meanwhile.
+    let relayed: Vec<_> = (100..120)
+        .map(|seed| record(&identity(seed), 1, &[]))
+        .collect();
+    for r in &relayed {
+        relay
+            .send(&Frame::Gossip {
+                records: vec![r.clone()],
+            })
+            .await;
+        let id = r.id().to_string();
+        loop {
+            let status = node.status().await.expect("status");
+            if status.known_nodes.iter().any(|k| k.node_id == id) {
+                break;
+            }
+        }
+    }
+    let status = node.status().await.expect("status");
+    assert_eq!(
+        status.neighbors.len(),
+        2,
+        "the slow neighbor is still a neighbor"
+    );
+    assert_eq!(status.stats.gossip_frames_dropped, 0);
+
+    let readers = read_to_end(vec![relay]);
+    let shutdown = tokio::spawn(async move {
+        let report = node.shutdown().await;
+        (node, report)
+    });
+    // Only now does the slow neighbor read: the backlog, then the withdrawal, then EOF.
+    let frames = slow.rest().await;
+    // And hangs up, as a meshnode neighbor does at EOF.
+    drop(slow);
+    let (node, report) = within("the shutdown", shutdown).await.expect("no panic");
+    let report = report.expect("answered");
+    assert_eq!(
+        report.outcome,
+        ShutdownOutcome::Graceful,
+        "{}",
+        report.render()
+    );
+
+    let received: BTreeSet<NodeId> = frames.iter().flatten().map(SignedRecord::id).collect();
+    for r in &relayed {
+        assert!(received.contains(&r.id()), "a relayed record was lost");
+    }
+    assert!(
+        is_withdrawal(frames.last().expect("frames"), me),
+        "the withdrawal is last"
+    );
+    assert_eq!(frames.iter().filter(|f| is_withdrawal(f, me)).count(), 1);
+    for reader in readers {
+        let frames = within("the relay reads to EOF", reader)
+            .await
+            .expect("no panic");
+        assert!(is_withdrawal(frames.last().expect("frames"), me));
+    }
+    within("the node ends", node.wait()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn repeated_requests_from_every_trigger_join_one_shutdown() {
+    let node = node(1).await;
+    let readers = read_to_end(neighbors(&node, 10..12).await);
+    let controller = node.controller();
+    let mut asks = Vec::new();
+    for _ in 0..3 {
+        let c = controller.clone();
+        asks.push(tokio::spawn(async move { c.shutdown().await }));
+    }
+    for _ in 0..2 {
+        assert!(controller.signal("SIGTERM").await.is_ok());
+    }
+    let first = within("the shutdown", node.shutdown())
+        .await
+        .expect("answered");
+    for ask in asks {
+        let report = within("a joined request", ask).await.expect("no panic");
+        assert_eq!(
+            report.expect("answered"),
+            first,
+            "every requester gets the same report"
+        );
+    }
+    assert_eq!(first.requests, 6);
+    assert_eq!(first.outcome, ShutdownOutcome::Graceful);
+    assert_eq!(
+        first.subsystems.children.len(),
+        1,
+        "the pool was asked once"
+    );
+    for reader in readers {
+        let frames = within("a peer reads to EOF", reader)
+            .await
+            .expect("no panic");
+        assert_eq!(
+            frames
+                .iter()
+                .filter(|f| is_withdrawal(f, node.id()))
+                .count(),
+            1
+        );
+    }
+    assert_eq!(within("the node ends", node.wait()).await, first);
+    // The node is gone: a late request is refused, not answered twice or panicked on.
+    assert!(controller.shutdown().await.is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shutdown_asked_for_at_once_after_start_is_honoured() {
+    let mut config = Config::new(identity(1));
+    // A neighbor that is never there: its dialer is in the middle of trying.
+    config.neighbors = vec!["127.0.0.1:9".into()];
+    let node = within("start", crate::start(config)).await.expect("starts");
+    let report = within("the shutdown", node.shutdown())
+        .await
+        .expect("answered");
+    assert_eq!(
+        report.outcome,
+        ShutdownOutcome::Graceful,
+        "{}",
+        report.render()
+    );
+    assert_eq!(report.subsystems.summary, "closed 0 streams");
+    assert_eq!(
+        report.subsystems.children[0].summary,
+        "no neighbors to notify"
+    );
+    within("the node ends", node.wait()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_neighbor_that_withdraws_is_dropped_in_one_gossip_round_and_its_eof_changes_nothing() {
+    let node = node(1).await;
+    let me = node.id();
+    let mut peers = neighbors(&node, 10..13).await;
+    let mut departing = peers.remove(0);
+    let version = node.status().await.expect("status").version;
+
+    // The departing neighbor's own record, newer, listing nobody: its withdrawal.
+    let withdrawal = record(&departing.identity, 2, &[]);
+    departing
+        .send(&Frame::Gossip {
+            records: vec![withdrawal.clone()],
+        })
+        .await;
+    loop {
+        let status = node.status().await.expect("status");
+        if status.neighbors.len() == 2 {
+            assert_eq!(status.version, version + 1, "one bump for the departure");
+            break;
+        }
+    }
+    // Its stream closes a moment later; nothing more happens.
+    drop(departing);
+    loop {
+        let status = node.status().await.expect("status");
+        if status.stats.streams_open == 2 {
+            assert_eq!(status.version, version + 1, "the EOF changed nothing");
+            break;
+        }
+    }
+
+    let readers = read_to_end(peers);
+    let report = within("the shutdown", node.shutdown())
+        .await
+        .expect("answered");
+    assert_eq!(report.outcome, ShutdownOutcome::Graceful);
+    for reader in readers {
+        let frames = within("a peer reads to EOF", reader)
+            .await
+            .expect("no panic");
+        assert_eq!(
+            frames.len(),
+            2,
+            "the departure, then this node's own withdrawal: {frames:?}"
+        );
+        let departure = &frames[0];
+        assert!(
+            departure.contains(&withdrawal),
+            "the departure is passed on"
+        );
+        let own = departure
+            .iter()
+            .find(|r| r.id() == me)
+            .expect("the node's new record");
+        assert_eq!(own.version(), version + 1);
+        assert!(!own.record.neighbors.contains(&withdrawal.id()));
+        assert!(is_withdrawal(&frames[1], me));
+    }
+    within("the node ends", node.wait()).await;
+}
+
+/// A gateway over a neighborhood and a pool that the test picks, real or played.
+struct Rig {
+    gateway: GatewayHandle,
+    exit: oneshot::Receiver<ShutdownReport>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Rig {
+    async fn new(neighborhood: NeighborhoodHandle, pool: PoolHandle) -> Self {
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let listener = loopback().await;
+        let info = NodeInfo {
+            node_id: identity(1).id(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 1)),
+            ui: listener.local_addr().expect("bound"),
+        };
+        let config = GatewayConfig {
+            listener,
+            info,
+            deadline: DEFAULT_SHUTDOWN_DEADLINE,
+        };
+        let (gateway, exit) =
+            ui_gateway::spawn(config, neighborhood, pool, cancel.clone(), &tracker)
+                .expect("the gateway starts");
+        Self {
+            gateway,
+            exit,
+            cancel,
+            tracker,
+        }
+    }
+
+    /// Asks for the shutdown; returns the report and how long it took.
+    async fn shutdown(self) -> (ShutdownReport, Duration) {
+        let started = tokio::time::Instant::now();
+        let report = within("the report", self.gateway.shutdown(Trigger::Api))
+            .await
+            .expect("answered");
+        let took = started.elapsed();
+        let ended = within("the node ends", self.exit)
+            .await
+            .expect("the gateway lets go");
+        assert_eq!(ended, report);
+        assert!(self.cancel.is_cancelled(), "the gateway ends the node");
+        self.tracker.close();
+        within("every task ends", self.tracker.wait()).await;
+        (report, took)
+    }
+}
+
+async fn loopback() -> TcpListener {
+    within(
+        "bind",
+        TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))),
+    )
+    .await
+    .expect("a free port")
+}
+
+/// A pool played by the test: answers counters; `on_shutdown` decides what becomes of the reply.
+fn played_pool(
+    on_shutdown: fn(meshnode_shutdown::DoneReply, &mut Vec<meshnode_shutdown::DoneReply>),
+) -> PoolHandle {
+    let (tx, mut rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Some(msg) = rx.recv().await {
+            match msg {
+                PoolMsg::Counters { reply } => {
+                    let _ = reply.send(PoolCounters::default());
+                }
+                PoolMsg::Shutdown { reply } => on_shutdown(reply, &mut held),
+                _ => {}
+            }
+        }
+    });
+    PoolHandle::from_sender(tx)
+}
+
+/// A neighborhood played by the test: `on_withdraw` decides what becomes of the reply; it
+/// answers no status.
+fn played_neighborhood(
+    on_withdraw: fn(meshnode_shutdown::DoneReply, &mut Vec<meshnode_shutdown::DoneReply>),
+) -> NeighborhoodHandle {
+    let (tx, mut rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Some(msg) = rx.recv().await {
+            match msg {
+                NeighborhoodMsg::WithdrawFromNetwork { reply } => on_withdraw(reply, &mut held),
+                NeighborhoodMsg::OwnRecord { .. } | NeighborhoodMsg::Status { .. } => {}
+                _ => {}
+            }
+        }
+    });
+    NeighborhoodHandle::from_sender(tx)
+}
+
+fn hold(reply: meshnode_shutdown::DoneReply, held: &mut Vec<meshnode_shutdown::DoneReply>) {
+    held.push(reply);
+}
+
+fn panic_with(reply: meshnode_shutdown::DoneReply, _: &mut Vec<meshnode_shutdown::DoneReply>) {
+    let _reply = reply;
+    panic!("the subsystem crashed while shutting down");
+}
+
+/// A real pool over the given neighborhood, with no streams.
+async fn real_pool(neighborhood: NeighborhoodHandle, tracker: &TaskTracker) -> PoolHandle {
+    let me = identity(1).id();
+    crate::stream_handler_pool::spawn(
+        me,
+        loopback().await,
+        Vec::new(),
+        neighborhood,
+        CancellationToken::new(),
+        tracker,
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pool_that_never_answers_ends_the_shutdown_at_exactly_the_deadline_and_is_named() {
+    let (hood_tx, _hood_rx) = mpsc::channel(16);
+    let rig = Rig::new(NeighborhoodHandle::from_sender(hood_tx), played_pool(hold)).await;
+    let (report, took) = rig.shutdown().await;
+    assert_eq!(report.outcome, ShutdownOutcome::DeadlineExpired);
+    assert_eq!(report.exit_code(), 3);
+    assert_eq!(report.elapsed_ms, 5000);
+    assert_eq!(
+        took, DEFAULT_SHUTDOWN_DEADLINE,
+        "answered at the deadline, not after"
+    );
+    assert_eq!(report.subsystems.outcome, Outcome::Late);
+    assert_eq!(report.still_running, vec!["stream_handler_pool"]);
+    assert!(
+        report
+            .render()
+            .contains("still running at the deadline: stream_handler_pool")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_neighborhood_that_never_answers_is_named_when_the_deadline_expires() {
+    let pools = TaskTracker::new();
+    let pool = real_pool(played_neighborhood(hold), &pools).await;
+    let rig = Rig::new(played_neighborhood(hold), pool).await;
+    let (report, took) = rig.shutdown().await;
+    assert_eq!(report.outcome, ShutdownOutcome::DeadlineExpired);
+    assert_eq!(took, DEFAULT_SHUTDOWN_DEADLINE);
+    assert_eq!(
+        report.still_running,
+        vec!["stream_handler_pool", "neighborhood"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_neighborhood_that_panics_is_vanished_and_nothing_hangs() {
+    let pools = TaskTracker::new();
+    let pool = real_pool(played_neighborhood(panic_with), &pools).await;
+    let rig = Rig::new(played_neighborhood(hold), pool).await;
+    let (report, took) = rig.shutdown().await;
+    assert_eq!(
+        report.outcome,
+        ShutdownOutcome::Failed,
+        "{}",
+        report.render()
+    );
+    assert_eq!(report.exit_code(), 1);
+    assert!(
+        took < Duration::from_secs(1),
+        "no wait for the deadline: {took:?}"
+    );
+    assert_eq!(
+        report.subsystems.outcome,
+        Outcome::Done,
+        "the pool still closed its streams"
+    );
+    assert_eq!(report.subsystems.children[0].outcome, Outcome::Vanished);
+    assert!(report.still_running.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pool_that_panics_is_vanished_and_nothing_hangs() {
+    let (hood_tx, _hood_rx) = mpsc::channel(16);
+    let rig = Rig::new(
+        NeighborhoodHandle::from_sender(hood_tx),
+        played_pool(panic_with),
+    )
+    .await;
+    let (report, took) = rig.shutdown().await;
+    assert_eq!(report.outcome, ShutdownOutcome::Failed);
+    assert_eq!(report.subsystems.outcome, Outcome::Vanished);
+    assert!(took < Duration::from_secs(1), "{took:?}");
+}
