@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use meshnode_protocol::ui::{NodeState, StatusPayload};
 
+mod support;
+
 const BIN: &str = env!("CARGO_BIN_EXE_meshnode");
 const BOUND: Duration = Duration::from_secs(20);
 
@@ -133,8 +135,15 @@ fn get_status(ui: SocketAddr) -> StatusPayload {
     })
 }
 
+fn knows_departure(s: &StatusPayload, departed: &str) -> bool {
+    !s.neighbors.iter().any(|n| n.node_id == departed)
+        && s.known_nodes
+            .iter()
+            .any(|k| k.node_id == departed && k.neighbors.is_empty())
+}
+
 #[test]
-fn the_binary_serves_status_and_stops_on_sigterm() {
+fn the_binary_serves_status_and_withdraws_on_sigterm() {
     let mut a = Daemon::start(&[]);
     let neighbor = a.listen.to_string();
     let mut b = Daemon::start(&["--neighbor", &neighbor]);
@@ -155,10 +164,121 @@ fn the_binary_serves_status_and_stops_on_sigterm() {
         "B's status names its neighbor A:\n{text}"
     );
 
-    b.signal("TERM");
-    assert!(b.wait_exit().success());
-    a.signal("INT");
-    assert!(a.wait_exit().success());
+    // A withdraws: B hears it from A's gossip, before A's stream closes.
+    a.signal("TERM");
+    b.wait_for_line("neighbor withdrew from the network");
+    assert_eq!(a.wait_exit().code(), Some(0));
+    assert!(knows_departure(&get_status(b.ui), &status.node_id));
+    a.wait_for_line("shutdown complete");
+
+    b.signal("INT");
+    assert_eq!(b.wait_exit().code(), Some(0));
+}
+
+/// A daemon with a neighbor that never hangs up, so its shutdown lasts until the deadline.
+fn daemon_with_stuck_neighbor(
+    deadline: &str,
+) -> (Daemon, support::StuckNeighbor, tokio::runtime::Runtime) {
+    let mut daemon = Daemon::start(&["--shutdown-deadline", deadline]);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let stuck = runtime.block_on(async {
+        tokio::time::timeout(BOUND, support::stuck_neighbor(daemon.listen))
+            .await
+            .expect("in time")
+    });
+    daemon.wait_for_line("neighbor connected");
+    (daemon, stuck, runtime)
+}
+
+#[test]
+fn a_second_signal_during_the_shutdown_exits_at_once_with_128_plus_n() {
+    let (mut daemon, _stuck, _rt) = daemon_with_stuck_neighbor("60s");
+    daemon.signal("TERM");
+    daemon.wait_for_line("send it again to exit at once");
+    let sent = Instant::now();
+    daemon.signal("INT");
+    assert_eq!(daemon.wait_exit().code(), Some(130));
+    assert!(
+        sent.elapsed() < Duration::from_secs(10),
+        "not at the 60 s deadline"
+    );
+}
+
+#[test]
+fn a_shutdown_past_its_deadline_exits_3_and_names_the_stuck_stream() {
+    let (mut daemon, stuck, _rt) = daemon_with_stuck_neighbor("300ms");
+    daemon.signal("TERM");
+    let started = Instant::now();
+    let line = daemon.wait_for_line("shutdown incomplete");
+    assert!(line.contains("deadline expired"), "{line}");
+    assert!(
+        line.contains(&format!("stream to {}", &stuck.id.to_string()[..8])),
+        "{line}"
+    );
+    assert_eq!(daemon.wait_exit().code(), Some(3));
+    // The deadline, then at most the grace for UI clients (none here) and teardown.
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn meshnode_shutdown_shuts_a_node_down_and_reports() {
+    let mut a = Daemon::start(&[]);
+    let neighbor = a.listen.to_string();
+    let mut b = Daemon::start(&["--neighbor", &neighbor]);
+    b.wait_for_line("neighbor connected");
+    let ui = b.ui.to_string();
+    let out = meshnode(&["shutdown", "--ui", &ui]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("graceful after"), "{text}");
+    assert!(text.contains("neighborhood: done"), "{text}");
+    assert!(text.contains("notified 1 neighbors"), "{text}");
+    assert!(
+        text.contains(&format!("the node stopped answering on {ui}")),
+        "{text}"
+    );
+    assert_eq!(b.wait_exit().code(), Some(0));
+
+    // Asking a node that is gone fails with one line and exit 1.
+    let again = meshnode(&["shutdown", "--ui", &ui]);
+    assert_eq!(again.status.code(), Some(1));
+    a.signal("TERM");
+    assert_eq!(a.wait_exit().code(), Some(0));
+}
+
+#[test]
+fn post_shutdown_answers_with_the_report_and_the_process_exits_0() {
+    let mut daemon = Daemon::start(&[]);
+    let ui = daemon.ui;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let report: serde_json::Value = runtime.block_on(async {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
+        let post = client.post(format!("http://{ui}/shutdown")).send();
+        let response = tokio::time::timeout(BOUND, post)
+            .await
+            .expect("in time")
+            .expect("POST");
+        assert_eq!(response.status(), reqwest::StatusCode::OK);
+        response.json().await.expect("a JSON report")
+    });
+    assert_eq!(report["outcome"], "graceful");
+    assert_eq!(report["trigger"]["kind"], "http");
+    assert_eq!(report["subsystems"]["subsystem"], "stream_handler_pool");
+    assert_eq!(daemon.wait_exit().code(), Some(0));
 }
 
 fn assert_one_line_error(out: &Output, needle: &str) {

@@ -126,6 +126,41 @@ impl UiClient {
             .map_err(|_| ClientError::Timeout { addr, timeout })?
     }
 
+    /// Waits up to `timeout` for the next message from the node, whatever it is.
+    pub async fn receive(&mut self, timeout: Duration) -> Result<UiMessage, ClientError> {
+        let addr = self.addr;
+        let next = async {
+            loop {
+                match self.socket.next().await {
+                    None => {
+                        return Err(ClientError::Connection {
+                            addr,
+                            reason: "closed".into(),
+                        });
+                    }
+                    Some(Err(e)) => {
+                        return Err(ClientError::Connection {
+                            addr,
+                            reason: describe(&e),
+                        });
+                    }
+                    Some(Ok(Message::Text(text))) => {
+                        return serde_json::from_str(text.as_str()).map_err(|e| {
+                            ClientError::Connection {
+                                addr,
+                                reason: format!("unreadable message: {e}"),
+                            }
+                        });
+                    }
+                    Some(Ok(_)) => {}
+                }
+            }
+        };
+        tokio::time::timeout(timeout, next)
+            .await
+            .map_err(|_| ClientError::Timeout { addr, timeout })?
+    }
+
     /// Closes the websocket politely.
     pub async fn close(mut self) {
         let _ = tokio::time::timeout(CONNECT_TIMEOUT, self.socket.close(None)).await;

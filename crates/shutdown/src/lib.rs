@@ -59,7 +59,8 @@ pub struct DoneReport {
     /// Which subsystem is speaking.
     pub subsystem: String,
     pub outcome: Outcome,
-    /// From the moment the reply was created to the moment it was answered (or given up on).
+    /// From the moment the reply was created to the moment it was answered (or given up on),
+    /// in whole milliseconds.
     #[serde(with = "millis")]
     pub elapsed: Duration,
     /// One line for a person, e.g. "notified 4 neighbors".
@@ -182,7 +183,7 @@ impl DoneReply {
         let report = DoneReport {
             subsystem: self.subsystem.clone(),
             outcome,
-            elapsed: self.started.elapsed(),
+            elapsed: whole_millis(self.started.elapsed()),
             summary,
             children,
         };
@@ -255,10 +256,15 @@ fn synthesized(subsystem: String, started: Instant, outcome: Outcome, summary: &
     DoneReport {
         subsystem,
         outcome,
-        elapsed: started.elapsed(),
+        elapsed: whole_millis(started.elapsed()),
         summary: summary.to_owned(),
         children: Vec::new(),
     }
+}
+
+/// Reports speak in whole milliseconds, so a report survives its JSON form unchanged.
+fn whole_millis(d: Duration) -> Duration {
+    Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 mod millis {

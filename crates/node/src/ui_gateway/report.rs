@@ -93,28 +93,46 @@ impl ShutdownReport {
 
     /// A few lines for a person: the verdict, then the tree.
     pub fn render(&self) -> String {
+        let mut out = format!("{}\n", self.headline());
+        render_tree(&self.subsystems, 1, &mut out);
+        if !self.still_running.is_empty() {
+            let names = self.still_running.join(", ");
+            out.push_str(&format!("  still running at the deadline: {names}\n"));
+        }
+        out
+    }
+
+    /// The same on one line, for logs.
+    pub fn one_line(&self) -> String {
+        let mut out = self.headline();
+        let mut tree = String::new();
+        render_tree(&self.subsystems, 0, &mut tree);
+        for line in tree.lines() {
+            out.push_str("; ");
+            out.push_str(line.trim());
+        }
+        if !self.still_running.is_empty() {
+            let names = self.still_running.join(", ");
+            out.push_str(&format!("; still running at the deadline: {names}"));
+        }
+        out
+    }
+
+    fn headline(&self) -> String {
         let verdict = match self.outcome {
             ShutdownOutcome::Graceful => "graceful",
             ShutdownOutcome::DeadlineExpired => "deadline expired",
             ShutdownOutcome::Failed => "failed",
         };
-        let mut out = format!(
-            "shutdown of {} ({}): {verdict} after {} ms (deadline {} ms, {} request{})\n",
+        format!(
+            "shutdown of {} ({}): {verdict} after {} ms (deadline {} ms, {} request{})",
             short(&self.node_id),
             self.trigger,
             self.elapsed_ms,
             self.deadline_ms,
             self.requests,
             if self.requests == 1 { "" } else { "s" },
-        );
-        render_tree(&self.subsystems, 1, &mut out);
-        if !self.still_running.is_empty() {
-            out.push_str(&format!(
-                "  still running at the deadline: {}\n",
-                self.still_running.join(", ")
-            ));
-        }
-        out
+        )
     }
 }
 

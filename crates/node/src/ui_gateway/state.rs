@@ -242,8 +242,8 @@ impl Gateway {
             let _ = requester.send(report.clone());
         }
         match report.outcome {
-            ShutdownOutcome::Graceful => info!(report = %report.render(), "shutdown complete"),
-            _ => warn!(report = %report.render(), "shutdown incomplete"),
+            ShutdownOutcome::Graceful => info!(report = %report.one_line(), "shutdown complete"),
+            _ => warn!(report = %report.one_line(), "shutdown incomplete"),
         }
         self.ui.release.cancel();
         self.ui.clients.close();

@@ -74,7 +74,17 @@ impl ClientTask {
             let reply = tokio::select! {
                 biased;
                 () = node.cancelled() => break,
-                () = release.cancelled(), if !self.asked_shutdown => break,
+                () = release.cancelled(), if !self.asked_shutdown => {
+                    // Whatever was broadcast before the release still goes out.
+                    while let Ok((exclude, msg)) = broadcasts.try_recv() {
+                        if exclude != Some(self.client)
+                            && self.socket.send(Message::Text(msg.to_json().into())).await.is_err()
+                        {
+                            break;
+                        }
+                    }
+                    break;
+                }
                 broadcast = broadcasts.recv() => match broadcast {
                     Ok((exclude, msg)) if exclude != Some(self.client) => msg,
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,

@@ -1,0 +1,383 @@
+//! Graceful shutdown of in-process meshes on loopback, driven as UIs drive it.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use meshnode::client::UiClient;
+use meshnode::{Config, Node, ShutdownOutcome, ShutdownReport};
+use meshnode_protocol::Identity;
+use meshnode_protocol::ui::{StatusPayload, UI_SUBPROTOCOL};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+mod support;
+
+const BOUND: Duration = Duration::from_secs(20);
+
+async fn within<F: Future>(what: &str, fut: F) -> F::Output {
+    tokio::time::timeout(BOUND, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not within {BOUND:?}"))
+}
+
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + BOUND;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn status(node: &Node) -> StatusPayload {
+    node.status().await.expect("status")
+}
+
+/// `n` nodes; node i dials nodes i-1 and i-2. Returns them once every node has its expected
+/// neighbors, all full, and knows every record.
+async fn mesh(n: u8) -> Vec<Node> {
+    let mut nodes: Vec<Node> = Vec::new();
+    for seed in 0..n {
+        let mut config = Config::new(Identity::from_seed([seed + 1; 32]));
+        config.neighbors = nodes
+            .iter()
+            .rev()
+            .take(2)
+            .map(|n| n.listen_addr().to_string())
+            .collect();
+        nodes.push(
+            within("start", meshnode::start(config))
+                .await
+                .expect("starts"),
+        );
+    }
+    for (i, node) in nodes.iter().enumerate() {
+        let want: BTreeSet<String> = (0..nodes.len())
+            .filter(|&j| j != i && i.abs_diff(j) <= 2)
+            .map(|j| nodes[j].id().to_string())
+            .collect();
+        eventually("the mesh converges", || async {
+            let s = status(node).await;
+            let got: BTreeSet<String> = s.neighbors.iter().map(|n| n.node_id.clone()).collect();
+            got == want && s.neighbors.iter().all(|n| n.full) && s.known_nodes.len() == nodes.len()
+        })
+        .await;
+    }
+    nodes
+}
+
+fn knows_departure(s: &StatusPayload, departed: &str) -> bool {
+    !s.neighbors.iter().any(|n| n.node_id == departed)
+        && s.known_nodes
+            .iter()
+            .any(|k| k.node_id == departed && k.neighbors.is_empty())
+}
+
+#[tokio::test]
+async fn five_nodes_one_leaves_through_its_websocket_and_the_rest_learn_at_once() {
+    let mut nodes = mesh(5).await;
+    let departing = nodes.remove(2);
+    let id = departing.id().to_string();
+    let before = status(&departing).await;
+    assert_eq!(before.neighbors.len(), 4);
+    let versions: Vec<u64> = futures::future::join_all(nodes.iter().map(status))
+        .await
+        .iter()
+        .map(|s| s.version)
+        .collect();
+
+    let mut client = within("connect", UiClient::connect(departing.ui_addr()))
+        .await
+        .expect("UI");
+    let answer = within(
+        "the answer",
+        client.request("shutdown", json!({"report": true}), |_| {}),
+    )
+    .await
+    .expect("answered");
+    let report: ShutdownReport = answer.into_payload().expect("a report");
+    client.close().await;
+    assert_eq!(
+        report.outcome,
+        ShutdownOutcome::Graceful,
+        "{}",
+        report.render()
+    );
+    let after = report.stats.expect("final counters");
+    assert_eq!(
+        after.gossip_frames_sent - before.stats.gossip_frames_sent,
+        4,
+        "exactly one gossip frame per neighbor"
+    );
+    assert_eq!(
+        within("the node ends", departing.wait()).await.outcome,
+        ShutdownOutcome::Graceful
+    );
+
+    for (node, version) in nodes.iter().zip(versions) {
+        eventually("every node learns of the departure", || async {
+            knows_departure(&status(node).await, &id)
+        })
+        .await;
+        // Each of them was a neighbor of the departed node: one change of its own, no more,
+        // even after the departed node's stream closed.
+        assert_eq!(status(node).await.version, version + 1);
+    }
+    for node in nodes {
+        let report = within("shutdown", node.shutdown()).await.expect("answered");
+        assert_eq!(
+            report.outcome,
+            ShutdownOutcome::Graceful,
+            "{}",
+            report.render()
+        );
+    }
+}
+
+/// MASQ's `masq shutdown`: the exact request, then one TCP probe of the UI port right after the
+/// answer, which must be refused, while the websocket is still open.
+#[tokio::test]
+async fn masq_shutdown_finds_the_ui_port_closed_when_answered() {
+    let mut config = Config::new(Identity::from_seed([7; 32]));
+    config.shutdown_deadline = Duration::from_secs(5);
+    let node = within("start", meshnode::start(config))
+        .await
+        .expect("starts");
+    let ui = node.ui_addr();
+    let mut request = format!("ws://{ui}/")
+        .into_client_request()
+        .expect("request");
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_static(UI_SUBPROTOCOL),
+    );
+    let (mut socket, _) = within("connect", tokio_tungstenite::connect_async(request))
+        .await
+        .expect("handshake");
+    let masq = r#"{"opcode": "shutdown", "contextId": 1, "payload": {}}"#;
+    within("send", socket.send(Message::text(masq)))
+        .await
+        .expect("sent");
+    let answer = within("the answer", socket.next())
+        .await
+        .expect("a message")
+        .expect("ok");
+    assert_eq!(
+        answer.to_text().expect("text"),
+        r#"{"opcode":"shutdown","contextId":1,"payload":{}}"#
+    );
+    let probe = tokio::time::timeout(
+        Duration::from_millis(250),
+        tokio::net::TcpStream::connect(ui),
+    )
+    .await;
+    assert!(
+        matches!(probe, Ok(Err(_))),
+        "the UI port must refuse connections: {probe:?}"
+    );
+    // The websocket stays open after the answer until the client leaves.
+    within(
+        "still open",
+        socket.send(Message::text(
+            r#"{"opcode":"x","contextId":2,"payload":{}}"#,
+        )),
+    )
+    .await
+    .expect("the websocket is still open");
+    drop(socket);
+    let report = within("the node ends", node.wait()).await;
+    assert_eq!(report.outcome, ShutdownOutcome::Graceful);
+}
+
+#[tokio::test]
+async fn concurrent_requests_from_websockets_http_and_the_api_get_one_shutdown() {
+    let mut config = Config::new(Identity::from_seed([8; 32]));
+    // A neighbor that never hangs up holds the shutdown open until this deadline, so every
+    // request below arrives while it is under way.
+    config.shutdown_deadline = Duration::from_secs(2);
+    let node = within("start", meshnode::start(config))
+        .await
+        .expect("starts");
+    let stuck = within(
+        "a stuck neighbor",
+        support::stuck_neighbor(node.listen_addr()),
+    )
+    .await;
+    let id = stuck.id.to_string();
+    eventually("the stuck neighbor is admitted", || async {
+        status(&node)
+            .await
+            .neighbors
+            .iter()
+            .any(|n| n.node_id == id)
+    })
+    .await;
+    let ui = node.ui_addr();
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        clients.push(within("connect", UiClient::connect(ui)).await.expect("UI"));
+    }
+    let first = node.controller();
+    let first = tokio::spawn(async move { first.shutdown().await });
+    eventually("the shutdown is under way", || async {
+        status(&node).await.state == meshnode_protocol::ui::NodeState::ShuttingDown
+    })
+    .await;
+    // Intake stopped with the first request: neighbors can no longer (re)connect.
+    let refused = tokio::net::TcpStream::connect(node.listen_addr()).await;
+    assert!(
+        refused.is_err(),
+        "the neighbor listener must be closed during the shutdown"
+    );
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    let mut asks = Vec::new();
+    for mut client in clients {
+        asks.push(tokio::spawn(async move {
+            let answer = client
+                .request("shutdown", json!({"report": true}), |_| {})
+                .await;
+            let report: ShutdownReport = answer.expect("answered").into_payload().expect("report");
+            report
+        }));
+    }
+    for _ in 0..5 {
+        let http = http.clone();
+        asks.push(tokio::spawn(async move {
+            let response = http
+                .post(format!("http://{ui}/shutdown"))
+                .send()
+                .await
+                .expect("POST");
+            assert!(response.status().is_success());
+            response.json::<ShutdownReport>().await.expect("report")
+        }));
+    }
+    let report = within("the first request", first)
+        .await
+        .expect("no panic")
+        .expect("answered");
+    for ask in asks {
+        let joined = within("a request", ask).await.expect("no panic");
+        assert_eq!(joined, report, "every requester gets the same report");
+    }
+    assert_eq!(report.requests, 11);
+    assert_eq!(report.outcome, ShutdownOutcome::DeadlineExpired);
+    assert_eq!(report.deadline_ms, 2000);
+    assert!(
+        report
+            .still_running
+            .iter()
+            .any(|s| s.starts_with("stream to ")),
+        "the report names the stream that held the shutdown: {:?}",
+        report.still_running
+    );
+    assert_eq!(within("the node ends", node.wait()).await, report);
+}
+
+#[tokio::test]
+async fn other_ui_clients_hear_that_the_node_is_going_down() {
+    let node = within(
+        "start",
+        meshnode::start(Config::new(Identity::from_seed([9; 32]))),
+    )
+    .await
+    .expect("starts");
+    let mut bystander = within("connect", UiClient::connect(node.ui_addr()))
+        .await
+        .expect("UI");
+    // A status round trip first, so the bystander is surely subscribed.
+    within("status", bystander.request("status", json!({}), |_| {}))
+        .await
+        .expect("status");
+    let ui = node.ui_addr();
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    let post = tokio::spawn(async move { http.post(format!("http://{ui}/shutdown")).send().await });
+    let broadcast = bystander.receive(BOUND).await.expect("a broadcast");
+    let response = within("POST", post)
+        .await
+        .expect("no panic")
+        .expect("answered");
+    assert!(response.status().is_success());
+    assert_eq!(broadcast.opcode, "shuttingDown");
+    assert_eq!(broadcast.context_id, None);
+    let payload = broadcast.payload.as_ref().expect("payload");
+    assert_eq!(payload["trigger"]["kind"], "http");
+    assert_eq!(payload["deadlineMs"], 5000);
+    // Then the node lets the bystander go.
+    assert!(
+        bystander.receive(BOUND).await.is_err(),
+        "the connection closes"
+    );
+    within("the node ends", node.wait()).await;
+}
+
+/// After a graceful withdrawal the neighbor that dialed the departed node leaves its address
+/// alone; after a crash it dials again at once.
+#[tokio::test]
+async fn a_withdrawn_neighbor_is_not_redialed_but_a_crashed_one_is() {
+    for graceful in [true, false] {
+        let a = within(
+            "start",
+            meshnode::start(Config::new(Identity::from_seed([20; 32]))),
+        )
+        .await
+        .expect("starts");
+        let addr = a.listen_addr();
+        let mut config = Config::new(Identity::from_seed([21; 32]));
+        config.neighbors = vec![addr.to_string()];
+        let b = within("start", meshnode::start(config))
+            .await
+            .expect("starts");
+        let a_id = a.id().to_string();
+        eventually("B connects to A", || async {
+            status(&b)
+                .await
+                .neighbors
+                .iter()
+                .any(|n| n.node_id == a_id && n.full)
+        })
+        .await;
+        if graceful {
+            let report = within("A withdraws", a.shutdown()).await.expect("answered");
+            assert_eq!(report.outcome, ShutdownOutcome::Graceful);
+            within("A ends", a.wait()).await;
+        } else {
+            assert!(a.stop().await);
+        }
+        eventually("B drops A", || async {
+            status(&b).await.neighbors.is_empty()
+        })
+        .await;
+        // Something listens on A's old address again: does B dial it?
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .expect("A's address is free");
+        // B's backoff starts at 100 ms, so a redial comes well within a second.
+        let dialed = tokio::time::timeout(Duration::from_secs(1), listener.accept()).await;
+        if graceful {
+            assert!(dialed.is_err(), "B redialed a neighbor that withdrew");
+        } else {
+            assert!(
+                matches!(dialed, Ok(Ok(_))),
+                "B did not redial a crashed neighbor"
+            );
+        }
+        assert!(b.stop().await);
+    }
+}
