@@ -334,3 +334,32 @@ fn a_key_file_keeps_the_node_id_across_restarts() {
     drop(second);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_demo_shows_a_graceful_withdrawal_and_exits_0() {
+    let out = meshnode(&["demo", "--nodes", "4"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("converged in"), "{text}");
+    assert!(text.contains(": graceful after"), "{text}");
+    assert!(
+        text.contains("when each remaining node learned of the departure"),
+        "{text}"
+    );
+    assert!(
+        text.contains("gossip frames the whole mesh sent for it"),
+        "{text}"
+    );
+    assert!(text.contains("3 of 3 shut down gracefully"), "{text}");
+    let out = meshnode(&["demo", "--nodes", "1"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "--nodes below 2 is a usage error"
+    );
+}

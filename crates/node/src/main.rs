@@ -33,6 +33,10 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a node until it is shut down (through its UI, or with SIGTERM or Ctrl-C).
+    #[command(
+        after_help = "Exit codes: 0 graceful shutdown; 3 the shutdown deadline expired; \
+        1 any other failure; 2 usage error; 128+N a second signal N during the shutdown."
+    )]
     Run(RunArgs),
     /// Print the status of a running node.
     Status {
