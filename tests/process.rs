@@ -363,3 +363,34 @@ fn the_demo_shows_a_graceful_withdrawal_and_exits_0() {
         "--nodes below 2 is a usage error"
     );
 }
+
+/// Neither a neighbor that never hangs up, nor a UI client that stays after its answer, nor
+/// one that never finishes its HTTP request, keeps the process past deadline + grace.
+#[test]
+fn nothing_keeps_the_process_past_the_deadline_plus_the_grace() {
+    let (mut daemon, _stuck, runtime) = daemon_with_stuck_neighbor("500ms");
+    let ui = daemon.ui;
+    let (mut requester, _half_sent) = runtime.block_on(async {
+        use tokio::io::AsyncWriteExt;
+        let mut raw = tokio::net::TcpStream::connect(ui).await.expect("connect");
+        raw.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("write");
+        let client = meshnode::client::UiClient::connect(ui)
+            .await
+            .expect("websocket");
+        (client, raw)
+    });
+    let started = Instant::now();
+    let answer = runtime.block_on(requester.request("shutdown", serde_json::json!({}), |_| {}));
+    assert!(answer.is_ok(), "{answer:?}");
+    // The requester keeps its websocket open and the other client never finishes.
+    assert_eq!(daemon.wait_exit().code(), Some(3));
+    let lived = started.elapsed();
+    // 500 ms deadline + 1 s grace; the rest is slack for a loaded machine, not a budget.
+    assert!(
+        lived < Duration::from_millis(2500),
+        "the process lived {lived:?}"
+    );
+    drop(requester);
+}

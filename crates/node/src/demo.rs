@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use meshnode_protocol::Identity;
-use meshnode_protocol::ui::StatusPayload;
+use meshnode_protocol::ui::{StatusPayload, short_id};
 use serde_json::json;
 use tokio::time::Instant;
 
@@ -78,9 +78,13 @@ pub async fn run(nodes: usize, mut print: impl FnMut(&str)) -> Result<ShutdownRe
     let departing = mesh.remove(leaving);
     let departing_id = departing.id().to_string();
     let sent_before: u64 = statuses.iter().map(|s| s.stats.gossip_frames_sent).sum();
+    let departing_before = statuses
+        .iter()
+        .find(|s| s.node_id == departing_id)
+        .map(|s| s.stats.gossip_frames_sent);
     print(&format!(
         "shutting down node {} ({}) through its websocket, as a UI would",
-        short(&departing_id),
+        short_id(&departing_id),
         departing.ui_addr()
     ));
 
@@ -124,19 +128,17 @@ pub async fn run(nodes: usize, mut print: impl FnMut(&str)) -> Result<ShutdownRe
         let _ = writeln!(
             lines,
             "  {}  {:>6.1} ms  {}",
-            short(&status.node_id),
+            short_id(&status.node_id),
             at.as_secs_f64() * 1000.0,
             if direct { "(was its neighbor)" } else { "" }
         );
     }
+    let departing_sent = departing_before
+        .and_then(|before| Some(report.stats.as_ref()?.gossip_frames_sent - before))
+        .map_or("?".to_owned(), |n| n.to_string());
     let _ = write!(
         lines,
-        "gossip frames the whole mesh sent for it: {frames} ({} from the departing node)",
-        report
-            .subsystems
-            .children
-            .first()
-            .map_or("?".into(), |h| h.summary.clone())
+        "gossip frames the whole mesh sent for it: {frames} ({departing_sent} from the departing node)"
     );
     print(&lines);
 
@@ -267,7 +269,7 @@ fn table(statuses: &[StatusPayload]) -> String {
             .map(|n| {
                 format!(
                     "{}{}",
-                    short(&n.node_id),
+                    short_id(&n.node_id),
                     if n.full { "" } else { "(half)" }
                 )
             })
@@ -275,15 +277,11 @@ fn table(statuses: &[StatusPayload]) -> String {
         let _ = writeln!(
             out,
             "  {}  {:<21}  {:<21}  {}",
-            short(&s.node_id),
+            short_id(&s.node_id),
             s.listen,
             s.ui,
             neighbors.join(" ")
         );
     }
     out
-}
-
-fn short(id: &str) -> &str {
-    id.get(..8).unwrap_or(id)
 }

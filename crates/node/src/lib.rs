@@ -20,6 +20,9 @@ mod shutdown_tests;
 #[cfg(test)]
 mod test_support;
 
+/// Pause after a failed accept (say, out of file descriptors) before accepting again.
+const ACCEPT_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
 pub use config::Config;
 pub use node::{Node, NodeController, StartError, start};
 pub use ui_gateway::{ShutdownOutcome, ShutdownReport, Trigger};

@@ -12,7 +12,7 @@ use meshnode::config::{load_or_create_identity, parse_duration, parse_neighbor};
 use meshnode::ui_gateway::UI_GRACE;
 use meshnode::{Config, ShutdownReport, client};
 use meshnode_protocol::Identity;
-use meshnode_protocol::ui::{DEFAULT_UI_PORT, StatusPayload, codes};
+use meshnode_protocol::ui::{DEFAULT_UI_PORT, StatusPayload, codes, short_id};
 use serde_json::json;
 use tracing_subscriber::EnvFilter;
 
@@ -101,7 +101,7 @@ fn main() -> ExitCode {
         Command::Demo { nodes } => runtime.block_on(demo(nodes.into())),
     };
     // Whatever is still running (a DNS lookup of a dialer, say) must not hold the exit.
-    runtime.shutdown_timeout(Duration::from_millis(100));
+    runtime.shutdown_timeout(Duration::from_millis(50));
     code
 }
 
@@ -162,9 +162,14 @@ async fn run(args: RunArgs) -> ExitCode {
                 }
                 tracing::info!(signal = signal.name, "shutting down gracefully; send it again to exit at once");
                 signalled = Some(tokio::time::Instant::now() + watchdog);
-                if controller.signal(signal.name).await.is_err() {
-                    tracing::warn!("the node is already ending");
-                }
+                // From a task of its own, so that this loop keeps listening for a second
+                // signal even if the gateway's inbox is full.
+                let controller = controller.clone();
+                tokio::spawn(async move {
+                    if controller.signal(signal.name).await.is_err() {
+                        tracing::warn!("the node is already ending");
+                    }
+                });
             }
             () = sleep_until(signalled) => {
                 return fail("the node did not end in time after the signal");
@@ -297,7 +302,6 @@ async fn status(ui: SocketAddr) -> ExitCode {
 
 fn render_status(s: &StatusPayload) -> String {
     use std::fmt::Write;
-    let short = |id: &str| id.get(..8).unwrap_or(id).to_owned();
     let mut out = String::new();
     let _ = writeln!(out, "node       {}", s.node_id);
     let state = serde_json::to_value(s.state).unwrap_or_default();
@@ -312,15 +316,15 @@ fn render_status(s: &StatusPayload) -> String {
     let _ = writeln!(out, "neighbors  {}", s.neighbors.len());
     for n in &s.neighbors {
         let kind = if n.full { "full" } else { "half" };
-        let _ = writeln!(out, "  {}  {:<21}  {kind}", short(&n.node_id), n.addr);
+        let _ = writeln!(out, "  {}  {:<21}  {kind}", short_id(&n.node_id), n.addr);
     }
     let _ = writeln!(out, "known      {}", s.known_nodes.len());
     for k in &s.known_nodes {
-        let neighbors: Vec<String> = k.neighbors.iter().map(|id| short(id)).collect();
+        let neighbors: Vec<&str> = k.neighbors.iter().map(|id| short_id(id)).collect();
         let _ = writeln!(
             out,
             "  {}  {:<21}  v{:<4} -> {}",
-            short(&k.node_id),
+            short_id(&k.node_id),
             k.addr,
             k.version,
             if neighbors.is_empty() {

@@ -23,8 +23,9 @@ use crate::ui_gateway::{
 
 /// Longest [`Node::stop`] waits for the node's tasks to end.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest [`Node::wait`] waits for the node's tasks to end once the gateway has let it go.
-pub const TEARDOWN_TIMEOUT: Duration = Duration::from_millis(250);
+/// Longest [`Node::wait`] waits for the node's tasks to end once the gateway has let it go
+/// (part of the gateway's `TEARDOWN_RESERVE`).
+pub const TEARDOWN_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]

@@ -191,6 +191,54 @@ async fn under_a_backlog_every_queued_frame_and_then_the_withdrawal_precede_the_
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_neighbor_that_never_hangs_up_is_named_and_the_rest_of_the_report_survives() {
+    let node = node(1).await;
+    let me = node.id();
+    let mut peers = neighbors(&node, 10..13).await;
+    let mut stuck = peers.pop().expect("three peers");
+    let stuck_id = stuck.id();
+    let readers = read_to_end(peers);
+    let shutdown = tokio::spawn(async move {
+        let report = node.shutdown().await;
+        (node, report)
+    });
+    // It reads everything, the withdrawal and the EOF included, but keeps its end open.
+    let frames = stuck.rest().await;
+    assert!(is_withdrawal(frames.last().expect("frames"), me));
+    let (node, report) = within("the shutdown", shutdown).await.expect("no panic");
+    let report = report.expect("answered");
+    assert_eq!(
+        report.outcome,
+        ShutdownOutcome::DeadlineExpired,
+        "{}",
+        report.render()
+    );
+    assert!(
+        report.elapsed_ms < 5000,
+        "the pool answered before the gateway's deadline"
+    );
+    let hood = &report.subsystems.children[0];
+    assert_eq!(
+        (hood.subsystem.as_str(), hood.summary.as_str()),
+        ("neighborhood", "notified 3 neighbors")
+    );
+    assert_eq!(report.subsystems.summary, "closed 2 of 3 streams");
+    assert_eq!(report.still_running.len(), 1);
+    assert!(report.still_running[0].starts_with(&format!("stream to {}", stuck_id.short())));
+    assert!(
+        report.stats.is_some(),
+        "the counters made it into the report"
+    );
+    for reader in readers {
+        within("a peer reads to EOF", reader)
+            .await
+            .expect("no panic");
+    }
+    drop(stuck);
+    within("the node ends", node.wait()).await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn repeated_requests_from_every_trigger_join_one_shutdown() {
     let node = node(1).await;
     let readers = read_to_end(neighbors(&node, 10..12).await);
@@ -396,7 +444,7 @@ fn played_pool(
                 PoolMsg::Counters { reply } => {
                     let _ = reply.send(PoolCounters::default());
                 }
-                PoolMsg::Shutdown { reply } => on_shutdown(reply, &mut held),
+                PoolMsg::Shutdown { reply, .. } => on_shutdown(reply, &mut held),
                 _ => {}
             }
         }
@@ -414,7 +462,7 @@ fn played_neighborhood(
         let mut held = Vec::new();
         while let Some(msg) = rx.recv().await {
             match msg {
-                NeighborhoodMsg::WithdrawFromNetwork { reply } => on_withdraw(reply, &mut held),
+                NeighborhoodMsg::WithdrawFromNetwork { reply, .. } => on_withdraw(reply, &mut held),
                 NeighborhoodMsg::OwnRecord { .. } | NeighborhoodMsg::Status { .. } => {}
                 _ => {}
             }
@@ -473,11 +521,15 @@ async fn a_neighborhood_that_never_answers_is_named_when_the_deadline_expires() 
     let rig = Rig::new(played_neighborhood(hold), pool).await;
     let (report, took) = rig.shutdown().await;
     assert_eq!(report.outcome, ShutdownOutcome::DeadlineExpired);
-    assert_eq!(took, DEFAULT_SHUTDOWN_DEADLINE);
-    assert_eq!(
-        report.still_running,
-        vec!["stream_handler_pool", "neighborhood"]
+    assert_eq!(report.exit_code(), 3);
+    // The pool answers a little before the gateway's deadline, naming what it waited for.
+    assert!(
+        took < DEFAULT_SHUTDOWN_DEADLINE && took >= Duration::from_millis(4800),
+        "{took:?}"
     );
+    assert_eq!(report.subsystems.outcome, Outcome::Done);
+    assert_eq!(report.subsystems.children[0].outcome, Outcome::Late);
+    assert_eq!(report.still_running, vec!["neighborhood"]);
 }
 
 #[tokio::test(start_paused = true)]

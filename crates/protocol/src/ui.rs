@@ -158,6 +158,11 @@ pub fn parse_request(text: &str) -> Result<UiRequest, UiMessage> {
     }
 }
 
+/// The first eight hex digits of a node id as written in payloads, for people and logs.
+pub fn short_id(id: &str) -> &str {
+    id.get(..8).unwrap_or(id)
+}
+
 /// What a node is doing, as `state` in the status payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

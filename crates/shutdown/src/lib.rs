@@ -1,19 +1,17 @@
 //! A generic "I am done" reply tree for coordinated shutdown.
 //!
-//! A parent that asks a child to stop creates a pair with [`Ledger::reply`]: it keeps the
-//! [`DoneWait`] and sends the [`DoneReply`] inside its stop message. The child answers with
+//! A parent that asks a child to stop creates a pair with [`channel`]: it keeps the [`DoneWait`]
+//! and sends the [`DoneReply`] inside its stop message. The child answers with
 //! [`DoneReply::done`] or [`DoneReply::failed`], nesting the reports of its own children. A reply
 //! dropped unanswered (the child panicked or its task was aborted) resolves the wait as
 //! [`Outcome::Vanished`]; it never hangs the tree. A wait given a deadline resolves as
-//! [`Outcome::Late`] when the deadline passes, and the shared [`Ledger`] then names every
-//! subsystem, at any depth, that has not answered yet.
+//! [`Outcome::Late`] when the deadline passes. A parent that is itself bounded answers by its own
+//! deadline, nesting a late report for each child still out, so the tree names every straggler.
 //!
 //! The crate knows nothing of networks or nodes: a subsystem is a name.
 #![forbid(unsafe_code)]
 
-use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -74,6 +72,30 @@ impl DoneReport {
         self.outcome.is_done() && self.children.iter().all(DoneReport::all_done)
     }
 
+    /// A report for a child that had not answered when its parent's deadline passed.
+    pub fn late(
+        subsystem: impl Into<String>,
+        elapsed: Duration,
+        summary: impl Into<String>,
+    ) -> Self {
+        DoneReport {
+            subsystem: subsystem.into(),
+            outcome: Outcome::Late,
+            elapsed: whole_millis(elapsed),
+            summary: summary.into(),
+            children: Vec::new(),
+        }
+    }
+
+    /// The subsystems in this tree, at any depth, that were late.
+    pub fn late_names(&self) -> Vec<String> {
+        self.flatten()
+            .into_iter()
+            .filter(|(_, outcome)| **outcome == Outcome::Late)
+            .map(|(name, _)| name.to_owned())
+            .collect()
+    }
+
     /// Every subsystem in this tree, depth first, with its outcome.
     pub fn flatten(&self) -> Vec<(&str, &Outcome)> {
         let mut out = vec![(self.subsystem.as_str(), &self.outcome)];
@@ -84,87 +106,38 @@ impl DoneReport {
     }
 }
 
-/// Shared record of which replies are still unanswered, so that a parent whose deadline passed
-/// can name every late subsystem, including grandchildren it never waited on directly.
-#[derive(Debug, Clone, Default)]
-pub struct Ledger {
-    inner: Arc<Mutex<LedgerInner>>,
-}
-
-#[derive(Debug, Default)]
-struct LedgerInner {
-    next_id: u64,
-    pending: BTreeMap<u64, String>,
-}
-
-impl Ledger {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Creates the two ends of one subsystem's done reply and marks it pending.
-    pub fn reply(&self, subsystem: impl Into<String>) -> (DoneReply, DoneWait) {
-        let subsystem = subsystem.into();
-        let id = {
-            let mut inner = self.lock();
-            let id = inner.next_id;
-            inner.next_id += 1;
-            inner.pending.insert(id, subsystem.clone());
-            id
-        };
-        let (tx, rx) = oneshot::channel();
-        let started = Instant::now();
-        let reply = DoneReply {
-            tx: Some(tx),
-            id,
-            subsystem: subsystem.clone(),
+/// Creates the two ends of one subsystem's done reply.
+pub fn channel(subsystem: impl Into<String>) -> (DoneReply, DoneWait) {
+    let subsystem = subsystem.into();
+    let (tx, rx) = oneshot::channel();
+    let started = Instant::now();
+    let reply = DoneReply {
+        tx,
+        subsystem: subsystem.clone(),
+        started,
+    };
+    (
+        reply,
+        DoneWait {
+            rx,
+            subsystem,
             started,
-            ledger: self.clone(),
-        };
-        (
-            reply,
-            DoneWait {
-                rx,
-                subsystem,
-                started,
-            },
-        )
-    }
-
-    /// Subsystems whose replies are neither answered nor dropped, in the order they were asked.
-    pub fn still_running(&self) -> Vec<String> {
-        self.lock().pending.values().cloned().collect()
-    }
-
-    fn settle(&self, id: u64) {
-        self.lock().pending.remove(&id);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, LedgerInner> {
-        // The critical sections cannot panic, but a poisoned ledger must still answer.
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
-    }
+        },
+    )
 }
 
 /// The child's end: answer it once. Dropping it unanswered reports [`Outcome::Vanished`].
 #[derive(Debug)]
 pub struct DoneReply {
-    tx: Option<oneshot::Sender<DoneReport>>,
-    id: u64,
+    tx: oneshot::Sender<DoneReport>,
     subsystem: String,
     started: Instant,
-    ledger: Ledger,
 }
 
 impl DoneReply {
     /// The subsystem this reply speaks for.
     pub fn subsystem(&self) -> &str {
         &self.subsystem
-    }
-
-    /// The ledger this reply belongs to, for creating replies for the children.
-    pub fn ledger(&self) -> &Ledger {
-        &self.ledger
     }
 
     /// Says "done". Returns false when the parent stopped listening.
@@ -179,27 +152,15 @@ impl DoneReply {
         self.answer(Outcome::Failed { reason }, summary, children)
     }
 
-    fn answer(mut self, outcome: Outcome, summary: String, children: Vec<DoneReport>) -> bool {
+    fn answer(self, outcome: Outcome, summary: String, children: Vec<DoneReport>) -> bool {
         let report = DoneReport {
-            subsystem: self.subsystem.clone(),
+            subsystem: self.subsystem,
             outcome,
             elapsed: whole_millis(self.started.elapsed()),
             summary,
             children,
         };
-        self.ledger.settle(self.id);
-        match self.tx.take() {
-            Some(tx) => tx.send(report).is_ok(),
-            None => false,
-        }
-    }
-}
-
-impl Drop for DoneReply {
-    fn drop(&mut self) {
-        if self.tx.is_some() {
-            self.ledger.settle(self.id);
-        }
+        self.tx.send(report).is_ok()
     }
 }
 
@@ -289,9 +250,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_done_reply_nests_its_childrens_reports() {
-        let ledger = Ledger::new();
-        let (pool, pool_wait) = ledger.reply("pool");
-        let (hood, hood_wait) = pool.ledger().reply("neighborhood");
+        let (pool, pool_wait) = channel("pool");
+        let (hood, hood_wait) = channel("neighborhood");
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(30)).await;
             hood.done("notified 4 neighbors", vec![]);
@@ -310,13 +270,12 @@ mod tests {
             report.flatten(),
             vec![("pool", &Outcome::Done), ("neighborhood", &Outcome::Done)]
         );
-        assert!(ledger.still_running().is_empty());
+        assert!(report.late_names().is_empty());
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_dropped_reply_is_vanished_not_a_hang() {
-        let ledger = Ledger::new();
-        let (reply, wait) = ledger.reply("pool");
+        let (reply, wait) = channel("pool");
         let task = tokio::spawn(async move {
             let _reply = reply;
             panic!("subsystem crashed");
@@ -327,27 +286,29 @@ mod tests {
             .expect("bounded");
         assert_eq!(report.outcome, Outcome::Vanished);
         assert!(!report.all_done());
-        assert!(ledger.still_running().is_empty());
     }
 
     #[tokio::test(start_paused = true)]
-    async fn past_the_deadline_the_wait_is_late_and_the_ledger_names_grandchildren() {
-        let ledger = Ledger::new();
-        let (pool, pool_wait) = ledger.reply("pool");
-        let (_hood, _hood_wait) = pool.ledger().reply("neighborhood");
+    async fn past_the_deadline_the_wait_is_late_and_late_children_are_named() {
+        let (pool, pool_wait) = channel("pool");
         let start = Instant::now();
         let report = pool_wait.wait_until(start + Duration::from_secs(5)).await;
         assert_eq!(report.outcome, Outcome::Late);
         assert_eq!(start.elapsed(), Duration::from_secs(5));
-        assert_eq!(ledger.still_running(), vec!["pool", "neighborhood"]);
+        assert_eq!(report.late_names(), vec!["pool"]);
         drop(pool);
-        assert_eq!(ledger.still_running(), vec!["neighborhood"]);
+
+        let stuck = DoneReport::late("stream to x", Duration::from_secs(4), "no EOF");
+        let (pool, pool_wait) = channel("pool");
+        pool.done("closed 3 of 4 streams", vec![stuck]);
+        let report = pool_wait.wait().await;
+        assert!(!report.all_done());
+        assert_eq!(report.late_names(), vec!["stream to x"]);
     }
 
     #[tokio::test]
     async fn failed_carries_its_reason_and_answering_a_gone_parent_is_harmless() {
-        let ledger = Ledger::new();
-        let (reply, wait) = ledger.reply("neighborhood");
+        let (reply, wait) = channel("neighborhood");
         assert!(reply.failed("database closed", vec![]));
         let report = wait.wait().await;
         assert_eq!(
@@ -357,10 +318,9 @@ mod tests {
             }
         );
 
-        let (reply, wait) = ledger.reply("pool");
+        let (reply, wait) = channel("pool");
         drop(wait);
         assert!(!reply.done("nobody listens", vec![]));
-        assert!(ledger.still_running().is_empty());
     }
 
     #[test]

@@ -48,8 +48,12 @@ pub enum NeighborhoodMsg {
         reply: oneshot::Sender<NeighborhoodStatus>,
     },
     /// Drop every outgoing half-neighborship at once, queue exactly one gossip showing that on
-    /// each immediate neighbor's stream, answer done, and from then on gossip nothing.
-    WithdrawFromNetwork { reply: DoneReply },
+    /// each of `streams` (the pool's admitted streams) whose neighbor has not itself withdrawn,
+    /// answer done, and from then on gossip nothing.
+    WithdrawFromNetwork {
+        streams: Vec<StreamHandle>,
+        reply: DoneReply,
+    },
 }
 
 /// The neighborhood's part of the status payload.

@@ -29,6 +29,9 @@ pub(super) struct Neighborhood {
     counters: GossipCounters,
     /// Immediate neighbors that withdrew from the network: sent nothing more, not redialed.
     departed: HashSet<NodeId>,
+    /// For each immediate neighbor, the version of the first record of its own, received over
+    /// its own stream, that listed this node: a later one that does not is its withdrawal.
+    listed_since: HashMap<NodeId, u64>,
     /// Set once this node withdrew: from then on it changes and gossips nothing.
     withdrawn: bool,
     /// Status requests of the current batch, answered after its gossip is counted.
@@ -67,6 +70,7 @@ impl Neighborhood {
             outbox: Outbox::default(),
             counters: GossipCounters::default(),
             departed: HashSet::new(),
+            listed_since: HashMap::new(),
             withdrawn: false,
             status_replies: Vec::new(),
         })
@@ -114,7 +118,9 @@ impl Neighborhood {
                 let _ = reply.send(self.own.signed().clone());
             }
             NeighborhoodMsg::Status { reply } => self.status_replies.push(reply),
-            NeighborhoodMsg::WithdrawFromNetwork { reply } => self.withdraw(reply),
+            NeighborhoodMsg::WithdrawFromNetwork { streams, reply } => {
+                self.withdraw(streams, reply)
+            }
         }
     }
 
@@ -131,15 +137,17 @@ impl Neighborhood {
     /// Drops every outgoing half-neighborship in one change (one version, one signature) and
     /// queues exactly one gossip frame showing it on each immediate neighbor's stream, in the
     /// slot each stream keeps for it. The pool closes the streams behind it once this answers.
-    fn withdraw(&mut self, reply: DoneReply) {
+    fn withdraw(&mut self, streams: Vec<StreamHandle>, reply: DoneReply) {
         if self.withdrawn {
             reply.done("already withdrawn", Vec::new());
             return;
         }
-        let targets: Vec<StreamHandle> = self
-            .streams
-            .values()
-            .filter_map(|streams| streams.last().cloned())
+        // The pool's list, not this task's: a stream admitted just now may not have announced
+        // itself here yet, and it is owed the withdrawal all the same. A neighbor that has
+        // itself withdrawn is owed nothing.
+        let targets: Vec<StreamHandle> = streams
+            .into_iter()
+            .filter(|s| !self.departed.contains(&s.peer()))
             .collect();
         self.change_own(|neighbors| {
             let had = !neighbors.is_empty();
@@ -218,6 +226,7 @@ impl Neighborhood {
         if streams.is_empty() {
             self.streams.remove(&peer);
             self.departed.remove(&peer);
+            self.listed_since.remove(&peer);
             self.outbox.full_sync.remove(&peer);
             if self.change_own(|neighbors| neighbors.remove(&peer)) {
                 info!(peer = %peer.short(), %conn, "neighbor gone; half-neighborship removed");
@@ -250,16 +259,40 @@ impl Neighborhood {
                 }
                 continue;
             }
-            let id = record.id();
+            let (id, version) = (record.id(), record.version());
             let lists_me = record.record().neighbors.contains(&me);
-            if self.merge(record, Some(from)) == Merge::Accepted && id == from && !lists_me {
-                self.neighbor_withdrew(from);
+            self.merge(record, Some(from));
+            if !self.streams.contains_key(&id) {
+                continue;
+            }
+            if lists_me {
+                if id == from {
+                    let confirmed = self.listed_since.entry(id).or_insert(version);
+                    *confirmed = (*confirmed).min(version);
+                }
+            } else if self.is_withdrawal(id, from, version) {
+                self.neighbor_withdrew(id);
             }
         }
     }
 
-    /// A neighbor's own newer record, over its own stream, no longer lists this node: it
-    /// withdrew. Drop the half-neighborship to it now, in this batch's one gossip round, so
+    /// Whether a record of immediate neighbor `id` at `version`, which does not list this node,
+    /// shows that the neighbor withdrew. It must be the newest record of it stored here, and
+    /// either come over the neighbor's own stream (a neighbor sends its own record only as it
+    /// is now, and lists this node from the first gossip after the handshake), or, relayed by
+    /// another neighbor, be newer than a record of its own that listed this node (an older one
+    /// may predate the handshake and proves nothing).
+    fn is_withdrawal(&self, id: NodeId, from: NodeId, version: u64) -> bool {
+        let newest = self.db.get(&id).is_some_and(|r| r.version() == version);
+        let after_listing = self
+            .listed_since
+            .get(&id)
+            .is_some_and(|&since| version > since);
+        newest && (id == from || after_listing)
+    }
+
+    /// A neighbor's own newer record no longer lists this node: it withdrew. Drop the
+    /// half-neighborship to it now, in this batch's one gossip round, so
     /// that its stream closing a moment later changes nothing. (The stream's reader has
     /// already noted the departure, so that the neighbor is not redialed.)
     fn neighbor_withdrew(&mut self, peer: NodeId) {

@@ -696,3 +696,112 @@ async fn a_neighbor_whose_hello_is_older_than_its_stored_record_gets_that_record
     assert!(c.one_frame().iter().all(|r| r.id() != c.id()));
     hood.stop().await;
 }
+
+/// P has been a full neighbor at version 2; Q and R are neighbors too. Returns them drained.
+fn with_full_neighbor_p(hood: &mut Neighborhood, me: &Identity) -> (Neighbor, Neighbor, Neighbor) {
+    let mut p = Neighbor::new(10, 1);
+    let mut q = Neighbor::new(11, 2);
+    let mut r = Neighbor::new(12, 3);
+    for n in [&p, &q, &r] {
+        hood.handle(n.connected(1, &[]));
+    }
+    hood.flush();
+    hood.handle(p.gossip(vec![record(&p.identity, 2, &[me.id()])]));
+    hood.flush();
+    for n in [&mut p, &mut q, &mut r] {
+        n.queued();
+    }
+    (p, q, r)
+}
+
+fn withdraw_reply() -> meshnode_shutdown::DoneReply {
+    meshnode_shutdown::channel("neighborhood").0
+}
+
+#[test]
+fn a_withdrawal_relayed_before_the_neighbors_own_frame_still_costs_one_round() {
+    let me = identity(1);
+    let mut hood = Neighborhood::new(me.clone(), ADDR.into()).expect("own record");
+    let (mut p, q, mut r) = with_full_neighbor_p(&mut hood, &me);
+    let withdrawal = record(&p.identity, 3, &[]);
+    // Q relays P's withdrawal before P's own frame gets here.
+    hood.handle(q.gossip(vec![withdrawal.clone()]));
+    hood.flush();
+    let round = r.one_frame();
+    assert!(
+        round
+            .iter()
+            .any(|rec| rec.id() == me.id() && !rec.record.neighbors.contains(&p.id()))
+    );
+    // P's own copy, then P's EOF: nothing more.
+    hood.handle(p.gossip(vec![withdrawal]));
+    hood.flush();
+    hood.handle(p.disconnected());
+    hood.flush();
+    r.nothing_queued();
+    p.nothing_queued();
+}
+
+#[test]
+fn the_withdrawal_goes_to_every_stream_the_pool_names_but_not_to_a_departed_neighbor() {
+    let me = identity(1);
+    let mut hood = Neighborhood::new(me.clone(), ADDR.into()).expect("own record");
+    let (mut p, mut q, mut r) = with_full_neighbor_p(&mut hood, &me);
+    // P withdrew first.
+    hood.handle(p.gossip(vec![record(&p.identity, 3, &[])]));
+    hood.flush();
+    q.queued();
+    r.queued();
+    p.nothing_queued();
+    // A stream the pool admitted whose announcement has not arrived here yet.
+    let mut late = Neighbor::new(13, 4);
+    let streams = vec![
+        p.stream.clone(),
+        q.stream.clone(),
+        r.stream.clone(),
+        late.stream.clone(),
+    ];
+    hood.handle(NeighborhoodMsg::WithdrawFromNetwork {
+        streams,
+        reply: withdraw_reply(),
+    });
+    hood.handle(late.connected(1, &[]));
+    hood.flush();
+    for n in [&mut q, &mut r, &mut late] {
+        let frame = n.one_frame();
+        assert_eq!(frame.len(), 1);
+        assert!(frame[0].record.neighbors.is_empty(), "the withdrawal");
+    }
+    p.nothing_queued();
+}
+
+#[test]
+fn a_relayed_record_older_than_the_neighbors_handshake_is_no_withdrawal() {
+    let me = identity(1);
+    let mut hood = Neighborhood::new(me.clone(), ADDR.into()).expect("own record");
+    let mut p = Neighbor::new(10, 1);
+    let q = Neighbor::new(11, 2);
+    hood.handle(q.connected(1, &[]));
+    hood.handle(p.connected(1, &[]));
+    hood.flush();
+    p.queued();
+    // P changed its record for another neighbor just before it admitted this node; Q relays
+    // that version before P's own gossip (which lists this node) arrives.
+    hood.handle(q.gossip(vec![record(&p.identity, 2, &[q.id()])]));
+    hood.flush();
+    assert!(hood_lists(&mut hood, p.id()), "P is still a neighbor");
+    hood.handle(p.gossip(vec![record(&p.identity, 3, &[q.id(), me.id()])]));
+    hood.flush();
+    assert!(hood_lists(&mut hood, p.id()));
+}
+
+fn hood_lists(hood: &mut Neighborhood, peer: NodeId) -> bool {
+    let (reply, mut rx) = oneshot::channel();
+    hood.handle(NeighborhoodMsg::Status { reply });
+    hood.answer_status();
+    let status = rx.try_recv().expect("answered");
+    status
+        .neighbors
+        .iter()
+        .any(|n| n.node_id == peer.to_string())
+}

@@ -47,8 +47,9 @@ pub(super) async fn run(shared: Shared, target: String) {
                 {
                     return;
                 }
-                failures = 0;
-                delay = BACKOFF_MIN;
+                // Then try again, at the slowest pace, in case it has come back.
+                failures = 1;
+                delay = BACKOFF_MAX;
                 continue;
             }
             Ended::Closed(peer) => {

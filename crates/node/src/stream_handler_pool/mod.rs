@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -34,8 +35,9 @@ pub const WRITER_QUEUE: usize = 32;
 /// withdrawal. When gossip finds the queue this full the neighbor is not keeping up: the
 /// neighborhood closes the stream rather than block or silently skip gossip.
 pub const GOSSIP_QUEUE_LIMIT: usize = WRITER_QUEUE - 1;
-/// How long a dialer waits before dialing a neighbor that withdrew from the network.
-pub const DEPARTED_COOLDOWN: Duration = Duration::from_secs(30);
+/// How long a dialer leaves a neighbor that withdrew from the network alone before it tries
+/// again (at its slowest pace), in case the neighbor has come back.
+pub const DEPARTED_COOLDOWN: Duration = Duration::from_secs(60);
 /// Longest a new stream may take to exchange hellos.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest one dial may take to connect.
@@ -232,8 +234,9 @@ pub enum PoolMsg {
     Adopt { stream: BoxedStream },
     /// Withdraw from the network and close every stream: stop intake, have the neighborhood
     /// gossip the withdrawal, close each stream after it, wait for the streams to end, then
-    /// answer `reply` with the neighborhood's done nested in the pool's.
-    Shutdown { reply: DoneReply },
+    /// answer `reply` with the neighborhood's done nested in the pool's. By `deadline` it
+    /// answers whatever happens, with a late report for each part still out.
+    Shutdown { reply: DoneReply, deadline: Instant },
 }
 
 /// Any bidirectional byte stream the pool can run a neighbor over.

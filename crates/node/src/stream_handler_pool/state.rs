@@ -3,12 +3,12 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Duration;
 
 use meshnode_protocol::NodeId;
 use meshnode_shutdown::{DoneReply, DoneReport};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tracing::{Instrument, debug, info, warn};
 
 use super::{
@@ -16,9 +16,6 @@ use super::{
     connection,
 };
 use crate::neighborhood::NeighborhoodMsg;
-
-/// Pause after a failed accept (say, out of file descriptors) before accepting again.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 pub(super) struct Pool {
     shared: Shared,
@@ -34,16 +31,22 @@ pub(super) struct Pool {
 /// Where the pool is in a shutdown.
 enum Phase {
     Running,
-    /// Waiting for the neighborhood to say that its withdrawal gossip is queued on every stream.
+    /// Waiting for the neighborhood to say that its withdrawal gossip is queued on every stream
+    /// (the wait resolves as late at the deadline).
     Withdrawing {
         reply: DoneReply,
+        deadline: Instant,
         neighborhood: Pin<Box<dyn Future<Output = DoneReport> + Send>>,
     },
-    /// Every stream was told to close after that gossip; waiting for each to end.
+    /// Every stream was told to close after that gossip; waiting for each to end, or the
+    /// deadline.
     Closing {
         reply: DoneReply,
+        deadline: Instant,
+        since: Instant,
         neighborhood: DoneReport,
-        streams: HashMap<ConnId, DoneReply>,
+        /// The streams still open, by name for the report.
+        streams: HashMap<ConnId, String>,
         total: usize,
     },
     /// Answered.
@@ -64,13 +67,16 @@ impl Pool {
     pub(super) async fn run(mut self, mut inbox: mpsc::Receiver<PoolMsg>) {
         let cancel = self.shared.cancel.clone();
         loop {
-            // Cancellation first; then the neighborhood's done, which moves a shutdown on;
+            // Cancellation first; then the shutdown's next step;
             // then the inbox before new connections, so that streams already running are
             // served before more are taken on.
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
-                report = withdrawal(&mut self.phase) => self.neighborhood_done(report),
+                step = shutdown_step(&mut self.phase) => match step {
+                    Step::NeighborhoodDone(report) => self.neighborhood_done(report),
+                    Step::Deadline => self.answer_late_streams(),
+                },
                 msg = inbox.recv() => match msg {
                     Some(msg) => self.handle(msg),
                     None => break,
@@ -79,7 +85,7 @@ impl Pool {
                     Ok((stream, remote)) => self.accept(stream, remote),
                     Err(e) => {
                         warn!(error = %e, "accept failed; pausing");
-                        tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                        tokio::time::sleep(crate::ACCEPT_ERROR_PAUSE).await;
                     }
                 },
             }
@@ -130,7 +136,7 @@ impl Pool {
                 let _ = reply.send(self.shared.counters.snapshot());
             }
             PoolMsg::Adopt { stream } => self.adopt(stream),
-            PoolMsg::Shutdown { reply } => self.shutdown(reply),
+            PoolMsg::Shutdown { reply, deadline } => self.shutdown(reply, deadline),
         }
     }
 
@@ -146,9 +152,7 @@ impl Pool {
             }
         }
         if let Phase::Closing { streams, .. } = &mut self.phase {
-            if let Some(reply) = streams.remove(&conn) {
-                reply.done("closed", Vec::new());
-            }
+            streams.remove(&conn);
         }
         self.finish_if_closed();
     }
@@ -184,7 +188,7 @@ impl Pool {
     }
 
     /// Stops intake and asks the neighborhood to withdraw; the streams stay open meanwhile.
-    fn shutdown(&mut self, reply: DoneReply) {
+    fn shutdown(&mut self, reply: DoneReply, deadline: Instant) {
         if !matches!(self.phase, Phase::Running) {
             reply.failed("a shutdown is already under way", Vec::new());
             return;
@@ -195,41 +199,62 @@ impl Pool {
         );
         self.shared.intake.cancel();
         self.listener = None;
-        let (hood_reply, hood_wait) = reply.ledger().reply("neighborhood");
+        let (hood_reply, hood_wait) = meshnode_shutdown::channel("neighborhood");
+        // The withdrawal goes to exactly the streams admitted here, including any whose
+        // announcement has not reached the neighborhood yet.
+        let streams = self
+            .admitted
+            .values()
+            .map(|(stream, _)| stream.clone())
+            .collect();
         // Sent from a child so this loop never waits on the neighborhood's inbox; if the
         // neighborhood is gone the message, and its reply, are dropped: "vanished".
         let neighborhood = self.shared.neighborhood.clone();
         let send = async move {
-            let msg = NeighborhoodMsg::WithdrawFromNetwork { reply: hood_reply };
+            let msg = NeighborhoodMsg::WithdrawFromNetwork {
+                streams,
+                reply: hood_reply,
+            };
             if neighborhood.send(msg).await.is_err() {
                 debug!("the neighborhood is gone");
             }
         };
         self.shared.tracker.spawn(send.in_current_span());
+        let neighborhood = Box::pin(hood_wait.wait_until(deadline));
         self.phase = Phase::Withdrawing {
             reply,
-            neighborhood: Box::pin(hood_wait.wait()),
+            deadline,
+            neighborhood,
         };
     }
 
-    /// The neighborhood has queued its withdrawal gossip on every stream (or is gone): close
-    /// every stream behind what is queued on it.
+    /// The neighborhood has queued its withdrawal gossip on every stream (or is gone, or late):
+    /// close every stream behind what is queued on it.
     fn neighborhood_done(&mut self, neighborhood: DoneReport) {
-        let Phase::Withdrawing { reply, .. } = std::mem::replace(&mut self.phase, Phase::Done)
+        let Phase::Withdrawing {
+            reply, deadline, ..
+        } = std::mem::replace(&mut self.phase, Phase::Done)
         else {
             return;
         };
         debug!(outcome = %neighborhood.outcome, summary = %neighborhood.summary, "neighborhood done; closing streams");
-        let mut streams = HashMap::new();
-        for (peer, (stream, _)) in &self.admitted {
-            stream.close();
-            let name = format!("stream to {} ({})", peer.short(), stream.id());
-            let (stream_reply, _) = reply.ledger().reply(name);
-            streams.insert(stream.id(), stream_reply);
-        }
+        let streams: HashMap<ConnId, String> = self
+            .admitted
+            .iter()
+            .map(|(peer, (stream, _))| {
+                stream.close();
+                (
+                    stream.id(),
+                    format!("stream to {} ({})", peer.short(), stream.id()),
+                )
+            })
+            .collect();
         let total = streams.len();
+        let since = Instant::now();
         self.phase = Phase::Closing {
             reply,
+            deadline,
+            since,
             neighborhood,
             streams,
             total,
@@ -252,12 +277,56 @@ impl Pool {
             reply.done(format!("closed {total} streams"), vec![neighborhood]);
         }
     }
+
+    /// The deadline passed with streams still open (their neighbors have not hung up): answer
+    /// now, naming each of them, so the report says which neighbor held the node up.
+    fn answer_late_streams(&mut self) {
+        let Phase::Closing {
+            reply,
+            since,
+            neighborhood,
+            streams,
+            total,
+            ..
+        } = std::mem::replace(&mut self.phase, Phase::Done)
+        else {
+            return;
+        };
+        warn!(
+            open = streams.len(),
+            total, "streams still open at the deadline"
+        );
+        let elapsed = since.elapsed();
+        let mut children = vec![neighborhood];
+        let mut late: Vec<(ConnId, String)> = streams.into_iter().collect();
+        late.sort();
+        children.extend(late.into_iter().map(|(_, name)| {
+            DoneReport::late(
+                name,
+                elapsed,
+                "the neighbor had not hung up by the deadline",
+            )
+        }));
+        let closed = total - (children.len() - 1);
+        reply.done(format!("closed {closed} of {total} streams"), children);
+    }
 }
 
-/// The neighborhood's done, while withdrawing; never resolves otherwise.
-async fn withdrawal(phase: &mut Phase) -> DoneReport {
+/// What moves a shutdown on.
+enum Step {
+    NeighborhoodDone(DoneReport),
+    Deadline,
+}
+
+/// The neighborhood's done while withdrawing, the deadline while closing; never resolves
+/// otherwise.
+async fn shutdown_step(phase: &mut Phase) -> Step {
     match phase {
-        Phase::Withdrawing { neighborhood, .. } => neighborhood.await,
+        Phase::Withdrawing { neighborhood, .. } => Step::NeighborhoodDone(neighborhood.await),
+        Phase::Closing { deadline, .. } => {
+            tokio::time::sleep_until(*deadline).await;
+            Step::Deadline
+        }
         _ => std::future::pending().await,
     }
 }

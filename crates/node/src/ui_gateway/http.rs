@@ -1,5 +1,7 @@
 //! The UI server: the MASQ websocket at `/`, `GET /status` and `POST /shutdown`.
 
+use std::future::IntoFuture;
+
 use axum::Router;
 use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
@@ -31,15 +33,19 @@ pub(super) fn router(state: AppState) -> Router {
 }
 
 /// Serves the UI until the node ends. The gateway closes the listening socket earlier, when it
-/// answers a shutdown; connections already open are served until the node ends.
+/// answers a shutdown; connections already open are served until the node ends, and then
+/// dropped without waiting for them (a client that never finishes its request cannot hold the
+/// node up).
 pub(super) async fn serve(listener: ClosableListener, app: AppState) {
-    let end = app.node.clone().cancelled_owned();
+    let end = app.node.clone();
     let service = router(app).into_make_service_with_connect_info::<ClientAddr>();
-    if let Err(e) = axum::serve(listener, service)
-        .with_graceful_shutdown(end)
-        .await
-    {
-        error!(error = %e, "UI server failed");
+    tokio::select! {
+        served = axum::serve(listener, service).into_future() => {
+            if let Err(e) = served {
+                error!(error = %e, "UI server failed");
+            }
+        }
+        () = end.cancelled() => {}
     }
     debug!("UI server stopped");
 }

@@ -2,15 +2,11 @@
 //! and know that it is closed (a new connection is then refused) before it answers anyone.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
-
-/// Pause after a failed accept (say, out of file descriptors) before accepting again.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 #[derive(Debug)]
 pub(super) struct ClosableListener {
@@ -71,7 +67,7 @@ impl axum::serve::Listener for ClosableListener {
                     Ok(conn) => return conn,
                     Err(e) => {
                         warn!(error = %e, "UI accept failed; pausing");
-                        tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                        tokio::time::sleep(crate::ACCEPT_ERROR_PAUSE).await;
                     }
                 },
             }

@@ -31,8 +31,8 @@ pub const GATEWAY_INBOX: usize = 256;
 pub const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default time from the first shutdown trigger to the end of the node.
 pub const DEFAULT_SHUTDOWN_DEADLINE: Duration = Duration::from_secs(5);
-/// After answering a shutdown, how long the node waits for answered UI clients to disconnect.
-/// The node never outlives its deadline by more than this (plus a few milliseconds of teardown).
+/// After answering a shutdown, how long the node may wait for answered UI clients to disconnect,
+/// teardown included. The node never outlives its deadline by more than this.
 pub const UI_GRACE: Duration = Duration::from_secs(1);
 /// How many broadcasts may wait for a slow UI client before it misses some.
 const BROADCAST_BUFFER: usize = 16;

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 
-use meshnode_protocol::ui::Stats;
+use meshnode_protocol::ui::{Stats, short_id};
 use meshnode_shutdown::{DoneReport, Outcome};
 use serde::{Deserialize, Serialize};
 
@@ -126,7 +126,7 @@ impl ShutdownReport {
         };
         format!(
             "shutdown of {} ({}): {verdict} after {} ms (deadline {} ms, {} request{})",
-            short(&self.node_id),
+            short_id(&self.node_id),
             self.trigger,
             self.elapsed_ms,
             self.deadline_ms,
@@ -149,8 +149,4 @@ fn render_tree(report: &DoneReport, depth: usize, out: &mut String) {
     for child in &report.children {
         render_tree(child, depth + 1, out);
     }
-}
-
-fn short(id: &str) -> &str {
-    id.get(..8).unwrap_or(id)
 }

@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use meshnode_protocol::ui::{NodeState, Stats, StatusPayload, UiMessage};
-use meshnode_shutdown::{DoneReport, Ledger, Outcome};
+use meshnode_shutdown::{DoneReport, Outcome};
 use serde_json::json;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
@@ -23,7 +23,16 @@ use crate::stream_handler_pool::{PoolHandle, PoolMsg};
 /// Longest the gateway waits for the final counters before answering a shutdown.
 const FINAL_STATS_TIMEOUT: Duration = Duration::from_millis(100);
 /// Longest the gateway waits for the UI listener to report itself closed.
-const LISTENER_CLOSE_TIMEOUT: Duration = Duration::from_millis(250);
+const LISTENER_CLOSE_TIMEOUT: Duration = Duration::from_millis(50);
+/// The part of [`UI_GRACE`] kept for tearing the node down after the gateway lets it go
+/// (`Node::wait` and the process's own exit).
+pub const TEARDOWN_RESERVE: Duration = Duration::from_millis(150);
+
+/// How much earlier than the gateway's deadline the pool must answer: a tenth of the deadline,
+/// at most 100 ms.
+fn pool_margin(deadline: Duration) -> Duration {
+    (deadline / 10).min(Duration::from_millis(100))
+}
 
 /// What the gateway shares with the UI server and its client tasks.
 #[derive(Debug, Clone)]
@@ -67,7 +76,6 @@ struct InProgress {
     deadline: Instant,
     requests: u64,
     requesters: Vec<oneshot::Sender<ShutdownReport>>,
-    ledger: Ledger,
     /// The pool's done reply, or `Late` at the deadline.
     wait: Pin<Box<dyn Future<Output = DoneReport> + Send>>,
 }
@@ -154,16 +162,18 @@ impl Gateway {
                 let started = Instant::now();
                 let deadline = started + self.deadline;
                 info!(%trigger, deadline_ms = self.deadline.as_millis() as u64, "shutdown started");
-                let ledger = Ledger::new();
-                let (pool_reply, pool_wait) = ledger.reply("stream_handler_pool");
+                let (pool_reply, pool_wait) = meshnode_shutdown::channel("stream_handler_pool");
+                // The pool answers by a deadline of its own, a little earlier, so that its
+                // report (naming whatever it still waits for) arrives before this one passes.
+                let pool_deadline = deadline - pool_margin(self.deadline);
                 // The pool's inbox may be busy: send from a child so this loop never waits.
                 let pool = self.pool.clone();
                 let send = async move {
-                    if pool
-                        .send(PoolMsg::Shutdown { reply: pool_reply })
-                        .await
-                        .is_err()
-                    {
+                    let msg = PoolMsg::Shutdown {
+                        reply: pool_reply,
+                        deadline: pool_deadline,
+                    };
+                    if pool.send(msg).await.is_err() {
                         debug!("the pool is gone; its reply vanished");
                     }
                 };
@@ -183,7 +193,6 @@ impl Gateway {
                     deadline,
                     requests: 1,
                     requesters: reply.into_iter().collect(),
-                    ledger,
                     wait: Box::pin(pool_wait.wait_until(deadline)),
                 }));
             }
@@ -196,13 +205,12 @@ impl Gateway {
             return;
         };
         let elapsed_ms = run.started.elapsed().as_millis() as u64;
-        let late = tree.outcome == Outcome::Late;
         // The final counters, if the subsystems answer in time; never past the deadline.
-        let last = if late {
+        let left = run.deadline.saturating_duration_since(Instant::now());
+        let last = if tree.outcome == Outcome::Late || left.is_zero() {
             None
         } else {
             let (hood, pool) = (self.neighborhood.clone(), self.pool.clone());
-            let left = run.deadline.saturating_duration_since(Instant::now());
             let state = NodeState::ShuttingDown;
             gather(self.info, state, hood, pool, left.min(FINAL_STATS_TIMEOUT))
                 .await
@@ -212,19 +220,11 @@ impl Gateway {
             node_id: self.info.node_id.to_string(),
             trigger: run.trigger,
             requests: run.requests,
-            outcome: if late {
-                ShutdownOutcome::DeadlineExpired
-            } else {
-                ShutdownReport::outcome_of(&tree)
-            },
+            outcome: ShutdownReport::outcome_of(&tree),
             elapsed_ms,
             deadline_ms: self.deadline.as_millis() as u64,
+            still_running: tree.late_names(),
             subsystems: tree,
-            still_running: if late {
-                run.ledger.still_running()
-            } else {
-                Vec::new()
-            },
             stats: last.map(|s| s.stats),
         };
         // `masq shutdown` probes the UI port right after the answer and calls a refused
@@ -247,9 +247,12 @@ impl Gateway {
         }
         self.ui.release.cancel();
         self.ui.clients.close();
+        // Answered UI clients may stay a little, but the node ends by deadline + grace, with
+        // room left in the grace for the teardown that follows.
+        let until = Instant::now().min(run.deadline) + UI_GRACE - TEARDOWN_RESERVE;
         self.phase = Phase::Finishing {
             report: Box::new(report),
-            until: Instant::now() + UI_GRACE,
+            until,
         };
     }
 
