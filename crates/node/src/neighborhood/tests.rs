@@ -8,8 +8,6 @@
 use std::collections::BTreeSet;
 
 use bytes::Bytes;
-use std::future::Future;
-use std::time::Duration;
 
 use meshnode_protocol::{Frame, Identity, NodeId, NodeRecord, SignedRecord, VerifiedRecord};
 use tokio::sync::{mpsc, oneshot};
@@ -19,16 +17,9 @@ use tokio_util::task::TaskTracker;
 use super::state::Neighborhood;
 use super::{GossipCounters, NeighborhoodHandle, NeighborhoodMsg, NeighborhoodStatus};
 use crate::stream_handler_pool::{ConnId, GOSSIP_QUEUE_LIMIT, StreamHandle};
+use crate::test_support::within;
 
-/// Bound on every await: generous, so that only a bug reaches it.
-const BOUND: Duration = Duration::from_secs(10);
 const ADDR: &str = "127.0.0.1:4000";
-
-async fn within<F: Future>(what: &str, fut: F) -> F::Output {
-    tokio::time::timeout(BOUND, fut)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: not within {BOUND:?}"))
-}
 
 fn identity(seed: u8) -> Identity {
     Identity::from_seed([seed; 32])

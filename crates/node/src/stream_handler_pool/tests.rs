@@ -21,18 +21,11 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use super::connection::{self, Ended};
 use super::state::Pool;
 use super::*;
+use crate::test_support::within;
 
-/// Bound on every await: generous, so that only a bug reaches it.
-const BOUND: Duration = Duration::from_secs(10);
 /// Room in each direction of an in-memory stream.
 const PIPE: usize = 64 * 1024;
 const ADDR: &str = "127.0.0.1:4000";
-
-async fn within<F: Future>(what: &str, fut: F) -> F::Output {
-    tokio::time::timeout(BOUND, fut)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: not within {BOUND:?}"))
-}
 
 /// Polls `probe` until it yields a value, letting the other tasks run between tries. Everything
 /// here is in memory, so a bounded number of tries is plenty (and time does not move meanwhile).

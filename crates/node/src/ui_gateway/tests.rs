@@ -1,9 +1,7 @@
 //! The UI as a client sees it: a real node on loopback, spoken to with `UiClient`, with raw
 //! websocket frames through tokio-tungstenite, and with reqwest for `GET /status`.
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use meshnode_protocol::Identity;
@@ -19,18 +17,10 @@ use tokio_util::task::TaskTracker;
 
 use super::NodeInfo;
 use crate::client::UiClient;
+use crate::test_support::within;
 use crate::{Config, Node};
 
-/// Bound on every await: generous, so that only a bug reaches it.
-const BOUND: Duration = Duration::from_secs(10);
-
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-async fn within<F: Future>(what: &str, fut: F) -> F::Output {
-    tokio::time::timeout(BOUND, fut)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: not within {BOUND:?}"))
-}
 
 async fn start(seed: u8) -> Node {
     let config = Config::new(Identity::from_seed([seed; 32]));
