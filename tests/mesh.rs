@@ -1,8 +1,8 @@
 //! In-process meshes on loopback: real nodes, real sockets, one process.
 
+mod support;
+
 use std::collections::BTreeSet;
-use std::future::Future;
-use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use meshnode::{Config, Node};
@@ -13,7 +13,7 @@ use meshnode_protocol::{
 use tokio::net::TcpStream;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
-const BOUND: Duration = Duration::from_secs(20);
+use support::{BOUND, eventually};
 
 async fn node(seed: u8, neighbors: &[&Node]) -> Node {
     let mut config = Config::new(Identity::from_seed([seed; 32]));
@@ -26,22 +26,6 @@ async fn node(seed: u8, neighbors: &[&Node]) -> Node {
 
 async fn status(node: &Node) -> StatusPayload {
     node.status().await.expect("status")
-}
-
-/// Polls `check` until it holds, failing the test after [`BOUND`].
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + BOUND;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn ids(nodes: &[&Node]) -> BTreeSet<String> {

@@ -1,7 +1,6 @@
 //! Graceful shutdown of in-process meshes on loopback, driven as UIs drive it.
 
 use std::collections::BTreeSet;
-use std::future::Future;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
@@ -14,30 +13,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
+use support::{eventually, within};
+
 mod support;
-
-const BOUND: Duration = Duration::from_secs(20);
-
-async fn within<F: Future>(what: &str, fut: F) -> F::Output {
-    tokio::time::timeout(BOUND, fut)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: not within {BOUND:?}"))
-}
-
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + BOUND;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 async fn status(node: &Node) -> StatusPayload {
     node.status().await.expect("status")

@@ -1,7 +1,11 @@
 //! What the cross-crate and process-level tests share.
+// Each test file uses a part of it.
+#![allow(dead_code)]
 
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use meshnode_protocol::{Frame, Identity, NodeId, NodeRecord, PROTOCOL_VERSION};
 use tokio::io::AsyncWriteExt;
@@ -34,5 +38,31 @@ pub async fn stuck_neighbor(node: SocketAddr) -> StuckNeighbor {
     StuckNeighbor {
         id: me.id(),
         _stream: stream,
+    }
+}
+
+/// Bound on every wait in these tests: generous, so that only a bug reaches it.
+pub const BOUND: Duration = Duration::from_secs(20);
+
+/// Awaits `fut`, failing the test after [`BOUND`].
+pub async fn within<F: Future>(what: &str, fut: F) -> F::Output {
+    tokio::time::timeout(BOUND, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not within {BOUND:?}"))
+}
+
+/// Polls `check` until it holds, failing the test after [`BOUND`].
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + BOUND;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

@@ -95,29 +95,12 @@ impl UiClient {
             .map_err(broken)?;
         let wait = async {
             loop {
-                match self.socket.next().await {
-                    None => {
-                        return Err(ClientError::Connection {
-                            addr,
-                            reason: "closed before answering".into(),
-                        });
-                    }
-                    Some(Err(e)) => return Err(broken(e)),
-                    Some(Ok(Message::Text(text))) => {
-                        let msg: UiMessage = serde_json::from_str(text.as_str()).map_err(|e| {
-                            ClientError::Connection {
-                                addr,
-                                reason: format!("unreadable answer: {e}"),
-                            }
-                        })?;
-                        if msg.context_id == Some(context_id) {
-                            return Ok(msg);
-                        }
-                        if msg.context_id.is_none() {
-                            on_broadcast(msg);
-                        }
-                    }
-                    Some(Ok(_)) => {}
+                let msg = self.next_message().await?;
+                if msg.context_id == Some(context_id) {
+                    return Ok(msg);
+                }
+                if msg.context_id.is_none() {
+                    on_broadcast(msg);
                 }
             }
         };
@@ -129,36 +112,34 @@ impl UiClient {
     /// Waits up to `timeout` for the next message from the node, whatever it is.
     pub async fn receive(&mut self, timeout: Duration) -> Result<UiMessage, ClientError> {
         let addr = self.addr;
-        let next = async {
-            loop {
-                match self.socket.next().await {
-                    None => {
-                        return Err(ClientError::Connection {
-                            addr,
-                            reason: "closed".into(),
-                        });
-                    }
-                    Some(Err(e)) => {
-                        return Err(ClientError::Connection {
-                            addr,
-                            reason: describe(&e),
-                        });
-                    }
-                    Some(Ok(Message::Text(text))) => {
-                        return serde_json::from_str(text.as_str()).map_err(|e| {
-                            ClientError::Connection {
-                                addr,
-                                reason: format!("unreadable message: {e}"),
-                            }
-                        });
-                    }
-                    Some(Ok(_)) => {}
-                }
-            }
-        };
-        tokio::time::timeout(timeout, next)
+        tokio::time::timeout(timeout, self.next_message())
             .await
             .map_err(|_| ClientError::Timeout { addr, timeout })?
+    }
+
+    /// The next text message, parsed; other frames are skipped.
+    async fn next_message(&mut self) -> Result<UiMessage, ClientError> {
+        let addr = self.addr;
+        loop {
+            let text = match self.socket.next().await {
+                None => {
+                    let reason = "the node closed the connection".into();
+                    return Err(ClientError::Connection { addr, reason });
+                }
+                Some(Err(e)) => {
+                    return Err(ClientError::Connection {
+                        addr,
+                        reason: describe(&e),
+                    });
+                }
+                Some(Ok(Message::Text(text))) => text,
+                Some(Ok(_)) => continue,
+            };
+            return serde_json::from_str(text.as_str()).map_err(|e| ClientError::Connection {
+                addr,
+                reason: format!("unreadable message: {e}"),
+            });
+        }
     }
 
     /// Closes the websocket politely.
