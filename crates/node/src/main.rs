@@ -352,10 +352,10 @@ fn render_status(s: &StatusPayload) -> String {
     );
     let _ = writeln!(
         out,
-        "bad input  {} malformed, {} oversized frames, {} gossip frames dropped, {} neighbors disconnected",
+        "bad input  {} malformed, {} oversized frames, {} gossip rounds deferred, {} neighbors disconnected",
         st.frames_malformed,
         st.frames_oversized,
-        st.gossip_frames_dropped,
+        st.gossip_deferred,
         st.peers_disconnected_for_abuse
     );
     out

@@ -223,8 +223,9 @@ pub struct Stats {
     pub records_stale: u64,
     /// Records with a bad signature or shape.
     pub records_rejected: u64,
-    /// Gossip frames dropped because a neighbor's send queue was full.
-    pub gossip_frames_dropped: u64,
+    /// Times gossip for a neighbor was held back, to be coalesced and sent when its send
+    /// queue drains, because the queue was busy.
+    pub gossip_deferred: u64,
     /// Frames that were not valid JSON of a known type, or arrived out of turn.
     pub frames_malformed: u64,
     /// Frames over the size limit.

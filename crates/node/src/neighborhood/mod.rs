@@ -71,7 +71,8 @@ pub struct NeighborhoodStatus {
 pub struct GossipCounters {
     pub frames_sent: u64,
     pub frames_received: u64,
-    pub frames_dropped: u64,
+    /// Times gossip for a neighbor was held back because its send queue was busy.
+    pub deferred: u64,
     pub records_accepted: u64,
     pub records_stale: u64,
 }

@@ -1,6 +1,7 @@
 //! The neighborhood task's private state and loop.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::time::Duration;
 
 use bytes::Bytes;
 use meshnode_protocol::ui::{KnownNode, NeighborStatus};
@@ -8,7 +9,7 @@ use meshnode_protocol::{Frame, Identity, NodeId, NodeRecord, RecordError, Verifi
 use meshnode_shutdown::DoneReply;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info};
 
 use super::{GossipCounters, Merge, NeighborhoodMsg, NeighborhoodStatus, NodeDb};
 use crate::stream_handler_pool::{ConnId, QueueError, StreamHandle};
@@ -16,6 +17,8 @@ use crate::stream_handler_pool::{ConnId, QueueError, StreamHandle};
 /// Most messages handled before pending gossip is flushed, so that a burst of changes leaves
 /// as one gossip per neighbor while a steady stream of them still gets out promptly.
 const MAX_BATCH: usize = 256;
+/// How often gossip held back for busy neighbors is tried again when nothing else happens.
+const BACKLOG_RETRY: Duration = Duration::from_millis(20);
 
 pub(super) struct Neighborhood {
     identity: Identity,
@@ -34,6 +37,8 @@ pub(super) struct Neighborhood {
     listed_since: HashMap<NodeId, u64>,
     /// Set once this node withdrew: from then on it changes and gossips nothing.
     withdrawn: bool,
+    /// Records owed to neighbors whose send queue was busy, coalesced by record.
+    backlog: HashMap<NodeId, BTreeSet<NodeId>>,
     /// Status requests of the current batch, answered after its gossip is counted.
     status_replies: Vec<oneshot::Sender<NeighborhoodStatus>>,
 }
@@ -71,6 +76,7 @@ impl Neighborhood {
             counters: GossipCounters::default(),
             departed: HashSet::new(),
             listed_since: HashMap::new(),
+            backlog: HashMap::new(),
             withdrawn: false,
             status_replies: Vec::new(),
         })
@@ -83,7 +89,8 @@ impl Neighborhood {
     ) {
         debug!("started");
         loop {
-            // Cancellation first: once the node stops, queued work is moot.
+            // Cancellation first: once the node stops, queued work is moot. Then the inbox;
+            // then, while gossip is held back for busy neighbors, a retry now and then.
             let msg = tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
@@ -91,6 +98,10 @@ impl Neighborhood {
                     Some(msg) => msg,
                     None => break,
                 },
+                () = tokio::time::sleep(BACKLOG_RETRY), if !self.backlog.is_empty() => {
+                    self.flush();
+                    continue;
+                }
             };
             self.handle(msg);
             for _ in 1..MAX_BATCH {
@@ -227,6 +238,7 @@ impl Neighborhood {
             self.streams.remove(&peer);
             self.departed.remove(&peer);
             self.listed_since.remove(&peer);
+            self.backlog.remove(&peer);
             self.outbox.full_sync.remove(&peer);
             if self.change_own(|neighbors| neighbors.remove(&peer)) {
                 info!(peer = %peer.short(), %conn, "neighbor gone; half-neighborship removed");
@@ -354,15 +366,20 @@ impl Neighborhood {
     }
 
     /// Sends what the batch changed: the whole database to newly connected neighbors, and to
-    /// every other neighbor the changed records it did not itself send. Each distinct set of
-    /// records is encoded once.
+    /// every other neighbor the changed records it did not itself send, together with anything
+    /// held back for it earlier. A neighbor whose queue is busy gets nothing now: what it is owed
+    /// is coalesced (by record, so it never outgrows the database) and sent once its queue has
+    /// drained. Each distinct set of records is encoded once.
     pub(super) fn flush(&mut self) {
         let outbox = std::mem::take(&mut self.outbox);
-        if self.withdrawn || (outbox.changed.is_empty() && outbox.full_sync.is_empty()) {
+        if self.withdrawn {
+            self.backlog.clear();
+            return;
+        }
+        if outbox.changed.is_empty() && outbox.full_sync.is_empty() && self.backlog.is_empty() {
             return;
         }
         let mut encoded: HashMap<Vec<NodeId>, Vec<Bytes>> = HashMap::new();
-        let mut slow = Vec::new();
         for (peer, streams) in &self.streams {
             let Some(stream) = streams.last() else {
                 continue;
@@ -370,7 +387,7 @@ impl Neighborhood {
             if self.departed.contains(peer) {
                 continue;
             }
-            let ids: Vec<NodeId> = if outbox.full_sync.contains(peer) {
+            let mut ids: BTreeSet<NodeId> = if outbox.full_sync.contains(peer) {
                 let earlier_life = outbox.earlier_life.contains(peer);
                 self.db
                     .records()
@@ -385,31 +402,36 @@ impl Neighborhood {
                     .map(|(id, _)| *id)
                     .collect()
             };
+            if let Some(owed) = self.backlog.remove(peer) {
+                ids.extend(owed);
+            }
             if ids.is_empty() {
                 continue;
             }
+            if stream.is_busy() {
+                self.counters.deferred += 1;
+                self.backlog.insert(*peer, ids);
+                continue;
+            }
             let db = &self.db;
-            let bodies = encoded.entry(ids).or_insert_with_key(|ids| {
+            let key: Vec<NodeId> = ids.iter().copied().collect();
+            let bodies = encoded.entry(key).or_insert_with_key(|ids| {
                 Frame::gossip_bodies(ids.iter().filter_map(|id| db.get(id)).map(|r| r.signed())).0
             });
             for body in bodies.iter() {
                 match stream.try_send(body.clone()) {
                     Ok(()) => self.counters.frames_sent += 1,
+                    // Filled up mid-way: the whole set again later (what arrives twice is
+                    // merely stale there).
                     Err(QueueError::Full) => {
-                        self.counters.frames_dropped += 1;
-                        slow.push(stream.clone());
+                        self.counters.deferred += 1;
+                        self.backlog.insert(*peer, ids);
                         break;
                     }
                     // The stream is ending; its disconnect is on its way.
                     Err(QueueError::Closed) => break,
                 }
             }
-        }
-        for stream in slow {
-            // Dropping one frame would leave the neighbor silently out of date; closing the
-            // stream makes it reconnect and resynchronize from a full exchange instead.
-            warn!(peer = %stream.peer().short(), conn = %stream.id(), "send queue full; closing stream to a slow neighbor");
-            stream.kill();
         }
     }
 

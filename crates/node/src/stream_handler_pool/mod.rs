@@ -32,9 +32,11 @@ pub const POOL_INBOX: usize = 1024;
 /// How many frames may wait for one stream's writer.
 pub const WRITER_QUEUE: usize = 32;
 /// How many gossip frames may wait for one stream's writer; the remaining slot is kept for the
-/// withdrawal. When gossip finds the queue this full the neighbor is not keeping up: the
-/// neighborhood closes the stream rather than block or silently skip gossip.
+/// withdrawal.
 pub const GOSSIP_QUEUE_LIMIT: usize = WRITER_QUEUE - 1;
+/// With this many frames waiting, a stream is busy: the neighborhood holds its gossip back and
+/// coalesces it until the queue drains, rather than block, drop gossip or pile up frames.
+pub const BUSY_AT: usize = WRITER_QUEUE / 2;
 /// How long a dialer leaves a neighbor that withdrew from the network alone before it tries
 /// again (at its slowest pace), in case the neighbor has come back.
 pub const DEPARTED_COOLDOWN: Duration = Duration::from_secs(60);
@@ -121,6 +123,11 @@ impl StreamHandle {
             };
         }
         self.try_send_final(body)
+    }
+
+    /// Whether [`BUSY_AT`] or more frames wait: the neighbor is not keeping up for now.
+    pub fn is_busy(&self) -> bool {
+        WRITER_QUEUE - self.queue.capacity() >= BUSY_AT
     }
 
     /// Queues the last frame this node will send on the stream, using the slot that

@@ -310,7 +310,7 @@ async fn gather(
             records_accepted: hood.counters.records_accepted,
             records_stale: hood.counters.records_stale,
             records_rejected: pool.records_rejected,
-            gossip_frames_dropped: hood.counters.frames_dropped,
+            gossip_deferred: hood.counters.deferred,
             frames_malformed: pool.frames_malformed,
             frames_oversized: pool.frames_oversized,
             peers_disconnected_for_abuse: pool.peers_disconnected_for_abuse,

@@ -143,7 +143,7 @@ async fn the_status_opcode_answers_with_the_whole_payload_in_camel_case() {
         "recordsAccepted",
         "recordsStale",
         "recordsRejected",
-        "gossipFramesDropped",
+        "gossipDeferred",
         "framesMalformed",
         "framesOversized",
         "peersDisconnectedForAbuse",

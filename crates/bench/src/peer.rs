@@ -1,0 +1,92 @@
+//! A light neighbor: speaks the real handshake and reads frames, nothing more, so that
+//! thousands fit beside a node on two cores.
+
+use std::net::SocketAddr;
+
+use futures::{SinkExt, StreamExt};
+use meshnode_protocol::{
+    Frame, FrameCodec, Identity, Inbound, NodeId, NodeRecord, PROTOCOL_VERSION,
+};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+/// When a light neighbor saw the node's withdrawal and its EOF.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival {
+    pub withdrawal: Instant,
+    pub eof: Instant,
+}
+
+/// An identity for light neighbor `index`, cheap and reproducible.
+pub fn identity(index: u32) -> Identity {
+    let mut seed = [0x5a; 32];
+    seed[..4].copy_from_slice(&index.to_be_bytes());
+    Identity::from_seed(seed)
+}
+
+/// Connects to `node` as `me`, signals `ready` once the node's record lists it, then reads
+/// until EOF and reports when the withdrawal (the node's record listing nobody) and the EOF
+/// arrived. It hangs up at EOF, as a meshnode does.
+pub async fn run(
+    node: SocketAddr,
+    node_id: NodeId,
+    me: Identity,
+    ready: oneshot::Sender<()>,
+) -> Result<Arrival, String> {
+    let stream = TcpStream::connect(node)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let (read, write) = stream.into_split();
+    let mut reader = FramedRead::new(read, FrameCodec::new());
+    let mut writer = FramedWrite::new(write, FrameCodec::new());
+    let record = me.sign(NodeRecord {
+        id: me.id(),
+        addr: "127.0.0.1:9".into(),
+        version: 1,
+        neighbors: Default::default(),
+    });
+    let hello = Frame::Hello {
+        protocol: PROTOCOL_VERSION,
+        record,
+    }
+    .encode()
+    .map_err(|e| e.to_string())?;
+    writer
+        .send(hello)
+        .await
+        .map_err(|e| format!("hello: {e}"))?;
+    let mut ready = Some(ready);
+    let mut withdrawal = None;
+    loop {
+        let frame = match reader.next().await {
+            None => break,
+            Some(Ok(Inbound::Frame(body))) => body,
+            Some(Ok(Inbound::Oversized { len })) => {
+                return Err(format!("oversized frame of {len}"));
+            }
+            Some(Err(e)) => return Err(format!("read: {e}")),
+        };
+        let Ok(Frame::Gossip { records }) = Frame::decode(&frame) else {
+            continue;
+        };
+        for record in records.iter().filter(|r| r.id() == node_id) {
+            if record.record.neighbors.contains(&me.id()) {
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(());
+                }
+            } else if record.record.neighbors.is_empty() && withdrawal.is_none() && ready.is_none()
+            {
+                withdrawal = Some(Instant::now());
+            }
+        }
+    }
+    let eof = Instant::now();
+    drop(writer);
+    match withdrawal {
+        Some(withdrawal) => Ok(Arrival { withdrawal, eof }),
+        None => Err("EOF without a withdrawal".into()),
+    }
+}
