@@ -59,6 +59,7 @@ pub async fn run(
         .await
         .map_err(|e| format!("hello: {e}"))?;
     let mut ready = Some(ready);
+    let node_hex = node_id.to_string();
     let mut withdrawal = None;
     loop {
         let frame = match reader.next().await {
@@ -69,6 +70,11 @@ pub async fn run(
             }
             Some(Err(e)) => return Err(format!("read: {e}")),
         };
+        // Once in, only a frame that names the node can matter: skip the rest undecoded, as
+        // the floor's readers skip theirs.
+        if ready.is_none() && !contains(&frame, node_hex.as_bytes()) {
+            continue;
+        }
         let Ok(Frame::Gossip { records }) = Frame::decode(&frame) else {
             continue;
         };
@@ -89,4 +95,8 @@ pub async fn run(
         Some(withdrawal) => Ok(Arrival { withdrawal, eof }),
         None => Err("EOF without a withdrawal".into()),
     }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }

@@ -10,9 +10,16 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
 use super::{Admission, Counters, HANDSHAKE_TIMEOUT, MAX_STRIKES, PoolMsg, Shared, StreamHandle};
 use crate::neighborhood::NeighborhoodMsg;
 use meshnode_protocol::NodeId;
+
+/// Longest the writer holds this node's last frame waiting for the close, before sending it
+/// alone.
+const FINAL_HOLD: Duration = Duration::from_millis(20);
 
 /// How a stream task ended, for the dialer that may have started it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,7 +59,6 @@ where
     let peer = record.id();
     let conn = shared.next_conn_id();
     let (handle, queue) = StreamHandle::new(conn, peer, cancel.clone());
-    let drain = handle.drain.clone();
 
     let (reply, admission) = oneshot::channel();
     let admit = PoolMsg::Admit {
@@ -80,7 +86,7 @@ where
     let span = tracing::info_span!("writer", %conn);
     shared
         .tracker
-        .spawn(write_loop(writer, queue, cancel.clone(), drain).instrument(span));
+        .spawn(write_loop(writer, queue, handle.clone()).instrument(span));
     let connected = NeighborhoodMsg::NeighborConnected {
         stream: handle.clone(),
         record,
@@ -257,11 +263,11 @@ where
 async fn write_loop<W>(
     mut writer: FramedWrite<W, FrameCodec>,
     mut queue: mpsc::Receiver<Bytes>,
-    cancel: CancellationToken,
-    drain: CancellationToken,
+    stream: StreamHandle,
 ) where
     W: AsyncWrite + Unpin,
 {
+    let (cancel, drain) = (stream.cancel.clone(), stream.drain.clone());
     let result = loop {
         // Cancellation first; then closing, which itself writes out everything still queued.
         let body = tokio::select! {
@@ -273,6 +279,25 @@ async fn write_loop<W>(
                 None => return,
             },
         };
+        // The withdrawal is this node's last frame: hold it for the close that follows at once,
+        // so that it leaves with the FIN and the neighbor reads both in one go. (If no close
+        // comes soon, it goes out alone.)
+        if queue.is_empty() && stream.final_queued.load(Ordering::Acquire) {
+            if let Err(e) = writer.feed(body).await {
+                break Err(e);
+            }
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => return,
+                () = drain.cancelled() => break close(&mut writer, &mut queue, &cancel).await,
+                () = tokio::time::sleep(FINAL_HOLD) => {}
+            }
+            match cancel.run_until_cancelled(writer.flush()).await {
+                None => return,
+                Some(Ok(())) => continue,
+                Some(Err(e)) => break Err(e),
+            }
+        }
         let write = async {
             writer.feed(body).await?;
             // Flush only when nothing else is queued, so a burst leaves in few writes.

@@ -83,6 +83,9 @@ pub struct StreamHandle {
     drain: CancellationToken,
     /// Set when the neighbor withdrew from the network, so that its dialer does not redial it.
     departed: Arc<AtomicBool>,
+    /// Set when this node's last frame is queued: the writer holds it for the close, so that it
+    /// leaves together with the FIN.
+    final_queued: Arc<AtomicBool>,
 }
 
 impl StreamHandle {
@@ -100,6 +103,7 @@ impl StreamHandle {
             cancel,
             drain: CancellationToken::new(),
             departed: Arc::default(),
+            final_queued: Arc::default(),
         };
         (handle, rx)
     }
@@ -122,7 +126,7 @@ impl StreamHandle {
                 Err(QueueError::Full)
             };
         }
-        self.try_send_final(body)
+        self.send(body)
     }
 
     /// Whether [`BUSY_AT`] or more frames wait: the neighbor is not keeping up for now.
@@ -134,6 +138,11 @@ impl StreamHandle {
     /// [`StreamHandle::try_send`] leaves free, so that a busy queue cannot cost a neighbor the
     /// news that this node is leaving.
     pub fn try_send_final(&self, body: Bytes) -> Result<(), QueueError> {
+        self.final_queued.store(true, Ordering::Release);
+        self.send(body)
+    }
+
+    fn send(&self, body: Bytes) -> Result<(), QueueError> {
         self.queue.try_send(body).map_err(|e| match e {
             TrySendError::Full(_) => QueueError::Full,
             TrySendError::Closed(_) => QueueError::Closed,
