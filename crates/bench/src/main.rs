@@ -1,6 +1,7 @@
 //! `meshnode-bench`: how fast a node withdraws, against the physical floor and against a crash.
 #![forbid(unsafe_code)]
 
+mod mesh;
 mod peer;
 mod shutdown;
 mod stats;
@@ -16,6 +17,12 @@ struct Args {
     /// Neighbor counts for the shutdown scenario.
     #[arg(long, value_delimiter = ',', default_value = "10,100,1000,5000")]
     neighbors: Vec<usize>,
+    /// Mesh size.
+    #[arg(long)]
+    mesh: Option<usize>,
+    /// Gossip window, ms.
+    #[arg(long, default_value_t = 10)]
+    window: u64,
     /// Runs per point.
     #[arg(long, default_value_t = 5)]
     repeat: usize,
@@ -37,6 +44,22 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     };
     runtime.block_on(async {
+        if let Some(m) = args.mesh {
+            match mesh::summary(m, 4, 3, std::time::Duration::from_millis(args.window)).await {
+                Ok(s) => println!(
+                    "mesh {m}: graceful learned {} frames/edge {}; crash learned {} frames/edge {}",
+                    s.graceful_learned_ms.cell(),
+                    s.graceful_frames_per_edge.cell(),
+                    s.crash_learned_ms.cell(),
+                    s.crash_frames_per_edge.cell()
+                ),
+                Err(e) => {
+                    eprintln!("meshnode-bench: error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+            return ExitCode::SUCCESS;
+        }
         for &n in &args.neighbors {
             match shutdown::point(n, args.repeat).await {
                 Ok(p) => println!(

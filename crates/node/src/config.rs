@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use meshnode_protocol::Identity;
 
+use crate::neighborhood::DEFAULT_GOSSIP_WINDOW;
 use crate::ui_gateway::DEFAULT_SHUTDOWN_DEADLINE;
 
 /// Everything [`crate::start`] needs. Build it with [`Config::new`] and adjust the fields.
@@ -21,6 +22,8 @@ pub struct Config {
     pub identity: Identity,
     /// Longest a graceful shutdown may take, from its first trigger to the answer.
     pub shutdown_deadline: Duration,
+    /// How long gossip is gathered before it is sent (zero: at the end of every batch).
+    pub gossip_window: Duration,
 }
 
 impl Config {
@@ -32,6 +35,7 @@ impl Config {
             neighbors: Vec::new(),
             identity,
             shutdown_deadline: DEFAULT_SHUTDOWN_DEADLINE,
+            gossip_window: DEFAULT_GOSSIP_WINDOW,
         }
     }
 }

@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::neighborhood;
+use crate::neighborhood::{self, NeighborhoodHandle};
 use crate::stream_handler_pool::{self, AsyncStream, PoolHandle, PoolMsg};
 use crate::ui_gateway::{
     self, GatewayConfig, GatewayError, GatewayHandle, NodeInfo, ShutdownOutcome, ShutdownReport,
@@ -50,6 +50,7 @@ pub enum StartError {
 pub struct Node {
     info: NodeInfo,
     gateway: GatewayHandle,
+    neighborhood: NeighborhoodHandle,
     pool: PoolHandle,
     cancel: CancellationToken,
     tracker: TaskTracker,
@@ -64,6 +65,7 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         neighbors,
         identity,
         shutdown_deadline,
+        gossip_window,
     } = config;
     let listen_err = |source| StartError::Listen {
         addr: listen,
@@ -83,9 +85,10 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
 
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let neighborhood = neighborhood::spawn(
+    let neighborhood = neighborhood::spawn_with(
         identity,
         info.listen.to_string(),
+        gossip_window,
         cancel.child_token(),
         &tracker,
     )?;
@@ -102,13 +105,19 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         info,
         deadline: shutdown_deadline,
     };
-    let (gateway, exit) =
-        ui_gateway::spawn(config, neighborhood, pool.clone(), cancel.clone(), &tracker)
-            .map_err(ui_err)?;
+    let (gateway, exit) = ui_gateway::spawn(
+        config,
+        neighborhood.clone(),
+        pool.clone(),
+        cancel.clone(),
+        &tracker,
+    )
+    .map_err(ui_err)?;
     info!(node = %info.node_id, listen = %info.listen, ui = %info.ui, "node started");
     Ok(Node {
         info,
         gateway,
+        neighborhood,
         pool,
         cancel,
         tracker,
@@ -145,6 +154,12 @@ impl Node {
     /// Asks for a graceful shutdown (or joins one) without waiting; see [`Node::wait`].
     pub async fn request_shutdown(&self) -> Result<(), GatewayError> {
         self.gateway.request_shutdown(Trigger::Api).await
+    }
+
+    /// When each of `ids`'s current record was stored by this node, for measuring how fast news
+    /// spreads.
+    pub async fn learned_at(&self, ids: Vec<NodeId>) -> Option<Vec<Option<tokio::time::Instant>>> {
+        self.neighborhood.learned_at(ids).await.ok()
     }
 
     /// A cloneable handle that can ask for the status or a shutdown while another task

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::neighborhood::{NeighborhoodHandle, NeighborhoodMsg};
+use crate::neighborhood::{DEFAULT_GOSSIP_WINDOW, NeighborhoodHandle, NeighborhoodMsg};
 use crate::stream_handler_pool::{PoolCounters, PoolHandle, PoolMsg};
 use crate::test_support::{Peer, identity, record, within};
 use crate::ui_gateway::{
@@ -129,7 +129,8 @@ async fn under_a_backlog_every_queued_frame_and_then_the_withdrawal_precede_the_
 
     // The relay feeds the node records one batch at a time; each becomes a frame queued for
     // the slow neighbor, which reads nothing meanwhile.
-    let relayed: Vec<_> = (100..120)
+    // (Fewer than `BUSY_AT`, past which gossip is held back rather than queued.)
+    let relayed: Vec<_> = (100..112)
         .map(|seed| record(&identity(seed), 1, &[]))
         .collect();
     for r in &relayed {
@@ -145,6 +146,8 @@ async fn under_a_backlog_every_queued_frame_and_then_the_withdrawal_precede_the_
                 break;
             }
         }
+        // Past the gossip window, so that each record leaves in a frame of its own.
+        tokio::time::sleep(2 * DEFAULT_GOSSIP_WINDOW).await;
     }
     let status = node.status().await.expect("status");
     assert_eq!(
@@ -331,6 +334,8 @@ async fn a_neighbor_that_withdraws_is_dropped_in_one_gossip_round_and_its_eof_ch
             break;
         }
     }
+    // The news leaves once the gossip window has passed.
+    tokio::time::sleep(2 * DEFAULT_GOSSIP_WINDOW).await;
     // Its stream closes a moment later; nothing more happens.
     drop(departing);
     loop {

@@ -8,4 +8,6 @@ pub mod record;
 pub mod ui;
 
 pub use frame::{Frame, FrameCodec, FrameError, Inbound, MAX_FRAME_LEN, PROTOCOL_VERSION};
-pub use record::{Identity, NodeId, NodeRecord, RecordError, SignedRecord, VerifiedRecord};
+pub use record::{
+    Identity, NodeId, NodeRecord, RecordError, SignedRecord, VerifiedRecord, VerifyCache,
+};

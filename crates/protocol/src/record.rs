@@ -5,9 +5,12 @@
 //! that only the owner raises, all signed by the owner over a fixed byte layout
 //! ([`NodeRecord::signing_bytes`]).
 
-use std::collections::BTreeSet;
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::fmt;
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::str::FromStr;
+use std::sync::Mutex;
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -213,6 +216,59 @@ mod sig_hex {
     }
 }
 
+/// Remembers records that verified, so that the copies of one record that arrive from several
+/// neighbors cost one signature check. It keys each record by a hash of its whole signed content
+/// and signature under a per-cache random key, so a record that differs in any byte, or a
+/// forgery crafted to collide, is checked in full.
+#[derive(Debug)]
+pub struct VerifyCache {
+    seen: Mutex<(HashSet<u64>, VecDeque<u64>)>,
+    hasher: RandomState,
+    capacity: usize,
+}
+
+impl VerifyCache {
+    /// A cache of the last `capacity` records that verified.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            seen: Mutex::new((HashSet::new(), VecDeque::new())),
+            hasher: RandomState::new(),
+            capacity,
+        }
+    }
+
+    /// [`SignedRecord::into_verified`], skipping the signature check for a record seen before.
+    pub fn verify(&self, record: SignedRecord) -> Result<VerifiedRecord, RecordError> {
+        let key = {
+            let mut h = self.hasher.build_hasher();
+            record.record.signing_bytes().hash(&mut h);
+            record.signature.hash(&mut h);
+            h.finish()
+        };
+        if self.lock().0.contains(&key) {
+            return Ok(VerifiedRecord(record));
+        }
+        let verified = record.into_verified()?;
+        let mut seen = self.lock();
+        if seen.0.insert(key) {
+            seen.1.push_back(key);
+            if seen.1.len() > self.capacity {
+                if let Some(old) = seen.1.pop_front() {
+                    seen.0.remove(&old);
+                }
+            }
+        }
+        Ok(verified)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (HashSet<u64>, VecDeque<u64>)> {
+        // Nothing under this lock can panic; a poisoned cache is still a sound cache.
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// A node's key pair. Only the owner of an identity can sign its records.
 #[derive(Clone)]
 pub struct Identity {
@@ -314,6 +370,24 @@ mod tests {
             me.sign(rec).verify(),
             Err(RecordError::Malformed(..))
         ));
+    }
+
+    #[test]
+    fn the_verify_cache_checks_anything_it_has_not_seen_verify() {
+        let me = Identity::from_seed([4; 32]);
+        let cache = VerifyCache::new(2);
+        let good = me.sign(record(&me, 1));
+        assert!(cache.verify(good.clone()).is_ok());
+        assert!(cache.verify(good.clone()).is_ok(), "a copy passes");
+        let mut tampered = good.clone();
+        tampered.record.version = 2;
+        assert!(
+            cache.verify(tampered).is_err(),
+            "a change of content is checked in full"
+        );
+        let mut resigned = good;
+        resigned.signature[0] ^= 1;
+        assert!(cache.verify(resigned).is_err());
     }
 
     #[test]

@@ -11,7 +11,10 @@ mod tests;
 use meshnode_protocol::ui::{KnownNode, NeighborStatus};
 use meshnode_protocol::{Identity, NodeId, RecordError, SignedRecord, VerifiedRecord};
 use meshnode_shutdown::DoneReply;
+use std::time::Duration;
+
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -22,6 +25,9 @@ use crate::stream_handler_pool::{ConnId, StreamHandle};
 
 /// How many messages may wait in the neighborhood's inbox.
 pub const NEIGHBORHOOD_INBOX: usize = 1024;
+/// How long the neighborhood gathers changes before it gossips them, so that news arriving
+/// from several neighbors at about the same time leaves as one round.
+pub const DEFAULT_GOSSIP_WINDOW: Duration = Duration::from_millis(10);
 
 /// Messages the neighborhood task handles.
 #[derive(Debug)]
@@ -50,6 +56,11 @@ pub enum NeighborhoodMsg {
     /// Drop every outgoing half-neighborship at once, queue exactly one gossip showing that on
     /// each of `streams` (the pool's admitted streams) whose neighbor has not itself withdrawn,
     /// answer done, and from then on gossip nothing.
+    /// When each of `ids`'s current record was stored here (for measurements).
+    LearnedAt {
+        ids: Vec<NodeId>,
+        reply: oneshot::Sender<Vec<Option<Instant>>>,
+    },
     WithdrawFromNetwork {
         streams: Vec<StreamHandle>,
         reply: DoneReply,
@@ -106,6 +117,15 @@ impl NeighborhoodHandle {
         rx.await.map_err(|_| NeighborhoodGone)
     }
 
+    pub async fn learned_at(
+        &self,
+        ids: Vec<NodeId>,
+    ) -> Result<Vec<Option<Instant>>, NeighborhoodGone> {
+        let (reply, rx) = oneshot::channel();
+        self.send(NeighborhoodMsg::LearnedAt { ids, reply }).await?;
+        rx.await.map_err(|_| NeighborhoodGone)
+    }
+
     pub async fn status(&self) -> Result<NeighborhoodStatus, NeighborhoodGone> {
         let (reply, rx) = oneshot::channel();
         self.send(NeighborhoodMsg::Status { reply }).await?;
@@ -120,9 +140,20 @@ pub fn spawn(
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<NeighborhoodHandle, RecordError> {
+    spawn_with(identity, addr, DEFAULT_GOSSIP_WINDOW, cancel, tracker)
+}
+
+/// [`spawn`] with a gossip window of one's own (zero sends at the end of every batch).
+pub fn spawn_with(
+    identity: Identity,
+    addr: String,
+    gossip_window: Duration,
+    cancel: CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<NeighborhoodHandle, RecordError> {
     let (tx, rx) = mpsc::channel(NEIGHBORHOOD_INBOX);
     let span = tracing::info_span!("neighborhood", node = %identity.id().short());
-    let task = state::Neighborhood::new(identity, addr)?;
+    let task = state::Neighborhood::new(identity, addr)?.with_window(gossip_window);
     tracker.spawn(task.run(rx, cancel).instrument(span));
     Ok(NeighborhoodHandle { tx })
 }

@@ -8,6 +8,7 @@ use meshnode_protocol::ui::{KnownNode, NeighborStatus};
 use meshnode_protocol::{Frame, Identity, NodeId, NodeRecord, RecordError, VerifiedRecord};
 use meshnode_shutdown::DoneReply;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info};
 
@@ -39,6 +40,12 @@ pub(super) struct Neighborhood {
     withdrawn: bool,
     /// Records owed to neighbors whose send queue was busy, coalesced by record.
     backlog: HashMap<NodeId, BTreeSet<NodeId>>,
+    /// When each record now stored was stored.
+    learned_at: HashMap<NodeId, Instant>,
+    /// How long changes are gathered before they are gossiped.
+    window: Duration,
+    /// When the changes gathered so far are due to be gossiped.
+    flush_at: Option<Instant>,
     /// Status requests of the current batch, answered after its gossip is counted.
     status_replies: Vec<oneshot::Sender<NeighborhoodStatus>>,
 }
@@ -46,9 +53,9 @@ pub(super) struct Neighborhood {
 /// Gossip owed at the end of the current batch.
 #[derive(Debug, Default)]
 struct Outbox {
-    /// Records changed in this batch, with the neighbor whose gossip changed them (not sent
-    /// back there) or `None` for changes every neighbor needs.
-    changed: BTreeMap<NodeId, Option<NodeId>>,
+    /// Records changed since the last gossip, each with the neighbors known to have its new
+    /// version already (they sent it here, first or as a copy): they are not sent it again.
+    changed: BTreeMap<NodeId, BTreeSet<NodeId>>,
     /// Newly connected neighbors, owed the whole database.
     full_sync: BTreeSet<NodeId>,
     /// Newly connected neighbors whose hello was older than the record stored for them, owed
@@ -77,9 +84,17 @@ impl Neighborhood {
             departed: HashSet::new(),
             listed_since: HashMap::new(),
             backlog: HashMap::new(),
+            learned_at: HashMap::new(),
+            window: Duration::ZERO,
+            flush_at: None,
             withdrawn: false,
             status_replies: Vec::new(),
         })
+    }
+
+    pub(super) fn with_window(mut self, window: Duration) -> Self {
+        self.window = window;
+        self
     }
 
     pub(super) async fn run(
@@ -90,7 +105,8 @@ impl Neighborhood {
         debug!("started");
         loop {
             // Cancellation first: once the node stops, queued work is moot. Then the inbox;
-            // then, while gossip is held back for busy neighbors, a retry now and then.
+            // then gossip that is due; then, while gossip is held back for busy neighbors, a
+            // retry now and then.
             let msg = tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
@@ -98,6 +114,11 @@ impl Neighborhood {
                     Some(msg) => msg,
                     None => break,
                 },
+                () = sleep_until(self.flush_at) => {
+                    self.flush_at = None;
+                    self.flush();
+                    continue;
+                }
                 () = tokio::time::sleep(BACKLOG_RETRY), if !self.backlog.is_empty() => {
                     self.flush();
                     continue;
@@ -110,7 +131,11 @@ impl Neighborhood {
                     Err(_) => break,
                 }
             }
-            self.flush();
+            if self.window.is_zero() {
+                self.flush();
+            } else if self.flush_at.is_none() && self.owes_gossip() {
+                self.flush_at = Some(Instant::now() + self.window);
+            }
             self.answer_status();
         }
         debug!("stopped");
@@ -129,10 +154,21 @@ impl Neighborhood {
                 let _ = reply.send(self.own.signed().clone());
             }
             NeighborhoodMsg::Status { reply } => self.status_replies.push(reply),
+            NeighborhoodMsg::LearnedAt { ids, reply } => {
+                let _ = reply.send(
+                    ids.iter()
+                        .map(|id| self.learned_at.get(id).copied())
+                        .collect(),
+                );
+            }
             NeighborhoodMsg::WithdrawFromNetwork { streams, reply } => {
                 self.withdraw(streams, reply)
             }
         }
+    }
+
+    fn owes_gossip(&self) -> bool {
+        !self.withdrawn && (!self.outbox.changed.is_empty() || !self.outbox.full_sync.is_empty())
     }
 
     pub(super) fn answer_status(&mut self) {
@@ -320,14 +356,24 @@ impl Neighborhood {
     }
 
     fn merge(&mut self, record: VerifiedRecord, source: Option<NodeId>) -> Merge {
-        let id = record.id();
+        let (id, version) = (record.id(), record.version());
         let merged = self.db.merge(record);
         match merged {
             Merge::Accepted => {
                 self.counters.records_accepted += 1;
-                self.outbox.changed.insert(id, source);
+                self.learned_at.insert(id, Instant::now());
+                self.outbox.changed.insert(id, source.into_iter().collect());
             }
-            Merge::Stale => self.counters.records_stale += 1,
+            Merge::Stale => {
+                self.counters.records_stale += 1;
+                // Another copy of a change not yet passed on: its sender has it already.
+                let current = self.db.get(&id).is_some_and(|r| r.version() == version);
+                if let (true, Some(source), Some(have)) =
+                    (current, source, self.outbox.changed.get_mut(&id))
+                {
+                    have.insert(source);
+                }
+            }
         }
         merged
     }
@@ -354,7 +400,7 @@ impl Neighborhood {
             Ok(own) => {
                 self.own = own;
                 self.db.merge(self.own.clone());
-                self.outbox.changed.insert(self.own.id(), None);
+                self.outbox.changed.insert(self.own.id(), BTreeSet::new());
                 true
             }
             Err(e) => {
@@ -398,7 +444,7 @@ impl Neighborhood {
                 outbox
                     .changed
                     .iter()
-                    .filter(|(id, source)| *id != peer && source.as_ref() != Some(peer))
+                    .filter(|(id, have)| *id != peer && !have.contains(peer))
                     .map(|(id, _)| *id)
                     .collect()
             };
@@ -469,5 +515,13 @@ impl Neighborhood {
             known_nodes,
             counters: self.counters,
         }
+    }
+}
+
+/// Resolves at `at`; never when there is nothing due.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }

@@ -144,8 +144,14 @@ impl Running {
         let identity = identity(seed);
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let handle = super::spawn(identity.clone(), ADDR.into(), cancel.clone(), &tracker)
-            .expect("the node's first record is valid");
+        let handle = super::spawn_with(
+            identity.clone(),
+            ADDR.into(),
+            Duration::ZERO,
+            cancel.clone(),
+            &tracker,
+        )
+        .expect("the node's first record is valid");
         Self {
             identity,
             handle,

@@ -208,7 +208,7 @@ where
                     let total = records.len();
                     let verified: Vec<VerifiedRecord> = records
                         .into_iter()
-                        .filter_map(|r| r.into_verified().ok())
+                        .filter_map(|r| shared.verified.verify(r).ok())
                         .collect();
                     let rejected = total - verified.len();
                     for _ in 0..rejected {

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use meshnode_protocol::NodeId;
+use meshnode_protocol::{NodeId, VerifyCache};
 use meshnode_shutdown::DoneReply;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -50,6 +50,9 @@ pub const MAX_STREAMS: usize = 8_000;
 /// Bad frames (malformed, oversized, forged records, out of turn) a neighbor may send over one
 /// stream before it is disconnected.
 pub const MAX_STRIKES: u32 = 16;
+
+/// How many verified records each node remembers, to skip checking their copies again.
+const VERIFY_CACHE: usize = 16_384;
 
 /// Identifies one stream for its whole life; never reused within a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -311,6 +314,9 @@ struct Shared {
     tracker: TaskTracker,
     counters: Arc<Counters>,
     next_conn: Arc<AtomicU64>,
+    /// Records whose signatures checked out, so that copies from other neighbors are not
+    /// checked again.
+    verified: Arc<VerifyCache>,
 }
 
 impl Shared {
@@ -339,6 +345,7 @@ pub fn spawn(
         tracker: tracker.clone(),
         counters: Arc::default(),
         next_conn: Arc::new(AtomicU64::new(1)),
+        verified: Arc::new(VerifyCache::new(VERIFY_CACHE)),
     };
     for target in neighbors {
         let span = tracing::info_span!("dialer", node = %me.short(), %target);

@@ -107,6 +107,7 @@ impl Rig {
             tracker: tracker.clone(),
             counters: Arc::default(),
             next_conn: Arc::new(AtomicU64::new(1)),
+            verified: Arc::new(meshnode_protocol::VerifyCache::new(64)),
         };
         let rig = Self {
             me,
@@ -633,6 +634,7 @@ async fn idle_pool(me: &Identity, tracker: &TaskTracker, cancel: &CancellationTo
         tracker: tracker.clone(),
         counters: Arc::default(),
         next_conn: Arc::new(AtomicU64::new(1)),
+        verified: Arc::new(meshnode_protocol::VerifyCache::new(64)),
     };
     Pool::new(shared, loopback_listener().await)
 }

@@ -1,0 +1,321 @@
+//! Scenario 2: M real nodes in one process, a connected random graph of degree about k. One
+//! node withdraws gracefully; later another crashes (tasks aborted, sockets dropped, nothing
+//! said). For each: how long until every remaining node's database shows it, and how many
+//! gossip frames the whole mesh sent because of it.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use futures::future::join_all;
+use meshnode::{Config, Node};
+use meshnode_protocol::ui::StatusPayload;
+use meshnode_protocol::{Identity, NodeId};
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::stats::Spread;
+
+/// Longest the mesh may take to converge, or news of a departure to settle.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often the mesh is polled for completion; the times themselves come from each node's
+/// own record of when it stored what.
+const POLL: Duration = Duration::from_millis(50);
+
+/// One departure, graceful or not.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Departure {
+    /// From the request (or the crash) until the last remaining node's database showed it.
+    pub learned_ms: f64,
+    /// Gossip frames sent by every node, the departing one included, from then until quiet.
+    pub frames: u64,
+    /// Links of the mesh before the departure.
+    pub edges: usize,
+}
+
+/// One round: a fresh mesh, a graceful departure, then a crash.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Round {
+    pub graceful: Departure,
+    pub crash: Departure,
+}
+
+/// Every round of one mesh size.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub nodes: usize,
+    pub degree: usize,
+    pub rounds: Vec<Round>,
+    pub graceful_learned_ms: Spread,
+    pub crash_learned_ms: Spread,
+    pub graceful_frames_per_edge: Spread,
+    pub crash_frames_per_edge: Spread,
+}
+
+pub async fn summary(
+    nodes: usize,
+    degree: usize,
+    rounds: usize,
+    window: Duration,
+) -> Result<Summary, String> {
+    let mut all = Vec::new();
+    for r in 0..rounds {
+        all.push(round(nodes, degree, 0x5eed_0000 + r as u64, window).await?);
+    }
+    let per_edge = |d: &Departure| d.frames as f64 / d.edges as f64;
+    Ok(Summary {
+        nodes,
+        degree,
+        graceful_learned_ms: Spread::of(all.iter().map(|r| r.graceful.learned_ms).collect()),
+        crash_learned_ms: Spread::of(all.iter().map(|r| r.crash.learned_ms).collect()),
+        graceful_frames_per_edge: Spread::of(all.iter().map(|r| per_edge(&r.graceful)).collect()),
+        crash_frames_per_edge: Spread::of(all.iter().map(|r| per_edge(&r.crash)).collect()),
+        rounds: all,
+    })
+}
+
+/// A deterministic pseudo-random sequence (splitmix64), so that a round can be run again.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// A ring (so the graph is connected) plus random chords, up to `n * k / 2` links. Each link
+/// is `(dialer, dialed)` with the dialer the later node.
+pub fn graph(n: usize, k: usize, seed: u64) -> Vec<(usize, usize)> {
+    let mut rng = Rng(seed);
+    let mut edges = BTreeSet::new();
+    for i in 0..n {
+        let j = (i + 1) % n;
+        if i != j {
+            edges.insert((i.max(j), i.min(j)));
+        }
+    }
+    let target = (n * k / 2).min(n * (n - 1) / 2);
+    while edges.len() < target {
+        let (a, b) = (rng.below(n), rng.below(n));
+        if a != b {
+            edges.insert((a.max(b), a.min(b)));
+        }
+    }
+    edges.into_iter().collect()
+}
+
+async fn statuses(nodes: &[Node]) -> Result<Vec<StatusPayload>, String> {
+    join_all(nodes.iter().map(Node::status))
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())
+}
+
+async fn until(
+    nodes: &[Node],
+    what: &str,
+    done: impl Fn(&[StatusPayload]) -> bool,
+) -> Result<(Vec<StatusPayload>, Instant), String> {
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let all = statuses(nodes).await?;
+        if done(&all) {
+            return Ok((all, Instant::now()));
+        }
+        if Instant::now() > deadline {
+            return Err(format!("timed out waiting for {what}"));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Waits until no node's gossip counter moves for a while; returns the sum of them.
+async fn quiet(nodes: &[Node]) -> Result<u64, String> {
+    let mut last = None;
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let sent: Vec<u64> = statuses(nodes)
+            .await?
+            .iter()
+            .map(|s| s.stats.gossip_frames_sent)
+            .collect();
+        if last.as_ref() == Some(&sent) {
+            return Ok(sent.iter().sum());
+        }
+        if Instant::now() > deadline {
+            return Err("gossip did not settle".into());
+        }
+        last = Some(sent);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+pub async fn round(n: usize, k: usize, seed: u64, window: Duration) -> Result<Round, String> {
+    let edges = graph(n, k, seed);
+    let mut nodes: Vec<Node> = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut config = Config::new(Identity::generate().map_err(|e| e.to_string())?);
+        config.gossip_window = window;
+        config.neighbors = edges
+            .iter()
+            .filter(|(dialer, _)| *dialer == i)
+            .map(|(_, dialed)| nodes[*dialed].listen_addr().to_string())
+            .collect();
+        nodes.push(meshnode::start(config).await.map_err(|e| e.to_string())?);
+    }
+    let degree: Vec<usize> = (0..n)
+        .map(|i| edges.iter().filter(|(a, b)| *a == i || *b == i).count())
+        .collect();
+    until(&nodes, "the mesh to converge", |all| {
+        all.iter().zip(&degree).all(|(s, d)| {
+            s.neighbors.len() == *d
+                && s.neighbors.iter().all(|x| x.full)
+                && s.known_nodes.len() == n
+        })
+    })
+    .await?;
+
+    // A graceful withdrawal of the best-connected node.
+    let leaving = (0..n).max_by_key(|&i| degree[i]).unwrap_or(0);
+    let before = quiet(&nodes).await?;
+    let departing = nodes.remove(leaving);
+    let departed = departing.id().to_string();
+    let mut changed = neighbor_ids(&departing).await?;
+    changed.push(departing.id());
+    let controller = departing.controller();
+    let start = Instant::now();
+    let asked = tokio::spawn(async move { controller.shutdown().await });
+    until(&nodes, "news of the withdrawal", |all| {
+        all.iter().all(|s| withdrawn(s, &departed))
+    })
+    .await?;
+    let learned = last_learned(&nodes, &changed).await?;
+    let report = departing.wait().await;
+    let _ = asked.await;
+    let after = quiet(&nodes).await? + report.stats.map_or(0, |s| s.gossip_frames_sent);
+    let graceful = Departure {
+        learned_ms: millis(learned.duration_since(start)),
+        frames: after.saturating_sub(before),
+        edges: edges.len(),
+    };
+
+    // A crash of the best-connected remaining node.
+    let degree: Vec<usize> = statuses(&nodes)
+        .await?
+        .iter()
+        .map(|s| s.neighbors.len())
+        .collect();
+    let crashing = (0..nodes.len()).max_by_key(|&i| degree[i]).unwrap_or(0);
+    let edges_now = degree.iter().sum::<usize>() / 2;
+    let crashed = nodes.remove(crashing);
+    let crashed_id = crashed.id().to_string();
+    let changed = neighbor_ids(&crashed).await?;
+    let before = quiet(&nodes).await?;
+    let start = Instant::now();
+    crashed.stop().await;
+    until(&nodes, "news of the crash", |all| {
+        all.iter().all(|s| forgotten(s, &crashed_id))
+    })
+    .await?;
+    let learned = last_learned(&nodes, &changed).await?;
+    let after = quiet(&nodes).await?;
+    let crash = Departure {
+        learned_ms: millis(learned.duration_since(start)),
+        frames: after.saturating_sub(before),
+        edges: edges_now,
+    };
+    join_all(nodes.into_iter().map(Node::stop)).await;
+    Ok(Round { graceful, crash })
+}
+
+/// The ids of `node`'s neighbors: the records a departure of `node` changes.
+async fn neighbor_ids(node: &Node) -> Result<Vec<NodeId>, String> {
+    let status = node.status().await.map_err(|e| e.to_string())?;
+    status
+        .neighbors
+        .iter()
+        .map(|n| n.node_id.parse().map_err(|_| "bad id".to_owned()))
+        .collect()
+}
+
+/// When the last node stored the last of `changed` (a node's own record excepted).
+async fn last_learned(nodes: &[Node], changed: &[NodeId]) -> Result<Instant, String> {
+    let mut last: Option<Instant> = None;
+    for node in nodes {
+        let ids: Vec<NodeId> = changed
+            .iter()
+            .copied()
+            .filter(|id| *id != node.id())
+            .collect();
+        let times = node
+            .learned_at(ids)
+            .await
+            .ok_or("a node stopped answering")?;
+        for at in times.into_iter().flatten() {
+            last = Some(last.map_or(at, |l| l.max(at)));
+        }
+    }
+    last.ok_or_else(|| "nobody learned anything".to_owned())
+}
+
+/// `departed` withdrew, as `s` sees it: its record lists nobody and nobody lists it.
+fn withdrawn(s: &StatusPayload, departed: &str) -> bool {
+    s.known_nodes
+        .iter()
+        .any(|k| k.node_id == departed && k.neighbors.is_empty())
+        && forgotten(s, departed)
+}
+
+/// No record in `s`'s database, but the crashed node's own, lists `gone`.
+fn forgotten(s: &StatusPayload, gone: &str) -> bool {
+    s.known_nodes
+        .iter()
+        .all(|k| k.node_id == gone || !k.neighbors.iter().any(|n| n == gone))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_graph_is_connected_and_has_about_the_degree_asked() {
+        let edges = graph(100, 4, 1);
+        assert_eq!(edges.len(), 200);
+        assert!(edges.iter().all(|(a, b)| a > b));
+        // Connected: a walk from node 0 reaches every node.
+        let mut seen = BTreeSet::from([0usize]);
+        let mut frontier = vec![0usize];
+        while let Some(x) = frontier.pop() {
+            for &(a, b) in &edges {
+                let y = if a == x {
+                    b
+                } else if b == x {
+                    a
+                } else {
+                    continue;
+                };
+                if seen.insert(y) {
+                    frontier.push(y);
+                }
+            }
+        }
+        assert_eq!(seen.len(), 100);
+        assert_eq!(
+            graph(100, 4, 1),
+            edges,
+            "the same seed gives the same graph"
+        );
+    }
+}
