@@ -1,83 +1,221 @@
 //! `meshnode-bench`: how fast a node withdraws, against the physical floor and against a crash.
 #![forbid(unsafe_code)]
 
+mod memory;
 mod mesh;
 mod peer;
+mod plot;
 mod shutdown;
 mod stats;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+use serde::Serialize;
 
-/// meshnode's benchmarks. Every scenario prints a table; --json writes every figure.
+use crate::stats::ms;
+
+/// meshnode's benchmarks. Each scenario prints a table; --json writes every figure.
 #[derive(Debug, Parser)]
 #[command(name = "meshnode-bench", version, about)]
 struct Args {
+    /// Which scenarios to run.
+    #[arg(long, value_enum, default_value = "all")]
+    scenario: Scenario,
     /// Neighbor counts for the shutdown scenario.
     #[arg(long, value_delimiter = ',', default_value = "10,100,1000,5000")]
     neighbors: Vec<usize>,
-    /// Mesh size.
-    #[arg(long)]
-    mesh: Option<usize>,
-    /// Gossip window, ms.
-    #[arg(long, default_value_t = 10)]
-    window: u64,
-    /// Runs per point.
+    /// Runs per shutdown point.
     #[arg(long, default_value_t = 5)]
     repeat: usize,
+    /// Nodes in the mesh scenario.
+    #[arg(long, default_value_t = 100)]
+    mesh_nodes: usize,
+    /// About how many neighbors each mesh node has.
+    #[arg(long, default_value_t = 4)]
+    degree: usize,
+    /// Rounds of the mesh scenario (a fresh mesh each).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// The mesh nodes' gossip window, in milliseconds.
+    #[arg(long, default_value_t = meshnode::neighborhood::DEFAULT_GOSSIP_WINDOW.as_millis() as u64)]
+    gossip_window_ms: u64,
+    /// Neighbors for the memory scenario.
+    #[arg(long, default_value_t = 1000)]
+    memory_neighbors: usize,
+    /// Write every figure as JSON here.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+    /// Draw time to EOF against N, node and floor, as SVG here.
+    #[arg(long, value_name = "PATH")]
+    svg: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    All,
+    Shutdown,
+    Mesh,
+    Memory,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Results {
+    machine: Machine,
+    shutdown: Vec<shutdown::Point>,
+    mesh: Option<mesh::Summary>,
+    memory: Option<memory::Memory>,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Machine {
+    cores: usize,
+    memory_kib: u64,
 }
 
 fn main() -> ExitCode {
+    // The memory scenario runs its node in a child process of this same program.
+    if std::env::args().nth(1).as_deref() == Some("serve-node") {
+        return match runtime().map(|rt| rt.block_on(memory::serve_node())) {
+            Ok(Ok(())) => ExitCode::SUCCESS,
+            Ok(Err(e)) | Err(e) => fail(&e),
+        };
+    }
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    let Ok(runtime) = tokio::runtime::Builder::new_multi_thread()
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = match runtime() {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(&e),
+    };
+    match runtime.block_on(run(&args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-    else {
-        eprintln!("meshnode-bench: error: cannot start the runtime");
-        return ExitCode::FAILURE;
-    };
-    runtime.block_on(async {
-        if let Some(m) = args.mesh {
-            match mesh::summary(m, 4, 3, std::time::Duration::from_millis(args.window)).await {
-                Ok(s) => println!(
-                    "mesh {m}: graceful learned {} frames/edge {}; crash learned {} frames/edge {}",
-                    s.graceful_learned_ms.cell(),
-                    s.graceful_frames_per_edge.cell(),
-                    s.crash_learned_ms.cell(),
-                    s.crash_frames_per_edge.cell()
-                ),
-                Err(e) => {
-                    eprintln!("meshnode-bench: error: {e}");
-                    return ExitCode::FAILURE;
-                }
-            }
-            return ExitCode::SUCCESS;
-        }
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("meshnode-bench: error: {message}");
+    ExitCode::FAILURE
+}
+
+async fn run(args: &Args) -> Result<(), String> {
+    let mut results = Results { machine: machine(), ..Results::default() };
+    println!(
+        "machine: {} cores, {} MiB of memory",
+        results.machine.cores,
+        results.machine.memory_kib / 1024
+    );
+    let wants = |s: Scenario| args.scenario == Scenario::All || args.scenario == s;
+    if wants(Scenario::Shutdown) {
+        println!("\n== shutdown: one node, N neighbors; ms from the request, median [min–max] of {} runs", args.repeat);
+        println!(
+            "{:>6}  {:>24}  {:>24}  {:>24}  {:>24}  {:>10}  {}",
+            "N", "(a) last withdrawal", "(b) last EOF", "(c) node ended", "floor (b)", "node/floor", "frames sent"
+        );
         for &n in &args.neighbors {
-            match shutdown::point(n, args.repeat).await {
-                Ok(p) => println!(
-                    "{n:>5}  a {}  b {}  c {}  floor b {}  ratio {:.2}  frames {:?} graceful {}",
-                    p.withdrawal_ms.cell(),
-                    p.eof_ms.cell(),
-                    p.done_ms.cell(),
-                    p.floor_eof_ms.cell(),
-                    p.ratio,
-                    p.frames_sent,
-                    p.all_graceful
-                ),
-                Err(e) => {
-                    eprintln!("meshnode-bench: error: {e}");
-                    return ExitCode::FAILURE;
-                }
-            }
+            let p = shutdown::point(n, args.repeat).await?;
+            println!(
+                "{:>6}  {:>24}  {:>24}  {:>24}  {:>24}  {:>10.2}  {:?}{}",
+                n,
+                p.withdrawal_ms.cell(),
+                p.eof_ms.cell(),
+                p.done_ms.cell(),
+                p.floor_eof_ms.cell(),
+                p.ratio,
+                p.frames_sent,
+                if p.all_graceful { "" } else { "  (not all graceful)" }
+            );
+            results.shutdown.push(p);
         }
-        ExitCode::SUCCESS
-    })
+        if let Some(p) = results.shutdown.iter().find(|p| p.neighbors == 1000) {
+            let frames_ok = p.frames_sent.iter().all(|&f| f == 1000);
+            println!(
+                "goal, N = 1000: (b) at most 1.5x the floor: {:.2}x, {}; frames sent = N: {}",
+                p.ratio,
+                verdict(p.ratio <= 1.5),
+                verdict(frames_ok)
+            );
+        }
+        if let Some(path) = &args.svg {
+            plot::draw(&results.shutdown, path)?;
+            println!("plot: {}", path.display());
+        }
+    }
+    if wants(Scenario::Mesh) {
+        let window = Duration::from_millis(args.gossip_window_ms);
+        println!(
+            "\n== mesh: {} nodes of degree about {}, gossip window {} ms; {} rounds",
+            args.mesh_nodes, args.degree, args.gossip_window_ms, args.rounds
+        );
+        let s = mesh::summary(args.mesh_nodes, args.degree, args.rounds, window).await?;
+        println!("{:>10}  {:>30}  {:>26}", "", "every node knew after (ms)", "gossip frames per link");
+        println!("{:>10}  {:>30}  {:>26}", "graceful", s.graceful_learned_ms.cell(), s.graceful_frames_per_edge.cell());
+        println!("{:>10}  {:>30}  {:>26}", "crash", s.crash_learned_ms.cell(), s.crash_frames_per_edge.cell());
+        for (i, r) in s.rounds.iter().enumerate() {
+            println!(
+                "  round {}: graceful {} frames over {} links, crash {} frames over {} links",
+                i + 1,
+                r.graceful.frames,
+                r.graceful.edges,
+                r.crash.frames,
+                r.crash.edges
+            );
+        }
+        println!(
+            "goals: every node knows within 100 ms: {} ({} ms); at most two frames per link: {} ({}); fewer than after a crash: {}",
+            verdict(s.graceful_learned_ms.median <= 100.0),
+            ms(s.graceful_learned_ms.median),
+            verdict(s.graceful_frames_per_edge.median <= 2.0),
+            ms(s.graceful_frames_per_edge.median),
+            verdict(s.graceful_frames_per_edge.median < s.crash_frames_per_edge.median)
+        );
+        results.mesh = Some(s);
+    }
+    if wants(Scenario::Memory) {
+        println!("\n== memory: one node with {} neighbors, resident set from /proc", args.memory_neighbors);
+        let m = memory::measure(args.memory_neighbors).await?;
+        println!(
+            "before {} KiB, after {} KiB: {:.1} KiB per neighbor connection; goal at most 32 KiB: {}",
+            m.rss_before_kib,
+            m.rss_after_kib,
+            m.per_neighbor_kib,
+            verdict(m.per_neighbor_kib <= 32.0)
+        );
+        results.memory = Some(m);
+    }
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?;
+        std::fs::write(path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        println!("\nfigures: {}", path.display());
+    }
+    Ok(())
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "MISSED" }
+}
+
+fn machine() -> Machine {
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let memory_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0);
+    Machine { cores, memory_kib }
 }

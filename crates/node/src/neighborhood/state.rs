@@ -56,11 +56,10 @@ struct Outbox {
     /// Records changed since the last gossip, each with the neighbors known to have its new
     /// version already (they sent it here, first or as a copy): they are not sent it again.
     changed: BTreeMap<NodeId, BTreeSet<NodeId>>,
-    /// Newly connected neighbors, owed the whole database.
+    /// Newly connected neighbors, owed the whole database: their own stored record included,
+    /// which, if it is newer than their hello, is from an earlier run of their key that they
+    /// must outbid (and otherwise is merely stale there). One set for all of them, encoded once.
     full_sync: BTreeSet<NodeId>,
-    /// Newly connected neighbors whose hello was older than the record stored for them, owed
-    /// that record too: it is from an earlier run of their key, which they must outbid.
-    earlier_life: BTreeSet<NodeId>,
 }
 
 impl Neighborhood {
@@ -247,15 +246,7 @@ impl Neighborhood {
         // A neighbor that withdrew and came back is a neighbor again.
         self.departed.remove(&peer);
         info!(peer = %peer.short(), conn = %stream.id(), addr = %record.record().addr, "neighbor connected");
-        let hello_version = record.version();
         self.merge(record, Some(peer));
-        if self
-            .db
-            .get(&peer)
-            .is_some_and(|r| r.version() > hello_version)
-        {
-            self.outbox.earlier_life.insert(peer);
-        }
         // A replaced stream was closed by the pool; its disconnect removes only itself.
         self.streams.entry(peer).or_default().push(stream);
         self.outbox.full_sync.insert(peer);
@@ -433,18 +424,15 @@ impl Neighborhood {
             if self.departed.contains(peer) {
                 continue;
             }
+            // The same sets for as many neighbors as possible, so that they share one encoding:
+            // a neighbor may be sent its own record (it is stale there).
             let mut ids: BTreeSet<NodeId> = if outbox.full_sync.contains(peer) {
-                let earlier_life = outbox.earlier_life.contains(peer);
-                self.db
-                    .records()
-                    .map(VerifiedRecord::id)
-                    .filter(|id| id != peer || earlier_life)
-                    .collect()
+                self.db.records().map(VerifiedRecord::id).collect()
             } else {
                 outbox
                     .changed
                     .iter()
-                    .filter(|(id, have)| *id != peer && !have.contains(peer))
+                    .filter(|(_, have)| !have.contains(peer))
                     .map(|(id, _)| *id)
                     .collect()
             };

@@ -225,12 +225,13 @@ async fn a_new_neighbor_gets_the_whole_database_and_is_listed_in_a_bumped_own_re
     assert_eq!(status.version, 2, "one bump for one new neighbor");
     assert_eq!(hood.neighbors().await, ids(&[a.id()]));
     assert!(!status.neighbors[0].full, "A does not list this node yet");
-    // The whole database but A's own record: this node's record, which now lists A.
+    // The whole database: this node's record, which now lists A, and A's own (stale there).
     let frame = a.one_frame();
-    assert_eq!(summary(&frame), BTreeSet::from([(me, 2)]));
-    assert_eq!(frame[0].record.neighbors, ids(&[a.id()]));
-    assert_eq!(frame[0].record.addr, ADDR);
-    assert_eq!(&frame[0], &hood.own().await);
+    assert_eq!(summary(&frame), BTreeSet::from([(me, 2), (a.id(), 1)]));
+    let own = frame.iter().find(|r| r.id() == me).expect("the node's record");
+    assert_eq!(own.record.neighbors, ids(&[a.id()]));
+    assert_eq!(own.record.addr, ADDR);
+    assert_eq!(own, &hood.own().await);
 
     // B already lists this node, so B is a full neighbor.
     hood.send(b.connected(1, &[me])).await;
@@ -251,7 +252,7 @@ async fn a_new_neighbor_gets_the_whole_database_and_is_listed_in_a_bumped_own_re
     // B gets the whole database; A gets what changed: the own record and B's.
     assert_eq!(
         summary(&b.one_frame()),
-        BTreeSet::from([(me, 3), (a.id(), 1)])
+        BTreeSet::from([(me, 3), (a.id(), 1), (b.id(), 1)])
     );
     let frame = a.one_frame();
     assert_eq!(summary(&frame), BTreeSet::from([(me, 3), (b.id(), 1)]));
@@ -347,9 +348,10 @@ fn changes_handled_in_one_batch_leave_as_one_gossip_frame_per_neighbor() {
     a.nothing_queued();
     hood.flush();
     let others = |n: &Neighbor| {
+        // Everyone gets the same set, its own record included, so it is encoded once.
+        let _ = n;
         [&a, &b, &c]
             .iter()
-            .filter(|o| o.id() != n.id())
             .map(|o| (o.id(), 1))
             .chain([(me.id(), 4)])
             .collect::<BTreeSet<_>>()
@@ -444,7 +446,7 @@ async fn a_disconnect_of_the_current_stream_drops_the_neighbor_once_and_a_stale_
     assert_eq!(hood.status().await.version, 3);
     assert_eq!(
         summary(&a2.one_frame()),
-        BTreeSet::from([(me, 3), (b.id(), 1)])
+        BTreeSet::from([(me, 3), (a.id(), 1), (b.id(), 1)])
     );
     a.nothing_queued();
     b.nothing_queued();
@@ -609,7 +611,7 @@ async fn a_replaced_stream_whose_connect_arrives_late_does_not_cost_the_neighbor
     hood.status().await;
     assert_eq!(
         summary(&a_new.one_frame()),
-        BTreeSet::from([(me, 3), (b.id(), 1)])
+        BTreeSet::from([(me, 3), (a_new.id(), 1), (b.id(), 1)])
     );
     hood.send(a_old.connected(1, &[])).await;
     hood.status().await;
@@ -626,7 +628,7 @@ async fn a_replaced_stream_whose_connect_arrives_late_does_not_cost_the_neighbor
     // Gossip meant for A may have gone to the dead stream: the live one gets everything again.
     assert_eq!(
         summary(&a_new.one_frame()),
-        BTreeSet::from([(me, 3), (b.id(), 1)])
+        BTreeSet::from([(me, 3), (a_new.id(), 1), (b.id(), 1)])
     );
     let x = identity(20);
     hood.send(b.gossip(vec![record(&x, 1, &[])])).await;
@@ -686,11 +688,12 @@ async fn a_neighbor_whose_hello_is_older_than_its_stored_record_gets_that_record
     );
     b.nothing_queued();
 
-    // A neighbor whose hello is current does not get its own record back.
+    // A neighbor whose hello is current gets its own record back as it sent it: stale there.
     let mut c = Neighbor::new(12, 3);
     hood.send(c.connected(1, &[])).await;
     hood.status().await;
-    assert!(c.one_frame().iter().all(|r| r.id() != c.id()));
+    let own = c.one_frame().into_iter().find(|r| r.id() == c.id()).expect("its record");
+    assert_eq!(own.version(), 1);
     hood.stop().await;
 }
 
@@ -801,4 +804,27 @@ fn hood_lists(hood: &mut Neighborhood, peer: NodeId) -> bool {
         .neighbors
         .iter()
         .any(|n| n.node_id == peer.to_string())
+}
+
+#[test]
+fn a_change_is_not_sent_back_to_any_neighbor_that_sent_a_copy_of_it() {
+    let me = identity(1);
+    let mut hood = Neighborhood::new(me, ADDR.into()).expect("own record");
+    let mut a = Neighbor::new(10, 1);
+    let mut b = Neighbor::new(11, 2);
+    let mut c = Neighbor::new(12, 3);
+    for n in [&a, &b, &c] {
+        hood.handle(n.connected(1, &[]));
+    }
+    hood.flush();
+    for n in [&mut a, &mut b, &mut c] {
+        n.queued();
+    }
+    let news = record(&identity(50), 1, &[]);
+    hood.handle(a.gossip(vec![news.clone()]));
+    hood.handle(b.gossip(vec![news]));
+    hood.flush();
+    a.nothing_queued();
+    b.nothing_queued();
+    assert_eq!(c.one_frame().len(), 1, "only C, which had not sent it, gets it");
 }

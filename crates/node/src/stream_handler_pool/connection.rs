@@ -192,6 +192,7 @@ where
         let Some(item) = cancel.run_until_cancelled(reader.next()).await else {
             return "closed by this node".to_owned();
         };
+        shrink(reader.read_buffer_mut());
         let strike = match item {
             None => return "end of stream".to_owned(),
             Some(Err(e)) => {
@@ -302,10 +303,12 @@ async fn write_loop<W>(
             writer.feed(body).await?;
             // Flush only when nothing else is queued, so a burst leaves in few writes.
             if queue.is_empty() {
-                writer.flush().await
-            } else {
-                Ok(())
+                writer.flush().await?;
+                // A large frame (a whole database) must not pin its buffer for the life of
+                // the stream: idle streams are most of a node's streams.
+                shrink(writer.write_buffer_mut());
             }
+            Ok(())
         };
         match cancel.run_until_cancelled(write).await {
             None => return,
@@ -338,6 +341,15 @@ where
         writer.get_mut().shutdown().await
     };
     cancel.run_until_cancelled(close).await.unwrap_or(Ok(()))
+}
+
+/// Largest buffer an idle stream keeps; a larger, empty one is given back.
+const IDLE_BUFFER: usize = 8 * 1024;
+
+fn shrink(buffer: &mut bytes::BytesMut) {
+    if buffer.is_empty() && buffer.capacity() > IDLE_BUFFER {
+        *buffer = bytes::BytesMut::new();
+    }
 }
 
 /// Counts a stream as open for as long as it lives.

@@ -276,8 +276,9 @@ async fn a_good_hello_is_answered_admitted_and_followed_by_the_database() {
     let hello = a.handshake(&rig.me).await;
     assert_eq!(hello.version(), 1, "the record from before A connected");
     let gossip = a.next_gossip().await;
-    assert_eq!(summary(&gossip), BTreeSet::from([(me, 2)]));
-    assert_eq!(gossip[0].record.neighbors, BTreeSet::from([a.id()]));
+    assert_eq!(summary(&gossip), BTreeSet::from([(me, 2), (a.id(), 1)]));
+    let own = gossip.iter().find(|r| r.id() == me).expect("the node's record");
+    assert_eq!(own.record.neighbors, BTreeSet::from([a.id()]));
 
     assert_eq!(rig.neighbors().await, BTreeSet::from([a.id()]));
     assert!(rig.knows(a.id()).await);
@@ -486,7 +487,7 @@ async fn end_of_stream_from_the_peer_drops_the_half_neighborship() {
     b.handshake(&rig.me).await;
     assert_eq!(
         summary(&b.next_gossip().await),
-        BTreeSet::from([(me, 3), (a.id(), 1)])
+        BTreeSet::from([(me, 3), (a.id(), 1), (b.id(), 1)])
     );
     assert_eq!(rig.counters().await.streams_open, 2);
 
