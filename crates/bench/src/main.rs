@@ -86,7 +86,10 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let runtime = match runtime() {
         Ok(runtime) => runtime,
         Err(e) => return fail(&e),
@@ -110,7 +113,10 @@ fn fail(message: &str) -> ExitCode {
 }
 
 async fn run(args: &Args) -> Result<(), String> {
-    let mut results = Results { machine: machine(), ..Results::default() };
+    let mut results = Results {
+        machine: machine(),
+        ..Results::default()
+    };
     println!(
         "machine: {} cores, {} MiB of memory",
         results.machine.cores,
@@ -118,10 +124,19 @@ async fn run(args: &Args) -> Result<(), String> {
     );
     let wants = |s: Scenario| args.scenario == Scenario::All || args.scenario == s;
     if wants(Scenario::Shutdown) {
-        println!("\n== shutdown: one node, N neighbors; ms from the request, median [min–max] of {} runs", args.repeat);
+        println!(
+            "\n== shutdown: one node, N neighbors; ms from the request, median [min–max] of {} runs",
+            args.repeat
+        );
         println!(
             "{:>6}  {:>24}  {:>24}  {:>24}  {:>24}  {:>10}  {}",
-            "N", "(a) last withdrawal", "(b) last EOF", "(c) node ended", "floor (b)", "node/floor", "frames sent"
+            "N",
+            "(a) last withdrawal",
+            "(b) last EOF",
+            "(c) node ended",
+            "floor (b)",
+            "node/floor",
+            "frames sent"
         );
         for &n in &args.neighbors {
             let p = shutdown::point(n, args.repeat).await?;
@@ -134,7 +149,11 @@ async fn run(args: &Args) -> Result<(), String> {
                 p.floor_eof_ms.cell(),
                 p.ratio,
                 p.frames_sent,
-                if p.all_graceful { "" } else { "  (not all graceful)" }
+                if p.all_graceful {
+                    ""
+                } else {
+                    "  (not all graceful)"
+                }
             );
             results.shutdown.push(p);
         }
@@ -159,9 +178,22 @@ async fn run(args: &Args) -> Result<(), String> {
             args.mesh_nodes, args.degree, args.gossip_window_ms, args.rounds
         );
         let s = mesh::summary(args.mesh_nodes, args.degree, args.rounds, window).await?;
-        println!("{:>10}  {:>30}  {:>26}", "", "every node knew after (ms)", "gossip frames per link");
-        println!("{:>10}  {:>30}  {:>26}", "graceful", s.graceful_learned_ms.cell(), s.graceful_frames_per_edge.cell());
-        println!("{:>10}  {:>30}  {:>26}", "crash", s.crash_learned_ms.cell(), s.crash_frames_per_edge.cell());
+        println!(
+            "{:>10}  {:>30}  {:>26}",
+            "", "every node knew after (ms)", "gossip frames per link"
+        );
+        println!(
+            "{:>10}  {:>30}  {:>26}",
+            "graceful",
+            s.graceful_learned_ms.cell(),
+            s.graceful_frames_per_edge.cell()
+        );
+        println!(
+            "{:>10}  {:>30}  {:>26}",
+            "crash",
+            s.crash_learned_ms.cell(),
+            s.crash_frames_per_edge.cell()
+        );
         for (i, r) in s.rounds.iter().enumerate() {
             println!(
                 "  round {}: graceful {} frames over {} links, crash {} frames over {} links",
@@ -183,7 +215,10 @@ async fn run(args: &Args) -> Result<(), String> {
         results.mesh = Some(s);
     }
     if wants(Scenario::Memory) {
-        println!("\n== memory: one node with {} neighbors, resident set from /proc", args.memory_neighbors);
+        println!(
+            "\n== memory: one node with {} neighbors, resident set from /proc",
+            args.memory_neighbors
+        );
         let m = memory::measure(args.memory_neighbors).await?;
         println!(
             "before {} KiB, after {} KiB: {:.1} KiB per neighbor connection; goal at most 32 KiB: {}",

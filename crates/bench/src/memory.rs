@@ -48,8 +48,14 @@ async fn run(child: &mut Child, n: usize) -> Result<Memory, String> {
     .map_err(|e| e.to_string())?
     .map_err(|e| e.to_string())?;
     let mut words = line.split_whitespace();
-    let addr: SocketAddr = words.next().and_then(|w| w.parse().ok()).ok_or("no address")?;
-    let id: NodeId = words.next().and_then(|w| w.parse().ok()).ok_or("no node id")?;
+    let addr: SocketAddr = words
+        .next()
+        .and_then(|w| w.parse().ok())
+        .ok_or("no address")?;
+    let id: NodeId = words
+        .next()
+        .and_then(|w| w.parse().ok())
+        .ok_or("no node id")?;
     let pid = child.id();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = rss_kib(pid)?;
@@ -94,7 +100,9 @@ fn rss_kib(pid: u32) -> Result<u64, String> {
 /// The child's side: run a node on loopback, print `LISTEN_ADDR NODE_ID`, run until killed.
 pub async fn serve_node() -> Result<(), String> {
     let identity = meshnode_protocol::Identity::generate().map_err(|e| e.to_string())?;
-    let node = meshnode::start(meshnode::Config::new(identity)).await.map_err(|e| e.to_string())?;
+    let node = meshnode::start(meshnode::Config::new(identity))
+        .await
+        .map_err(|e| e.to_string())?;
     println!("{} {}", node.listen_addr(), node.id());
     node.wait().await;
     Ok(())

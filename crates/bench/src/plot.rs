@@ -11,10 +11,14 @@ pub fn draw(points: &[Point], path: &Path) -> Result<(), String> {
         return Ok(());
     }
     let err = |e: &dyn std::fmt::Display| format!("cannot draw {}: {e}", path.display());
-    let node: Vec<(f64, f64)> =
-        points.iter().map(|p| (p.neighbors as f64, p.eof_ms.median.max(0.01))).collect();
-    let floor: Vec<(f64, f64)> =
-        points.iter().map(|p| (p.neighbors as f64, p.floor_eof_ms.median.max(0.01))).collect();
+    let node: Vec<(f64, f64)> = points
+        .iter()
+        .map(|p| (p.neighbors as f64, p.eof_ms.median.max(0.01)))
+        .collect();
+    let floor: Vec<(f64, f64)> = points
+        .iter()
+        .map(|p| (p.neighbors as f64, p.floor_eof_ms.median.max(0.01)))
+        .collect();
     let xs = node.iter().map(|p| p.0);
     let (x_min, x_max) = xs.fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(x), hi.max(x)));
     let ys = node.iter().chain(&floor).map(|p| p.1);
@@ -23,7 +27,10 @@ pub fn draw(points: &[Point], path: &Path) -> Result<(), String> {
     let root = SVGBackend::new(path, (720, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let mut chart = ChartBuilder::on(&root)
-        .caption("shutdown: time to the last neighbor's EOF", ("sans-serif", 20))
+        .caption(
+            "shutdown: time to the last neighbor's EOF",
+            ("sans-serif", 20),
+        )
         .margin(16)
         .x_label_area_size(40)
         .y_label_area_size(60)
@@ -40,7 +47,10 @@ pub fn draw(points: &[Point], path: &Path) -> Result<(), String> {
         .map_err(|e| err(&e))?;
     for (series, color, name) in [(&node, RED, "meshnode"), (&floor, BLUE, "floor")] {
         chart
-            .draw_series(LineSeries::new(series.iter().copied(), color.stroke_width(2)))
+            .draw_series(LineSeries::new(
+                series.iter().copied(),
+                color.stroke_width(2),
+            ))
             .map_err(|e| err(&e))?
             .label(name)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));

@@ -159,18 +159,25 @@ impl Decoder for FrameCodec {
     }
 }
 
+/// The 4-byte length prefix of a frame body of `len` bytes, for writers that send the body
+/// from its own buffer instead of copying it through [`FrameCodec`].
+pub fn frame_header(len: usize) -> Result<[u8; HEADER_LEN], FrameError> {
+    if len > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge(len));
+    }
+    Ok(u32::try_from(len)
+        .map_err(|_| FrameError::TooLarge(len))?
+        .to_be_bytes())
+}
+
 impl Encoder<Bytes> for FrameCodec {
     type Error = std::io::Error;
 
     fn encode(&mut self, body: Bytes, dst: &mut BytesMut) -> Result<(), Self::Error> {
-        if body.len() > MAX_FRAME_LEN {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                FrameError::TooLarge(body.len()),
-            ));
-        }
+        let header = frame_header(body.len())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         dst.reserve(HEADER_LEN + body.len());
-        dst.put_u32(body.len() as u32);
+        dst.extend_from_slice(&header);
         dst.extend_from_slice(&body);
         Ok(())
     }

@@ -7,7 +7,9 @@ pub mod frame;
 pub mod record;
 pub mod ui;
 
-pub use frame::{Frame, FrameCodec, FrameError, Inbound, MAX_FRAME_LEN, PROTOCOL_VERSION};
+pub use frame::{
+    Frame, FrameCodec, FrameError, Inbound, MAX_FRAME_LEN, PROTOCOL_VERSION, frame_header,
+};
 pub use record::{
     Identity, NodeId, NodeRecord, RecordError, SignedRecord, VerifiedRecord, VerifyCache,
 };

@@ -228,7 +228,10 @@ async fn a_new_neighbor_gets_the_whole_database_and_is_listed_in_a_bumped_own_re
     // The whole database: this node's record, which now lists A, and A's own (stale there).
     let frame = a.one_frame();
     assert_eq!(summary(&frame), BTreeSet::from([(me, 2), (a.id(), 1)]));
-    let own = frame.iter().find(|r| r.id() == me).expect("the node's record");
+    let own = frame
+        .iter()
+        .find(|r| r.id() == me)
+        .expect("the node's record");
     assert_eq!(own.record.neighbors, ids(&[a.id()]));
     assert_eq!(own.record.addr, ADDR);
     assert_eq!(own, &hood.own().await);
@@ -692,7 +695,11 @@ async fn a_neighbor_whose_hello_is_older_than_its_stored_record_gets_that_record
     let mut c = Neighbor::new(12, 3);
     hood.send(c.connected(1, &[])).await;
     hood.status().await;
-    let own = c.one_frame().into_iter().find(|r| r.id() == c.id()).expect("its record");
+    let own = c
+        .one_frame()
+        .into_iter()
+        .find(|r| r.id() == c.id())
+        .expect("its record");
     assert_eq!(own.version(), 1);
     hood.stop().await;
 }
@@ -826,5 +833,9 @@ fn a_change_is_not_sent_back_to_any_neighbor_that_sent_a_copy_of_it() {
     hood.flush();
     a.nothing_queued();
     b.nothing_queued();
-    assert_eq!(c.one_frame().len(), 1, "only C, which had not sent it, gets it");
+    assert_eq!(
+        c.one_frame().len(),
+        1,
+        "only C, which had not sent it, gets it"
+    );
 }

@@ -1,9 +1,11 @@
 //! One stream's life: handshake, admission, then a reader (this task) and a writer (a task of
 //! its own that owns the write half and drains the stream's queue).
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use futures::{SinkExt, StreamExt};
-use meshnode_protocol::{Frame, FrameCodec, Inbound, PROTOCOL_VERSION, VerifiedRecord};
+use meshnode_protocol::{
+    Frame, FrameCodec, Inbound, PROTOCOL_VERSION, VerifiedRecord, frame_header,
+};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -86,7 +88,7 @@ where
     let span = tracing::info_span!("writer", %conn);
     shared
         .tracker
-        .spawn(write_loop(writer, queue, handle.clone()).instrument(span));
+        .spawn(write_loop(writer.into_inner(), queue, handle.clone()).instrument(span));
     let connected = NeighborhoodMsg::NeighborConnected {
         stream: handle.clone(),
         record,
@@ -260,12 +262,10 @@ where
 
 /// Drains the stream's queue into the socket, in order, until cancelled or asked to close.
 /// Closing writes everything queued before it, then shuts the write half down, so the
-/// neighbor reads every frame this node handed over before it reads EOF.
-async fn write_loop<W>(
-    mut writer: FramedWrite<W, FrameCodec>,
-    mut queue: mpsc::Receiver<Bytes>,
-    stream: StreamHandle,
-) where
+/// neighbor reads every frame this node handed over before it reads EOF. Frames go from their
+/// shared buffers straight to the socket: no per-stream copy of a large frame stays behind.
+async fn write_loop<W>(mut writer: W, mut queue: mpsc::Receiver<Bytes>, stream: StreamHandle)
+where
     W: AsyncWrite + Unpin,
 {
     let (cancel, drain) = (stream.cancel.clone(), stream.drain.clone());
@@ -284,33 +284,23 @@ async fn write_loop<W>(
         // so that it leaves with the FIN and the neighbor reads both in one go. (If no close
         // comes soon, it goes out alone.)
         if queue.is_empty() && stream.final_queued.load(Ordering::Acquire) {
-            if let Err(e) = writer.feed(body).await {
-                break Err(e);
-            }
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => return,
-                () = drain.cancelled() => break close(&mut writer, &mut queue, &cancel).await,
+                () = drain.cancelled() => {
+                    let last = async {
+                        write_frame(&mut writer, &body).await?;
+                        close(&mut writer, &mut queue, &cancel).await
+                    };
+                    break cancel.run_until_cancelled(last).await.unwrap_or(Ok(()));
+                }
                 () = tokio::time::sleep(FINAL_HOLD) => {}
             }
-            match cancel.run_until_cancelled(writer.flush()).await {
-                None => return,
-                Some(Ok(())) => continue,
-                Some(Err(e)) => break Err(e),
-            }
         }
-        let write = async {
-            writer.feed(body).await?;
-            // Flush only when nothing else is queued, so a burst leaves in few writes.
-            if queue.is_empty() {
-                writer.flush().await?;
-                // A large frame (a whole database) must not pin its buffer for the life of
-                // the stream: idle streams are most of a node's streams.
-                shrink(writer.write_buffer_mut());
-            }
-            Ok(())
-        };
-        match cancel.run_until_cancelled(write).await {
+        match cancel
+            .run_until_cancelled(write_frame(&mut writer, &body))
+            .await
+        {
             None => return,
             Some(Ok(())) => {}
             Some(Err(e)) => break Err(e),
@@ -322,9 +312,17 @@ async fn write_loop<W>(
     }
 }
 
+/// One frame: its length, then its body, in one vectored write where the socket allows.
+async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, body: &Bytes) -> std::io::Result<()> {
+    let header = frame_header(body.len())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut frame = (&header[..]).chain(&body[..]);
+    writer.write_all_buf(&mut frame).await
+}
+
 /// Writes what is queued, in order, then shuts the write half down.
 async fn close<W>(
-    writer: &mut FramedWrite<W, FrameCodec>,
+    writer: &mut W,
     queue: &mut mpsc::Receiver<Bytes>,
     cancel: &CancellationToken,
 ) -> std::io::Result<()>
@@ -335,10 +333,9 @@ where
     queue.close();
     let close = async {
         while let Some(body) = queue.recv().await {
-            writer.feed(body).await?;
+            write_frame(writer, &body).await?;
         }
-        writer.flush().await?;
-        writer.get_mut().shutdown().await
+        writer.shutdown().await
     };
     cancel.run_until_cancelled(close).await.unwrap_or(Ok(()))
 }

@@ -277,7 +277,10 @@ async fn a_good_hello_is_answered_admitted_and_followed_by_the_database() {
     assert_eq!(hello.version(), 1, "the record from before A connected");
     let gossip = a.next_gossip().await;
     assert_eq!(summary(&gossip), BTreeSet::from([(me, 2), (a.id(), 1)]));
-    let own = gossip.iter().find(|r| r.id() == me).expect("the node's record");
+    let own = gossip
+        .iter()
+        .find(|r| r.id() == me)
+        .expect("the node's record");
     assert_eq!(own.record.neighbors, BTreeSet::from([a.id()]));
 
     assert_eq!(rig.neighbors().await, BTreeSet::from([a.id()]));
