@@ -187,8 +187,16 @@ pub async fn round(n: usize, k: usize, seed: u64, window: Duration) -> Result<Ro
     })
     .await?;
 
-    // A graceful withdrawal of the best-connected node.
-    let leaving = (0..n).max_by_key(|&i| degree[i]).unwrap_or(0);
+    // A graceful withdrawal of the best-connected node whose loss leaves the mesh connected.
+    let mut adjacency = vec![Vec::new(); n];
+    for &(a, b) in &edges {
+        adjacency[a].push(b);
+        adjacency[b].push(a);
+    }
+    let leaving = (0..n)
+        .filter(|&i| connected_without(&adjacency, i))
+        .max_by_key(|&i| degree[i])
+        .ok_or("every node's loss would split the mesh")?;
     let before = quiet(&nodes).await?;
     let departing = nodes.remove(leaving);
     let departed = departing.id().to_string();
@@ -211,13 +219,28 @@ pub async fn round(n: usize, k: usize, seed: u64, window: Duration) -> Result<Ro
         edges: edges.len(),
     };
 
-    // A crash of the best-connected remaining node.
-    let degree: Vec<usize> = statuses(&nodes)
-        .await?
+    // A crash of the best-connected remaining node whose loss leaves the mesh connected (news
+    // cannot cross a partition, graceful or not).
+    let now = statuses(&nodes).await?;
+    let index: std::collections::HashMap<&str, usize> = now
         .iter()
-        .map(|s| s.neighbors.len())
+        .enumerate()
+        .map(|(i, s)| (s.node_id.as_str(), i))
         .collect();
-    let crashing = (0..nodes.len()).max_by_key(|&i| degree[i]).unwrap_or(0);
+    let adjacency: Vec<Vec<usize>> = now
+        .iter()
+        .map(|s| {
+            s.neighbors
+                .iter()
+                .filter_map(|n| index.get(n.node_id.as_str()).copied())
+                .collect()
+        })
+        .collect();
+    let degree: Vec<usize> = adjacency.iter().map(Vec::len).collect();
+    let crashing = (0..nodes.len())
+        .filter(|&i| connected_without(&adjacency, i))
+        .max_by_key(|&i| degree[i])
+        .ok_or("every node's loss would split the mesh")?;
     let edges_now = degree.iter().sum::<usize>() / 2;
     let crashed = nodes.remove(crashing);
     let crashed_id = crashed.id().to_string();
@@ -238,6 +261,26 @@ pub async fn round(n: usize, k: usize, seed: u64, window: Duration) -> Result<Ro
     };
     join_all(nodes.into_iter().map(Node::stop)).await;
     Ok(Round { graceful, crash })
+}
+
+/// Whether the graph stays connected without node `removed`.
+fn connected_without(adjacency: &[Vec<usize>], removed: usize) -> bool {
+    let Some(start) = (0..adjacency.len()).find(|&i| i != removed) else {
+        return true;
+    };
+    let mut seen = vec![false; adjacency.len()];
+    seen[removed] = true;
+    seen[start] = true;
+    let mut frontier = vec![start];
+    while let Some(x) = frontier.pop() {
+        for &y in &adjacency[x] {
+            if !seen[y] {
+                seen[y] = true;
+                frontier.push(y);
+            }
+        }
+    }
+    seen.iter().all(|&s| s)
 }
 
 /// The ids of `node`'s neighbors: the records a departure of `node` changes.

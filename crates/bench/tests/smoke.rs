@@ -1,0 +1,63 @@
+//! Every scenario of the benchmark at a tiny size, so that it cannot rot. Correctness only:
+//! nothing here judges a time.
+
+use std::process::Command;
+
+#[test]
+fn every_scenario_runs_at_a_tiny_size_and_writes_its_figures() {
+    let dir = std::env::temp_dir().join(format!("meshnode-bench-smoke-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (json, svg) = (dir.join("figures.json"), dir.join("plot.svg"));
+    let out = Command::new(env!("CARGO_BIN_EXE_meshnode-bench"))
+        .args([
+            "--neighbors",
+            "2,4",
+            "--repeat",
+            "1",
+            "--mesh-nodes",
+            "6",
+            "--degree",
+            "3",
+        ])
+        .args(["--rounds", "1", "--memory-neighbors", "4"])
+        .arg("--json")
+        .arg(&json)
+        .arg("--svg")
+        .arg(&svg)
+        .output()
+        .expect("the benchmark runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for heading in ["== shutdown", "== mesh", "== memory"] {
+        assert!(stdout.contains(heading), "{heading} missing:\n{stdout}");
+    }
+
+    let figures: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("JSON written")).expect("valid JSON");
+    let points = figures["shutdown"].as_array().expect("shutdown points");
+    assert_eq!(points.len(), 2);
+    for (point, n) in points.iter().zip([2, 4]) {
+        assert_eq!(point["neighbors"], n);
+        assert_eq!(
+            point["frames_sent"],
+            serde_json::json!([n]),
+            "one withdrawal frame per neighbor"
+        );
+        assert_eq!(point["all_graceful"], true);
+        assert!(point["eof_ms"]["median"].as_f64().expect("a time") > 0.0);
+        assert!(point["floor_eof_ms"]["median"].as_f64().expect("a time") > 0.0);
+    }
+    let round = &figures["mesh"]["rounds"][0];
+    assert!(round["graceful"]["frames"].as_u64().expect("frames") > 0);
+    assert!(round["crash"]["frames"].as_u64().expect("frames") > 0);
+    assert_eq!(figures["memory"]["neighbors"], 4);
+    assert!(figures["memory"]["rss_after_kib"].as_u64().expect("rss") > 0);
+    assert!(figures["failed"].as_array().expect("failures").is_empty());
+    let plot = std::fs::read_to_string(&svg).expect("SVG written");
+    assert!(plot.contains("<svg"), "an SVG");
+    let _ = std::fs::remove_dir_all(&dir);
+}
