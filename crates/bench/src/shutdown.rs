@@ -16,7 +16,7 @@ use crate::peer;
 use crate::stats::Spread;
 
 /// Longest the setup of one point (connecting every neighbor) may take.
-const SETUP_TIMEOUT: Duration = Duration::from_secs(300);
+const SETUP_TIMEOUT: Duration = Duration::from_secs(120);
 /// Neighbors that connect at once; more wait their turn.
 const CONNECT_WAVE: usize = 256;
 
