@@ -156,9 +156,6 @@ pub async fn node_once(n: usize) -> Result<NodeRun, String> {
     let asked = tokio::spawn(async move { controller.shutdown().await });
     let report = node.wait().await;
     let done = start.elapsed();
-    if std::env::var_os("MESHNODE_BENCH_VERBOSE").is_some() {
-        eprintln!("{}", report.render());
-    }
     let _ = asked.await;
     let mut withdrawal = Duration::ZERO;
     let mut eof = Duration::ZERO;
