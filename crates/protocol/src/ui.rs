@@ -30,6 +30,9 @@ pub mod codes {
     pub const BAD_FRAME: u64 = PREFIX | 0x1_0002;
     /// meshnode: the node failed inside while answering.
     pub const INTERNAL: u64 = PREFIX | 0x1_0003;
+    /// meshnode: the UI wants a token (`Authorization: Bearer TOKEN`) and the request had none
+    /// or a wrong one; sent as the body of an HTTP 401.
+    pub const UNAUTHORIZED: u64 = PREFIX | 0x1_0004;
 }
 
 /// One UI message in the MASQ envelope.
@@ -221,6 +224,9 @@ pub struct Stats {
     pub records_accepted: u64,
     /// Records no newer than the stored one (replays, echoes).
     pub records_stale: u64,
+    /// Gossip frames that changed nothing (every record in them stale): a neighbor that
+    /// sends little else is disconnected for flooding.
+    pub gossip_frames_useless: u64,
     /// Records with a bad signature or shape.
     pub records_rejected: u64,
     /// Times gossip for a neighbor was held back, to be coalesced and sent when its send
@@ -230,7 +236,7 @@ pub struct Stats {
     pub frames_malformed: u64,
     /// Frames over the size limit.
     pub frames_oversized: u64,
-    /// Neighbors disconnected for sending too much garbage.
+    /// Neighbors disconnected for sending too much garbage or flooding useless gossip.
     pub peers_disconnected_for_abuse: u64,
     pub streams_open: u64,
     pub streams_accepted: u64,

@@ -28,6 +28,13 @@ pub const NEIGHBORHOOD_INBOX: usize = 1024;
 /// How long the neighborhood gathers changes before it gossips them, so that news arriving
 /// from several neighbors at about the same time leaves as one round.
 pub const DEFAULT_GOSSIP_WINDOW: Duration = Duration::from_millis(10);
+/// Gossip frames that change nothing here (only records already stored, or older ones) a
+/// neighbor may send in a burst before it is disconnected for flooding.
+pub const USELESS_GOSSIP_BURST: f64 = 1024.0;
+/// How many such frames per second a neighbor earns back. A well-behaved neighbor gossips at
+/// most once per gossip window (100 frames a second at the default), and only some of that is
+/// stale here, so only a flood runs the budget out.
+pub const USELESS_GOSSIP_RATE: f64 = 256.0;
 
 /// Messages the neighborhood task handles.
 #[derive(Debug)]
@@ -86,6 +93,10 @@ pub struct GossipCounters {
     pub deferred: u64,
     pub records_accepted: u64,
     pub records_stale: u64,
+    /// Gossip frames that changed nothing here.
+    pub frames_useless: u64,
+    /// Neighbors disconnected for flooding useless gossip.
+    pub peers_disconnected_for_flooding: u64,
 }
 
 /// The neighborhood task has stopped and can no longer answer.

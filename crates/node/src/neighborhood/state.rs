@@ -10,9 +10,12 @@ use meshnode_shutdown::DoneReply;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
-use super::{GossipCounters, Merge, NeighborhoodMsg, NeighborhoodStatus, NodeDb};
+use super::{
+    GossipCounters, Merge, NeighborhoodMsg, NeighborhoodStatus, NodeDb, USELESS_GOSSIP_BURST,
+    USELESS_GOSSIP_RATE,
+};
 use crate::stream_handler_pool::{ConnId, QueueError, StreamHandle};
 
 /// Most messages handled before pending gossip is flushed, so that a burst of changes leaves
@@ -48,6 +51,38 @@ pub(super) struct Neighborhood {
     flush_at: Option<Instant>,
     /// Status requests of the current batch, answered after its gossip is counted.
     status_replies: Vec<oneshot::Sender<NeighborhoodStatus>>,
+    /// Each immediate neighbor's budget of gossip frames that change nothing here.
+    useless: HashMap<NodeId, Budget>,
+}
+
+/// A token bucket: a burst, refilled at a steady rate.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Budget {
+    fn full() -> Self {
+        Self {
+            tokens: USELESS_GOSSIP_BURST,
+            at: Instant::now(),
+        }
+    }
+
+    /// Spends one token, after refilling for the time since the last; false when none is left.
+    fn spend(&mut self) -> bool {
+        let now = Instant::now();
+        let earned = now.duration_since(self.at).as_secs_f64() * USELESS_GOSSIP_RATE;
+        self.tokens = (self.tokens + earned).min(USELESS_GOSSIP_BURST);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Gossip owed at the end of the current batch.
@@ -88,6 +123,7 @@ impl Neighborhood {
             flush_at: None,
             withdrawn: false,
             status_replies: Vec::new(),
+            useless: HashMap::new(),
         })
     }
 
@@ -266,6 +302,7 @@ impl Neighborhood {
             self.departed.remove(&peer);
             self.listed_since.remove(&peer);
             self.backlog.remove(&peer);
+            self.useless.remove(&peer);
             self.outbox.full_sync.remove(&peer);
             if self.change_own(|neighbors| neighbors.remove(&peer)) {
                 info!(peer = %peer.short(), %conn, "neighbor gone; half-neighborship removed");
@@ -282,6 +319,7 @@ impl Neighborhood {
             return;
         }
         let me = self.own.id();
+        let mut useful = false;
         for record in records {
             if record.id() == self.own.id() {
                 // Our own record from an earlier life of this key: outbid it, or every
@@ -293,6 +331,7 @@ impl Neighborhood {
                     let floor = record.version();
                     self.counters.records_accepted += 1;
                     self.bump_own_above(floor);
+                    useful = true;
                 } else {
                     self.counters.records_stale += 1;
                 }
@@ -300,7 +339,7 @@ impl Neighborhood {
             }
             let (id, version) = (record.id(), record.version());
             let lists_me = record.record().neighbors.contains(&me);
-            self.merge(record, Some(from));
+            useful |= self.merge(record, Some(from)) == Merge::Accepted;
             if !self.streams.contains_key(&id) {
                 continue;
             }
@@ -313,6 +352,34 @@ impl Neighborhood {
                 self.neighbor_withdrew(id);
             }
         }
+        if !useful {
+            self.useless_gossip(from);
+        }
+    }
+
+    /// A frame from `from` changed nothing here. That happens now and then to any neighbor
+    /// (news reaches this node by several paths); a neighbor that does little else is flooding,
+    /// and is disconnected once its budget runs out.
+    fn useless_gossip(&mut self, from: NodeId) {
+        self.counters.frames_useless += 1;
+        let Some(streams) = self.streams.get(&from) else {
+            return;
+        };
+        if self
+            .useless
+            .entry(from)
+            .or_insert_with(Budget::full)
+            .spend()
+        {
+            return;
+        }
+        warn!(peer = %from.short(), "neighbor floods gossip that changes nothing; disconnecting");
+        self.counters.peers_disconnected_for_flooding += 1;
+        for stream in streams {
+            stream.kill();
+        }
+        // Its disconnects follow; a new stream from it starts with a full budget.
+        self.useless.remove(&from);
     }
 
     /// Whether a record of immediate neighbor `id` at `version`, which does not list this node,
@@ -469,7 +536,7 @@ impl Neighborhood {
         }
     }
 
-    fn status(&self) -> NeighborhoodStatus {
+    pub(super) fn status(&self) -> NeighborhoodStatus {
         let me = self.own.id();
         let neighbors = self
             .own

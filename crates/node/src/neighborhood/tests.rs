@@ -839,3 +839,38 @@ fn a_change_is_not_sent_back_to_any_neighbor_that_sent_a_copy_of_it() {
         "only C, which had not sent it, gets it"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_neighbor_flooding_useless_gossip_is_disconnected_but_a_steady_one_is_not() {
+    use super::{DEFAULT_GOSSIP_WINDOW, USELESS_GOSSIP_BURST};
+    let me = identity(1);
+    let mut hood = Neighborhood::new(me.clone(), ADDR.into()).expect("own record");
+    let (p, q, r) = with_full_neighbor_p(&mut hood, &me);
+    let known = record(&q.identity, 1, &[]);
+    let replay = || vec![known.clone()];
+
+    // Q loses every race: each frame it sends is stale here, but it sends no more than a
+    // well-behaved neighbor can (one frame per gossip window), for a whole minute.
+    for _ in 0..6_000 {
+        hood.handle(q.gossip(replay()));
+        tokio::time::advance(DEFAULT_GOSSIP_WINDOW).await;
+    }
+    assert!(
+        !q.killed.is_cancelled(),
+        "a steady neighbor keeps its stream"
+    );
+
+    // P replays the same record as fast as it can: once its burst is spent, it is cut off.
+    let burst = USELESS_GOSSIP_BURST as u64;
+    for _ in 0..burst {
+        hood.handle(p.gossip(replay()));
+    }
+    assert!(!p.killed.is_cancelled(), "the burst is allowed");
+    hood.handle(p.gossip(replay()));
+    assert!(p.killed.is_cancelled(), "the flood is cut off");
+    assert!(!r.killed.is_cancelled() && !q.killed.is_cancelled());
+
+    let counters = hood.status().counters;
+    assert_eq!(counters.frames_useless, 6_000 + burst + 1);
+    assert_eq!(counters.peers_disconnected_for_flooding, 1);
+}
