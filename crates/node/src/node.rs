@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::neighborhood::{self, NeighborhoodHandle};
@@ -113,6 +113,12 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         &tracker,
     )
     .map_err(ui_err)?;
+    tracker.spawn(watch_subsystems(
+        neighborhood.clone(),
+        pool.clone(),
+        gateway.clone(),
+        cancel.clone(),
+    ));
     info!(node = %info.node_id, listen = %info.listen, ui = %info.ui, "node started");
     Ok(Node {
         info,
@@ -214,6 +220,20 @@ impl Node {
     }
 }
 
+#[cfg(test)]
+impl Node {
+    /// Panics the neighborhood task, as a bug would.
+    pub(crate) async fn crash_neighborhood(&self) {
+        let crash = crate::neighborhood::NeighborhoodMsg::Crash;
+        self.neighborhood.send(crash).await.expect("it is running");
+    }
+
+    /// Panics the pool task, as a bug would.
+    pub(crate) async fn crash_pool(&self) {
+        self.pool.send(PoolMsg::Crash).await.expect("it is running");
+    }
+}
+
 /// Asks a running node for its status or its shutdown; see [`Node::controller`].
 #[derive(Debug, Clone)]
 pub struct NodeController {
@@ -237,6 +257,33 @@ impl NodeController {
     /// Asks for a graceful shutdown (or joins one) and waits for its report.
     pub async fn shutdown(&self) -> Result<ShutdownReport, GatewayError> {
         self.gateway.shutdown(Trigger::Api).await
+    }
+}
+
+/// Watches the subsystems the gateway depends on. One that ends while the node runs has
+/// panicked: the node then shuts down by itself, so that it withdraws whatever it still can and
+/// exits with a report that names the subsystem, instead of running on half dead.
+async fn watch_subsystems(
+    neighborhood: NeighborhoodHandle,
+    pool: PoolHandle,
+    gateway: GatewayHandle,
+    node: CancellationToken,
+) {
+    let subsystem = tokio::select! {
+        biased;
+        () = node.cancelled() => return,
+        () = neighborhood.closed() => "neighborhood",
+        () = pool.closed() => "stream_handler_pool",
+    };
+    if node.is_cancelled() {
+        return;
+    }
+    error!(subsystem, "a subsystem stopped unexpectedly; shutting the node down");
+    let trigger = Trigger::Fault {
+        subsystem: subsystem.to_owned(),
+    };
+    if gateway.request_shutdown(trigger).await.is_err() {
+        debug!("the gateway has stopped too");
     }
 }
 

@@ -576,3 +576,66 @@ async fn a_pool_that_panics_is_vanished_and_nothing_hangs() {
     assert_eq!(report.subsystems.outcome, Outcome::Vanished);
     assert!(took < Duration::from_secs(1), "{took:?}");
 }
+
+fn fault(subsystem: &str) -> Trigger {
+    Trigger::Fault {
+        subsystem: subsystem.to_owned(),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_neighborhood_that_panics_while_running_shuts_the_node_down_by_itself() {
+    let node = node(60).await;
+    let ends = read_to_end(neighbors(&node, 61..63).await);
+    node.crash_neighborhood().await;
+    let started = tokio::time::Instant::now();
+    let report = within("the node ends by itself", node.wait()).await;
+    assert_eq!(report.trigger, fault("neighborhood"), "{}", report.render());
+    assert_eq!(report.outcome, ShutdownOutcome::Failed);
+    assert_eq!(report.exit_code(), 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "no wait for the deadline"
+    );
+    assert_eq!(report.subsystems.outcome, Outcome::Done);
+    assert_eq!(report.subsystems.children[0].subsystem, "neighborhood");
+    assert_eq!(report.subsystems.children[0].outcome, Outcome::Vanished);
+    // The pool still closed every stream: the neighbors read to their end.
+    for end in ends {
+        within("a neighbor reads EOF", end).await.expect("no panic");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pool_that_panics_while_running_shuts_the_node_down_by_itself() {
+    let node = node(64).await;
+    let _peers = neighbors(&node, 65..67).await;
+    node.crash_pool().await;
+    let report = within("the node ends by itself", node.wait()).await;
+    assert_eq!(report.trigger, fault("stream_handler_pool"));
+    assert_eq!(report.outcome, ShutdownOutcome::Failed);
+    assert_eq!(report.exit_code(), 1);
+    assert_eq!(report.subsystems.outcome, Outcome::Vanished);
+    assert!(report.render().contains("stopped unexpectedly"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pool_that_panics_during_the_shutdown_ends_it_before_the_deadline() {
+    let node = node(68).await;
+    // A neighbor that reads nothing more holds the shutdown open.
+    let _held = neighbors(&node, 69..70).await;
+    node.request_shutdown().await.expect("the gateway takes it");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    node.crash_pool().await;
+    let started = tokio::time::Instant::now();
+    let report = within("the shutdown ends", node.wait()).await;
+    assert_eq!(report.trigger, Trigger::Api);
+    assert_eq!(report.requests, 1, "the crash is no request");
+    assert_eq!(report.outcome, ShutdownOutcome::Failed);
+    assert_eq!(report.subsystems.outcome, Outcome::Vanished);
+    assert!(
+        started.elapsed() < DEFAULT_SHUTDOWN_DEADLINE,
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -72,6 +72,9 @@ pub enum NeighborhoodMsg {
         streams: Vec<StreamHandle>,
         reply: DoneReply,
     },
+    /// Panics the task, as a bug would.
+    #[cfg(test)]
+    Crash,
 }
 
 /// The neighborhood's part of the status payload.
@@ -120,6 +123,11 @@ impl NeighborhoodHandle {
     /// Sends a message, waiting for room in the inbox.
     pub async fn send(&self, msg: NeighborhoodMsg) -> Result<(), NeighborhoodGone> {
         self.tx.send(msg).await.map_err(|_| NeighborhoodGone)
+    }
+
+    /// Completes when the neighborhood task has ended (stopped, or panicked).
+    pub async fn closed(&self) {
+        self.tx.closed().await;
     }
 
     pub async fn own_record(&self) -> Result<SignedRecord, NeighborhoodGone> {

@@ -199,6 +199,8 @@ impl Neighborhood {
             NeighborhoodMsg::WithdrawFromNetwork { streams, reply } => {
                 self.withdraw(streams, reply)
             }
+            #[cfg(test)]
+            NeighborhoodMsg::Crash => panic!("the neighborhood crashed, as asked by a test"),
         }
     }
 

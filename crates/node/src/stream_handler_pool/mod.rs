@@ -256,6 +256,9 @@ pub enum PoolMsg {
     /// answer `reply` with the neighborhood's done nested in the pool's. By `deadline` it
     /// answers whatever happens, with a late report for each part still out.
     Shutdown { reply: DoneReply, deadline: Instant },
+    /// Panics the task, as a bug would.
+    #[cfg(test)]
+    Crash,
 }
 
 /// Any bidirectional byte stream the pool can run a neighbor over.
@@ -292,6 +295,11 @@ impl PoolHandle {
 
     pub async fn send(&self, msg: PoolMsg) -> Result<(), PoolGone> {
         self.tx.send(msg).await.map_err(|_| PoolGone)
+    }
+
+    /// Completes when the pool task has ended (stopped, or panicked).
+    pub async fn closed(&self) {
+        self.tx.closed().await;
     }
 
     pub async fn counters(&self) -> Result<PoolCounters, PoolGone> {

@@ -137,6 +137,8 @@ impl Pool {
             }
             PoolMsg::Adopt { stream } => self.adopt(stream),
             PoolMsg::Shutdown { reply, deadline } => self.shutdown(reply, deadline),
+            #[cfg(test)]
+            PoolMsg::Crash => panic!("the stream handler pool crashed, as asked by a test"),
         }
     }
 

@@ -19,6 +19,8 @@ pub enum Trigger {
     Signal { name: String },
     /// A call of `Node::shutdown` by the program embedding the node.
     Api,
+    /// A subsystem the node cannot run without ended unexpectedly (it panicked).
+    Fault { subsystem: String },
 }
 
 impl fmt::Display for Trigger {
@@ -28,6 +30,7 @@ impl fmt::Display for Trigger {
             Trigger::Http { client } => write!(f, "HTTP request from {client}"),
             Trigger::Signal { name } => write!(f, "{name}"),
             Trigger::Api => f.write_str("API call"),
+            Trigger::Fault { subsystem } => write!(f, "the {subsystem} stopped unexpectedly"),
         }
     }
 }

@@ -153,6 +153,10 @@ impl Gateway {
                     let _ = reply.send(ShutdownReport::clone(report));
                 }
             }
+            // A subsystem's end is no request: the shutdown under way already accounts for it.
+            Phase::ShuttingDown(_) if matches!(trigger, Trigger::Fault { .. }) => {
+                info!(%trigger, "during the shutdown");
+            }
             Phase::ShuttingDown(run) => {
                 info!(%trigger, "shutdown requested again; joining the one under way");
                 run.requests += 1;
