@@ -4,16 +4,11 @@ mod support;
 
 use std::collections::BTreeSet;
 
-use futures::{SinkExt, StreamExt};
 use meshnode::{Config, Node};
 use meshnode_protocol::ui::StatusPayload;
-use meshnode_protocol::{
-    Frame, FrameCodec, Identity, Inbound, NodeRecord, PROTOCOL_VERSION, SignedRecord,
-};
-use tokio::net::TcpStream;
-use tokio_util::codec::{FramedRead, FramedWrite};
+use meshnode_protocol::{Frame, Identity, NodeRecord};
 
-use support::{BOUND, eventually};
+use support::{FakePeer, eventually};
 
 async fn node(seed: u8, neighbors: &[&Node]) -> Node {
     let mut config = Config::new(Identity::from_seed([seed; 32]));
@@ -138,61 +133,10 @@ async fn a_stopped_neighbor_is_dropped_and_a_restarted_one_is_redialed() {
 }
 
 /// A hand-driven peer: handshakes with a node as `identity`, then sends what a test tells it to.
-struct FakePeer {
-    identity: Identity,
-    reader: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
-    writer: FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec>,
-}
-
-impl FakePeer {
-    async fn connect(node: &Node, identity: Identity) -> Self {
-        let stream = TcpStream::connect(node.listen_addr())
-            .await
-            .expect("connects");
-        let (read, write) = stream.into_split();
-        let mut peer = Self {
-            reader: FramedRead::new(read, FrameCodec::new()),
-            writer: FramedWrite::new(write, FrameCodec::new()),
-            identity,
-        };
-        let hello = Frame::Hello {
-            protocol: PROTOCOL_VERSION,
-            record: peer.record(1, "127.0.0.1:9"),
-        };
-        peer.send(&hello).await;
-        let first = tokio::time::timeout(BOUND, peer.reader.next())
-            .await
-            .expect("hello in time");
-        let Some(Ok(Inbound::Frame(body))) = first else {
-            panic!("no hello: {first:?}")
-        };
-        assert!(matches!(Frame::decode(&body), Ok(Frame::Hello { .. })));
-        peer
-    }
-
-    fn record(&self, version: u64, addr: &str) -> SignedRecord {
-        let id = self.identity.id();
-        self.identity.sign(NodeRecord {
-            id,
-            addr: addr.into(),
-            version,
-            neighbors: BTreeSet::new(),
-        })
-    }
-
-    async fn send(&mut self, frame: &Frame) {
-        let body = frame.encode().expect("encodes");
-        tokio::time::timeout(BOUND, self.writer.send(body))
-            .await
-            .expect("in time")
-            .expect("sent");
-    }
-}
-
 #[tokio::test]
 async fn forged_gossip_changes_nothing() {
     let a = node(21, &[]).await;
-    let mut mallory = FakePeer::connect(&a, Identity::from_seed([22; 32])).await;
+    let mut mallory = FakePeer::connect(a.listen_addr(), Identity::from_seed([22; 32])).await;
     let victim = Identity::from_seed([23; 32]);
     let victim_record = |version: u64, addr: &str| {
         victim.sign(NodeRecord {
@@ -220,10 +164,10 @@ async fn forged_gossip_changes_nothing() {
     let before = status(&a).await;
 
     // 1. A newer version of the victim's record, signed by Mallory: bad signature.
-    let mut forged = mallory.record(9, "127.0.0.1:6666");
+    let mut forged = mallory.record_at(9, "127.0.0.1:6666");
     forged.record.id = victim.id();
     // 2. A record of Mallory's own, tampered with after signing.
-    let mut tampered = mallory.record(3, "127.0.0.1:9");
+    let mut tampered = mallory.record_at(3, "127.0.0.1:9");
     tampered.record.version = 40;
     // 3. A replay of the victim's genuine record at a lower version.
     let replay = victim_record(4, "127.0.0.1:4004");

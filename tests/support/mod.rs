@@ -7,9 +7,14 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use meshnode_protocol::{Frame, Identity, NodeId, NodeRecord, PROTOCOL_VERSION};
+use futures::StreamExt;
+use meshnode_protocol::{
+    Frame, FrameCodec, Identity, Inbound, NodeId, NodeRecord, PROTOCOL_VERSION, SignedRecord,
+};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_util::codec::FramedRead;
 
 /// A neighbor that sends its hello and then neither reads nor hangs up, so that a node's
 /// shutdown stays under way until its deadline. Dropping it closes the connection.
@@ -19,7 +24,12 @@ pub struct StuckNeighbor {
 }
 
 pub async fn stuck_neighbor(node: SocketAddr) -> StuckNeighbor {
-    let mut stream = TcpStream::connect(node).await.expect("the node listens");
+    let stream = TcpStream::connect(node).await.expect("the node listens");
+    stuck_neighbor_over(stream).await
+}
+
+/// A [`StuckNeighbor`] over a stream already connected (say, with a tiny receive buffer).
+pub async fn stuck_neighbor_over(mut stream: TcpStream) -> StuckNeighbor {
     let me = Identity::from_seed([99; 32]);
     let hello = Frame::Hello {
         protocol: PROTOCOL_VERSION,
@@ -31,14 +41,22 @@ pub async fn stuck_neighbor(node: SocketAddr) -> StuckNeighbor {
         }),
     };
     let body = hello.encode().expect("encodes");
-    let len = u32::try_from(body.len()).expect("a small frame");
-    let mut wire = len.to_be_bytes().to_vec();
-    wire.extend_from_slice(&body);
-    stream.write_all(&wire).await.expect("hello sent");
+    stream.write_all(&framed(&body)).await.expect("hello sent");
     StuckNeighbor {
         id: me.id(),
         _stream: stream,
     }
+}
+
+/// Resets the peer's connection (RST, not FIN), as a crashing host or a middlebox would.
+pub async fn reset(peer: FakePeer) {
+    let (reader, writer) = peer.into_parts();
+    let stream = reader
+        .into_inner()
+        .reunite(writer)
+        .expect("the halves of one stream");
+    stream.set_zero_linger().expect("linger set");
+    drop(stream);
 }
 
 /// Bound on every wait in these tests: generous, so that only a bug reaches it.
@@ -65,4 +83,135 @@ where
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// A neighbor played by the test over a real socket: it does the handshake, then sends what
+/// the test wants, well-formed or not, and reads what the node sends.
+pub struct FakePeer {
+    pub identity: Identity,
+    reader: FramedRead<OwnedReadHalf, FrameCodec>,
+    writer: OwnedWriteHalf,
+}
+
+impl FakePeer {
+    /// Connects to the node at `node` and exchanges hellos.
+    pub async fn connect(node: SocketAddr, identity: Identity) -> Self {
+        let stream = within("connect", TcpStream::connect(node))
+            .await
+            .expect("the node listens");
+        Self::over(stream, identity).await
+    }
+
+    /// Exchanges hellos over an already connected stream.
+    pub async fn over(stream: TcpStream, identity: Identity) -> Self {
+        let mut peer = Self::hello_only(stream, identity).await;
+        match peer.next().await {
+            Some(Frame::Hello { .. }) => peer,
+            other => panic!("hello expected, got {other:?}"),
+        }
+    }
+
+    /// Sends its hello over an already connected stream, without waiting for the node's.
+    pub async fn hello_only(stream: TcpStream, identity: Identity) -> Self {
+        let (read, writer) = stream.into_split();
+        let mut peer = Self {
+            reader: FramedRead::new(read, FrameCodec::new()),
+            writer,
+            identity,
+        };
+        let hello = Frame::Hello {
+            protocol: PROTOCOL_VERSION,
+            record: peer.record_at(1, "127.0.0.1:9"),
+        };
+        peer.send(&hello).await;
+        peer
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.identity.id()
+    }
+
+    /// This peer's own record at `version`, with no neighbors.
+    pub fn record_at(&self, version: u64, addr: &str) -> SignedRecord {
+        self.identity.sign(NodeRecord {
+            id: self.identity.id(),
+            addr: addr.into(),
+            version,
+            neighbors: BTreeSet::new(),
+        })
+    }
+
+    /// Sends one well-formed frame.
+    pub async fn send(&mut self, frame: &Frame) {
+        let body = frame.encode().expect("encodes");
+        self.try_send_raw(&framed(&body))
+            .await
+            .expect("the node reads");
+    }
+
+    /// Sends bytes as they are: false once the node has hung up.
+    pub async fn try_send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        within("a write", self.writer.write_all(bytes)).await
+    }
+
+    /// Ends this side of the stream.
+    pub async fn finish(&mut self) {
+        let _ = within("a shutdown", self.writer.shutdown()).await;
+    }
+
+    /// The next frame from the node; `None` at the end of the stream (or on a reset).
+    pub async fn next(&mut self) -> Option<Frame> {
+        loop {
+            match within("a frame from the node", self.reader.next()).await {
+                Some(Ok(Inbound::Frame(body))) => {
+                    return Some(Frame::decode(&body).expect("the node sends valid frames"));
+                }
+                Some(Ok(Inbound::Oversized { len })) => panic!("the node sent {len} bytes"),
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
+    /// Every frame until the node ends the stream.
+    pub async fn rest(&mut self) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        while let Some(frame) = self.next().await {
+            frames.push(frame);
+        }
+        frames
+    }
+
+    /// Reads until a gossip frame carries a record of `id` that `matches`.
+    pub async fn until_record(&mut self, id: NodeId, matches: impl Fn(&NodeRecord) -> bool) {
+        loop {
+            match self.next().await {
+                Some(Frame::Gossip { records }) => {
+                    if records.iter().any(|r| r.id() == id && matches(&r.record)) {
+                        return;
+                    }
+                }
+                Some(_) => {}
+                None => panic!("the stream ended before a matching record of {id}"),
+            }
+        }
+    }
+
+    /// Splits the peer, for tasks that read and write at the same time.
+    pub fn into_parts(self) -> (FramedRead<OwnedReadHalf, FrameCodec>, OwnedWriteHalf) {
+        (self.reader, self.writer)
+    }
+}
+
+/// A frame body with its length prefix.
+pub fn framed(body: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(body.len()).expect("a frame under 4 GiB");
+    let mut wire = len.to_be_bytes().to_vec();
+    wire.extend_from_slice(body);
+    wire
+}
+
+/// True when `frame` carries a record of `node` that lists no neighbors: its withdrawal.
+pub fn is_withdrawal_of(frame: &Frame, node: NodeId) -> bool {
+    matches!(frame, Frame::Gossip { records }
+        if records.iter().any(|r| r.id() == node && r.record.neighbors.is_empty()))
 }

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
 use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -93,8 +93,13 @@ impl ClientTask {
                 received = self.socket.recv() => match received {
                     None | Some(Ok(Message::Close(_))) => break,
                     Some(Err(e)) => {
-                        // Includes messages over MAX_UI_MESSAGE_LEN: the protocol has no way
-                        // to answer a message it could not read, so the connection closes.
+                        if too_big(&e) {
+                            // Unread, so unanswerable in MASQ terms: say why, then close
+                            // with "message too big".
+                            debug!("UI message over the limit; closing");
+                            self.too_big().await;
+                            return;
+                        }
                         debug!(error = %e, "UI client connection failed");
                         break;
                     }
@@ -119,6 +124,27 @@ impl ClientTask {
         }
         let _ = self.socket.send(Message::Close(None)).await;
         debug!("UI client gone");
+    }
+
+    /// Answers a message over [`MAX_UI_MESSAGE_LEN`] with an error, then closes with 1009.
+    async fn too_big(&mut self) {
+        let error = UiMessage::error(
+            "unmarshalError",
+            None,
+            codes::BAD_FRAME,
+            format!(
+                "a message over the limit of {MAX_UI_MESSAGE_LEN} bytes cannot be read; the connection closes"
+            ),
+        );
+        let _ = self
+            .socket
+            .send(Message::Text(error.to_json().into()))
+            .await;
+        let close = CloseFrame {
+            code: close_code::SIZE,
+            reason: "message too big".into(),
+        };
+        let _ = self.socket.send(Message::Close(Some(close))).await;
     }
 
     async fn answer(&mut self, text: &str) -> UiMessage {
@@ -165,6 +191,14 @@ impl ClientTask {
             Err(e) => gateway_error("shutdown", context_id, &e),
         }
     }
+}
+
+/// Whether a websocket error is a message over the size limit.
+fn too_big(e: &axum::Error) -> bool {
+    use tokio_tungstenite::tungstenite::Error;
+    std::error::Error::source(e)
+        .and_then(|inner| inner.downcast_ref::<Error>())
+        .is_some_and(|inner| matches!(inner, Error::Capacity(_)))
 }
 
 fn gateway_error(opcode: &str, context_id: u64, e: &GatewayError) -> UiMessage {
