@@ -659,3 +659,79 @@ async fn hundreds_of_ui_clients_at_once_are_all_answered() {
         .expect("answered");
     assert_eq!(report.outcome, ShutdownOutcome::Graceful);
 }
+
+#[tokio::test]
+async fn a_withdrawal_cannot_be_forged_only_the_departing_nodes_own_record_removes_it() {
+    let node = node_with(90, Duration::from_secs(5)).await;
+    let mut leaver = peer(&node, 91).await;
+    let mut mallory = peer(&node, 92).await;
+    let listed_by_node = |status: &StatusPayload, peer: NodeId| {
+        let (me, peer) = (status.node_id.clone(), peer.to_string());
+        status
+            .known_nodes
+            .iter()
+            .any(|k| k.node_id == me && k.neighbors.contains(&peer))
+    };
+    // The leaver lists the node back: a full neighborship.
+    let full = leaver.identity.sign(NodeRecord {
+        version: 2,
+        neighbors: [node.id()].into_iter().collect(),
+        ..leaver.record_at(2, "127.0.0.1:9").record
+    });
+    leaver
+        .send(&Frame::Gossip {
+            records: vec![full.clone()],
+        })
+        .await;
+    eventually("the neighborship is full", || async {
+        status(&node)
+            .await
+            .neighbors
+            .iter()
+            .any(|n| n.node_id == leaver.id().to_string() && n.full)
+    })
+    .await;
+
+    // Mallory forges the leaver's withdrawal (a newer record without the node, signed with
+    // Mallory's key) and replays the leaver's record from before it listed the node.
+    let before = status(&node).await.stats;
+    let mut forged = mallory.identity.sign(NodeRecord {
+        version: 3,
+        ..leaver.record_at(3, "127.0.0.1:9").record
+    });
+    forged.record.id = leaver.id();
+    let old = leaver.record_at(1, "127.0.0.1:9");
+    mallory
+        .send(&Frame::Gossip {
+            records: vec![forged, old],
+        })
+        .await;
+    eventually("both are dropped", || async {
+        let s = status(&node).await.stats;
+        s.records_rejected == before.records_rejected + 1
+            && s.records_stale == before.records_stale + 1
+    })
+    .await;
+    let now = status(&node).await;
+    assert!(
+        listed_by_node(&now, leaver.id()),
+        "a forged withdrawal removed a neighbor"
+    );
+
+    // The leaver's own signed withdrawal does remove it, in one round.
+    leaver
+        .send(&Frame::Gossip {
+            records: vec![leaver.record_at(3, "127.0.0.1:9")],
+        })
+        .await;
+    eventually("the real withdrawal is honoured", || async {
+        !listed_by_node(&status(&node).await, leaver.id())
+    })
+    .await;
+    within(
+        "mallory hears of it",
+        mallory.until_record(node.id(), |r| !r.neighbors.contains(&leaver.id())),
+    )
+    .await;
+    assert!(node.stop().await);
+}
