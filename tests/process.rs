@@ -394,3 +394,153 @@ fn nothing_keeps_the_process_past_the_deadline_plus_the_grace() {
     );
     drop(requester);
 }
+
+fn multi_thread_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("rt")
+}
+
+/// A neighbor whose process is stopped (SIGSTOP) reads nothing and never hangs up: the node
+/// names it and exits at its deadline, a responsive neighbor still gets its withdrawal at
+/// once, and the stopped one, resumed, finds the withdrawal waiting and drops the node.
+#[test]
+fn a_neighbor_stopped_with_sigstop_is_named_and_resumed_learns_of_the_withdrawal() {
+    let mut a = Daemon::start(&["--shutdown-deadline", "1s"]);
+    let neighbor = a.listen.to_string();
+    let mut b = Daemon::start(&["--neighbor", &neighbor]);
+    let b_id = get_status(b.ui).node_id;
+    b.wait_for_line("neighbor connected");
+    let runtime = multi_thread_runtime();
+    let responsive = runtime.block_on(async {
+        let identity = meshnode_protocol::Identity::from_seed([77; 32]);
+        support::FakePeer::connect(a.listen, identity).await
+    });
+    let a_id: meshnode_protocol::NodeId = get_status(a.ui).node_id.parse().expect("an id");
+    let seen = runtime.spawn(async move {
+        let mut responsive = responsive;
+        responsive.rest().await
+    });
+    a.wait_for_line("neighbor connected");
+
+    b.signal("STOP");
+    let started = Instant::now();
+    a.signal("TERM");
+    let frames = runtime
+        .block_on(async { tokio::time::timeout(BOUND, seen).await })
+        .expect("the responsive neighbor's stream ends")
+        .expect("no panic");
+    let told = started.elapsed();
+    assert!(
+        frames.iter().any(|f| support::is_withdrawal_of(f, a_id)),
+        "the responsive neighbor got the withdrawal"
+    );
+    let line = a.wait_for_line("shutdown incomplete");
+    assert!(line.contains("deadline expired"), "{line}");
+    assert!(
+        line.contains(&format!("stream to {}", &b_id[..8])),
+        "the stopped neighbor is named: {line}"
+    );
+    assert_eq!(a.wait_exit().code(), Some(3));
+    let lived = started.elapsed();
+    assert!(
+        told < lived,
+        "the responsive neighbor did not wait for the deadline"
+    );
+    // 1 s deadline + 1 s grace; the rest is slack for a loaded machine.
+    assert!(lived < Duration::from_secs(5), "A lived {lived:?}");
+
+    b.signal("CONT");
+    b.wait_for_line("neighbor withdrew from the network");
+    b.signal("TERM");
+    assert_eq!(b.wait_exit().code(), Some(0));
+}
+
+/// A hundred requests at once, over websockets, HTTP and SIGTERM: one shutdown, every requester
+/// answered with the same report, exit 0.
+#[test]
+fn a_hundred_shutdown_requests_from_websockets_http_and_sigterm_get_one_shutdown() {
+    const WEBSOCKETS: usize = 50;
+    const HTTP: usize = 49;
+    let mut daemon = Daemon::start(&[]);
+    let (ui, listen) = (daemon.ui, daemon.listen);
+    let runtime = multi_thread_runtime();
+    // A neighbor that hangs up only when told: the shutdown stays under way until every
+    // request has reached the node.
+    let (neighbor, mut websockets, mut posts) = runtime.block_on(async {
+        let identity = meshnode_protocol::Identity::from_seed([78; 32]);
+        let neighbor = support::FakePeer::connect(listen, identity).await;
+        let mut websockets = Vec::new();
+        for _ in 0..WEBSOCKETS {
+            let client = support::within("a websocket", meshnode::client::UiClient::connect(ui))
+                .await
+                .expect("connects");
+            websockets.push(client);
+        }
+        let mut posts = Vec::new();
+        for _ in 0..HTTP {
+            let stream = support::within("a connection", tokio::net::TcpStream::connect(ui))
+                .await
+                .expect("connects");
+            posts.push(stream);
+        }
+        (neighbor, websockets, posts)
+    });
+    daemon.wait_for_line("neighbor connected");
+
+    let mut answers = Vec::new();
+    for mut client in websockets.drain(..) {
+        answers.push(runtime.spawn(async move {
+            let answer = client
+                .request("shutdown", serde_json::json!({"report": true}), |_| {})
+                .await
+                .expect("answered");
+            answer.payload.expect("a report")
+        }));
+    }
+    for mut stream in posts.drain(..) {
+        answers.push(runtime.spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let request =
+                "POST /shutdown HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+            stream.write_all(request.as_bytes()).await.expect("sent");
+            let mut response = String::new();
+            stream
+                .read_to_string(&mut response)
+                .await
+                .expect("an answer");
+            assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+            let body = &response[response.find("\r\n\r\n").expect("a body") + 4..];
+            serde_json::from_str::<serde_json::Value>(body).expect("a JSON report")
+        }));
+    }
+    daemon.signal("TERM");
+
+    // Every request reaches the node: one starts the shutdown, 99 join it.
+    daemon.wait_for_line("shutdown started");
+    for _ in 1..WEBSOCKETS + HTTP + 1 {
+        daemon.wait_for_line("joining the one under way");
+    }
+    let mut neighbor = neighbor;
+    runtime.block_on(async { while neighbor.next().await.is_some() {} });
+    drop(neighbor);
+
+    let reports: Vec<serde_json::Value> = answers
+        .into_iter()
+        .map(|answer| {
+            runtime
+                .block_on(async { tokio::time::timeout(BOUND, answer).await })
+                .expect("answered in time")
+                .expect("no panic")
+        })
+        .collect();
+    assert_eq!(reports.len(), WEBSOCKETS + HTTP);
+    for report in &reports {
+        assert_eq!(report, &reports[0], "one shutdown, one report");
+    }
+    assert_eq!(reports[0]["outcome"], "graceful");
+    assert_eq!(reports[0]["requests"], 100);
+    assert_eq!(daemon.wait_exit().code(), Some(0));
+}
