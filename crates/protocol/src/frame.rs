@@ -157,6 +157,21 @@ impl Decoder for FrameCodec {
             }
         }
     }
+
+    /// Like [`Decoder::decode`], but a stream that ends inside a frame (its header, its body,
+    /// or the body of an oversized frame being skipped) is an error, wherever it was cut.
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Inbound>, Self::Error> {
+        if let Some(item) = self.decode(src)? {
+            return Ok(Some(item));
+        }
+        match self.state {
+            DecodeState::Head if src.is_empty() => Ok(None),
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "stream ended inside a frame",
+            )),
+        }
+    }
 }
 
 /// The 4-byte length prefix of a frame body of `len` bytes, for writers that send the body
@@ -258,6 +273,43 @@ mod tests {
         let mut codec = FrameCodec::new();
         assert_eq!(codec.decode(&mut wire).expect("ok"), None);
         assert!(codec.decode_eof(&mut wire).is_err());
+    }
+
+    /// Regression: a stream cut right after a frame's header, or inside an oversized frame's
+    /// body, used to end quietly, while one cut inside a body was an error.
+    #[test]
+    fn a_stream_cut_anywhere_inside_a_frame_is_an_error_at_eof() {
+        let mut oversized = BytesMut::new();
+        oversized.put_u32(MAX_FRAME_LEN as u32 + 1);
+        oversized.extend_from_slice(b"xyz");
+        let whole = encoded(b"{}");
+        for (cut, mut wire) in [
+            ("inside the header", BytesMut::from(&whole[..2])),
+            ("after the header", BytesMut::from(&whole[..4])),
+            ("inside the body", BytesMut::from(&whole[..5])),
+            ("inside an oversized body", oversized.clone()),
+            ("after an oversized header", BytesMut::from(&oversized[..4])),
+        ] {
+            let mut codec = FrameCodec::new();
+            let mut items = Vec::new();
+            let end = loop {
+                match codec.decode_eof(&mut wire) {
+                    Ok(Some(item)) => items.push(item),
+                    other => break other,
+                }
+            };
+            assert!(end.is_err(), "cut {cut}: {items:?} then {end:?}");
+        }
+        let mut wire = whole;
+        let mut codec = FrameCodec::new();
+        assert!(matches!(
+            codec.decode_eof(&mut wire),
+            Ok(Some(Inbound::Frame(_)))
+        ));
+        assert!(
+            matches!(codec.decode_eof(&mut wire), Ok(None)),
+            "a whole frame ends cleanly"
+        );
     }
 
     #[test]
