@@ -1,4 +1,5 @@
-//! A client for a running node's UI websocket, used by `meshnode status` and by tests.
+//! A client for a running node's UI websocket, used by `meshnode status` and by tests. It sends
+//! the node's UI token, when given one, as `Authorization: Bearer TOKEN`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -8,9 +9,11 @@ use meshnode_protocol::ui::{StatusPayload, UI_SUBPROTOCOL, UiError, UiMessage};
 use serde_json::json;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode, header};
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::config::UiToken;
 
 /// Longest the client waits to connect.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -28,6 +31,17 @@ pub enum ClientError {
     Connection { addr: SocketAddr, reason: String },
     #[error("the node answered with error {}: {}", .0.code, .0.message)]
     Node(UiError),
+    /// The node answered HTTP 401: it has a UI token and the client sent none, or another.
+    #[error("{}", unauthorized_message(*.addr, *.token_sent))]
+    Unauthorized { addr: SocketAddr, token_sent: bool },
+}
+
+fn unauthorized_message(addr: SocketAddr, token_sent: bool) -> String {
+    if token_sent {
+        format!("the node at {addr} refused the UI token: check --ui-token or MESHNODE_UI_TOKEN")
+    } else {
+        format!("the node at {addr} wants a UI token: pass --ui-token or set MESHNODE_UI_TOKEN")
+    }
 }
 
 /// One websocket conversation with a node's UI.
@@ -39,21 +53,46 @@ pub struct UiClient {
 }
 
 impl UiClient {
-    /// Connects, offering the MASQ subprotocol.
+    /// Connects, offering the MASQ subprotocol, without a UI token.
     pub async fn connect(addr: SocketAddr) -> Result<Self, ClientError> {
+        Self::connect_with(addr, None).await
+    }
+
+    /// Connects, offering the MASQ subprotocol and sending `token`, if any, as
+    /// `Authorization: Bearer TOKEN`.
+    pub async fn connect_with(
+        addr: SocketAddr,
+        token: Option<&UiToken>,
+    ) -> Result<Self, ClientError> {
         let fail = |reason: String| ClientError::Connect { addr, reason };
         let mut request = format!("ws://{addr}/")
             .into_client_request()
             .map_err(|e| fail(e.to_string()))?;
-        request.headers_mut().insert(
+        let headers = request.headers_mut();
+        headers.insert(
             "Sec-WebSocket-Protocol",
             HeaderValue::from_static(UI_SUBPROTOCOL),
         );
+        if let Some(token) = token {
+            let value = HeaderValue::try_from(format!("Bearer {}", token.expose()))
+                .map_err(|_| fail("the UI token cannot be sent in a header".into()))?;
+            headers.insert(header::AUTHORIZATION, value);
+        }
         let connect = tokio_tungstenite::connect_async(request);
         let (socket, _) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
             .map_err(|_| fail(format!("no handshake within {CONNECT_TIMEOUT:?}")))?
-            .map_err(|e| fail(describe(&e)))?;
+            .map_err(|e| match &e {
+                tungstenite::Error::Http(response)
+                    if response.status() == StatusCode::UNAUTHORIZED =>
+                {
+                    ClientError::Unauthorized {
+                        addr,
+                        token_sent: token.is_some(),
+                    }
+                }
+                _ => fail(describe(&e)),
+            })?;
         Ok(Self {
             addr,
             socket,
@@ -148,9 +187,17 @@ impl UiClient {
     }
 }
 
-/// Asks the node at `addr` for its status.
+/// Asks the node at `addr` for its status, without a UI token.
 pub async fn status(addr: SocketAddr) -> Result<StatusPayload, ClientError> {
-    let mut client = UiClient::connect(addr).await?;
+    status_with(addr, None).await
+}
+
+/// Asks the node at `addr` for its status, sending `token`, if any.
+pub async fn status_with(
+    addr: SocketAddr,
+    token: Option<&UiToken>,
+) -> Result<StatusPayload, ClientError> {
+    let mut client = UiClient::connect_with(addr, token).await?;
     let answer = client.request("status", json!({}), |_| {}).await?;
     client.close().await;
     answer.into_payload().map_err(ClientError::Node)

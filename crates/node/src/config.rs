@@ -24,6 +24,8 @@ pub struct Config {
     pub shutdown_deadline: Duration,
     /// How long gossip is gathered before it is sent (zero: at the end of every batch).
     pub gossip_window: Duration,
+    /// When set, every UI route wants `Authorization: Bearer TOKEN`.
+    pub ui_token: Option<UiToken>,
 }
 
 impl Config {
@@ -36,6 +38,93 @@ impl Config {
             identity,
             shutdown_deadline: DEFAULT_SHUTDOWN_DEADLINE,
             gossip_window: DEFAULT_GOSSIP_WINDOW,
+            ui_token: None,
+        }
+    }
+}
+
+/// The secret a UI client must present as `Authorization: Bearer TOKEN`. Its `Debug` never
+/// shows the secret, so a logged `Config` does not leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct UiToken(String);
+
+impl UiToken {
+    /// A token of visible ASCII (`!` to `~`, so no spaces), 1 to [`MAX_UI_TOKEN_LEN`] bytes: any
+    /// such token fits in an HTTP header as it is.
+    pub fn new(text: impl Into<String>) -> Result<Self, String> {
+        let text = text.into();
+        if text.is_empty() {
+            return Err("the UI token is empty".into());
+        }
+        if text.len() > MAX_UI_TOKEN_LEN {
+            return Err(format!(
+                "the UI token is longer than {MAX_UI_TOKEN_LEN} bytes"
+            ));
+        }
+        if !text.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("the UI token must be visible ASCII characters, without spaces".into());
+        }
+        Ok(Self(text))
+    }
+
+    /// The secret, to send in a request header.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `presented` is this token, compared in constant time (only the length can show:
+    /// a wrong length fails at once).
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.as_bytes().ct_eq(presented).into()
+    }
+}
+
+impl std::fmt::Debug for UiToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UiToken(<hidden>)")
+    }
+}
+
+/// Longest UI token accepted, in bytes.
+pub const MAX_UI_TOKEN_LEN: usize = 1024;
+
+/// Who can drive a node through its UI, judged from its address and whether it has a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UiExposure {
+    /// Loopback: only this host can reach the UI.
+    Loopback,
+    /// Beyond loopback, but every route wants the token.
+    Guarded,
+    /// Beyond loopback with no token: anyone who can reach the port can shut the node down.
+    Open,
+}
+
+impl UiExposure {
+    pub fn of(ui: SocketAddr, has_token: bool) -> Self {
+        // An IPv4-mapped address (`::ffff:127.0.0.1`) is loopback too.
+        if ui.ip().to_canonical().is_loopback() {
+            Self::Loopback
+        } else if has_token {
+            Self::Guarded
+        } else {
+            Self::Open
+        }
+    }
+
+    /// The warning to log at start, if any.
+    pub fn warning(self) -> Option<&'static str> {
+        match self {
+            Self::Loopback => None,
+            Self::Guarded => Some(
+                "the UI listens beyond loopback; its routes want the UI token, but the token \
+                 crosses the network in clear text (plain HTTP)",
+            ),
+            Self::Open => Some(
+                "the UI listens beyond loopback without a token: anyone who can reach the port \
+                 can shut this node down; pass --ui-token (or set MESHNODE_UI_TOKEN), or listen \
+                 on loopback",
+            ),
         }
     }
 }
@@ -149,6 +238,58 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         for bad in ["", "0", "-1s", "x", "5m", "99999", "NaNs"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ui_tokens_are_visible_ascii_and_never_shown() {
+        let token = UiToken::new("s3cr3t-Token_~").expect("a good token");
+        assert_eq!(token.expose(), "s3cr3t-Token_~");
+        assert!(!format!("{token:?}").contains("s3cr3t"));
+        let mut config = Config::new(Identity::from_seed([1; 32]));
+        config.ui_token = Some(token.clone());
+        assert!(!format!("{config:?}").contains("s3cr3t"));
+        for bad in ["", "two words", "tab\there", "caf\u{e9}", "line\n"] {
+            assert!(UiToken::new(bad).is_err(), "{bad:?}");
+        }
+        assert!(UiToken::new("x".repeat(MAX_UI_TOKEN_LEN)).is_ok());
+        assert!(UiToken::new("x".repeat(MAX_UI_TOKEN_LEN + 1)).is_err());
+        assert_eq!(UiToken::new(""), Err("the UI token is empty".to_owned()));
+    }
+
+    #[test]
+    fn ui_tokens_match_only_themselves() {
+        let token = UiToken::new("abc123").expect("a good token");
+        assert!(token.matches(b"abc123"));
+        for wrong in [&b""[..], b"abc12", b"abc1234", b"abc124", b"ABC123"] {
+            assert!(!token.matches(wrong), "{wrong:?}");
+        }
+    }
+
+    #[test]
+    fn the_ui_warning_depends_on_loopback_and_the_token() {
+        let at = |ip: &str| SocketAddr::new(ip.parse().expect("an IP"), 5333);
+        for ip in ["127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"] {
+            for token in [false, true] {
+                assert_eq!(UiExposure::of(at(ip), token), UiExposure::Loopback, "{ip}");
+                assert_eq!(UiExposure::of(at(ip), token).warning(), None, "{ip}");
+            }
+        }
+        for ip in [
+            "0.0.0.0",
+            "::",
+            "192.168.1.2",
+            "10.0.0.1",
+            "2001:db8::1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert_eq!(UiExposure::of(at(ip), true), UiExposure::Guarded, "{ip}");
+            assert_eq!(UiExposure::of(at(ip), false), UiExposure::Open, "{ip}");
+            let open = UiExposure::Open.warning().expect("a warning");
+            assert!(open.contains("anyone who can reach the port can shut this node down"));
+            assert!(open.contains("--ui-token"));
+            let guarded = UiExposure::Guarded.warning().expect("a warning");
+            assert!(!guarded.contains("anyone"));
         }
     }
 

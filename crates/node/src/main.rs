@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use meshnode::config::{load_or_create_identity, parse_duration, parse_neighbor};
+use meshnode::config::{UiToken, load_or_create_identity, parse_duration, parse_neighbor};
 use meshnode::ui_gateway::UI_GRACE;
 use meshnode::{Config, ShutdownReport, client};
 use meshnode_protocol::Identity;
@@ -17,6 +17,8 @@ use serde_json::json;
 use tracing_subscriber::EnvFilter;
 
 const DEFAULT_UI: &str = "127.0.0.1:5333";
+/// The environment variable that can hold the UI token instead of `--ui-token`.
+const UI_TOKEN_ENV: &str = "MESHNODE_UI_TOKEN";
 /// How long `meshnode shutdown` waits for the node's answer (as MASQ's `masq` does).
 const SHUTDOWN_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `meshnode shutdown` waits for its probe of the UI port.
@@ -43,6 +45,9 @@ enum Command {
         /// The node's UI address.
         #[arg(long, value_name = "ADDR", default_value = DEFAULT_UI)]
         ui: SocketAddr,
+        /// The node's UI token, if it has one.
+        #[arg(long, value_name = "TOKEN", env = UI_TOKEN_ENV, hide_env_values = true, value_parser = UiTokenParser)]
+        ui_token: Option<UiToken>,
     },
     /// Shut a running node down gracefully and print its report. Exits 0 when the shutdown was
     /// graceful, 3 when its deadline expired, 1 otherwise.
@@ -50,6 +55,9 @@ enum Command {
         /// The node's UI address.
         #[arg(long, value_name = "ADDR", default_value = DEFAULT_UI)]
         ui: SocketAddr,
+        /// The node's UI token, if it has one.
+        #[arg(long, value_name = "TOKEN", env = UI_TOKEN_ENV, hide_env_values = true, value_parser = UiTokenParser)]
+        ui_token: Option<UiToken>,
     },
     /// Start a local mesh on loopback, show one node withdrawing gracefully, then stop them all.
     Demo {
@@ -78,6 +86,33 @@ struct RunArgs {
     /// process exits with code 3), e.g. 5s or 500ms.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     shutdown_deadline: Duration,
+    /// Require every UI request to carry `Authorization: Bearer TOKEN` (HTTP 401 otherwise).
+    /// Meant for a UI beyond loopback; MASQ's `masq` sends no token.
+    #[arg(long, value_name = "TOKEN", env = UI_TOKEN_ENV, hide_env_values = true, value_parser = UiTokenParser)]
+    ui_token: Option<UiToken>,
+}
+
+/// Parses `--ui-token` (or the environment variable) into a [`UiToken`]. Unlike clap's usual
+/// errors, a refusal never repeats the value: it is a secret.
+#[derive(Debug, Clone, Copy)]
+struct UiTokenParser;
+
+impl clap::builder::TypedValueParser for UiTokenParser {
+    type Value = UiToken;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<UiToken, clap::Error> {
+        let refuse = |why: &str| {
+            let message = format!("invalid --ui-token (or {UI_TOKEN_ENV}): {why}\n");
+            clap::Error::raw(clap::error::ErrorKind::ValueValidation, message).with_cmd(cmd)
+        };
+        let text = value.to_str().ok_or_else(|| refuse("it is not UTF-8"))?;
+        UiToken::new(text).map_err(|why| refuse(&why))
+    }
 }
 
 fn main() -> ExitCode {
@@ -96,8 +131,8 @@ fn main() -> ExitCode {
     };
     let code = match cli.command {
         Command::Run(args) => runtime.block_on(run(args)),
-        Command::Status { ui } => runtime.block_on(status(ui)),
-        Command::Shutdown { ui } => runtime.block_on(shutdown(ui)),
+        Command::Status { ui, ui_token } => runtime.block_on(status(ui, ui_token)),
+        Command::Shutdown { ui, ui_token } => runtime.block_on(shutdown(ui, ui_token)),
         Command::Demo { nodes } => runtime.block_on(demo(nodes.into())),
     };
     // Whatever is still running (a DNS lookup of a dialer, say) must not hold the exit.
@@ -139,6 +174,7 @@ async fn run(args: RunArgs) -> ExitCode {
     config.ui = args.ui;
     config.neighbors = args.neighbors;
     config.shutdown_deadline = args.shutdown_deadline;
+    config.ui_token = args.ui_token;
     let node = match meshnode::start(config).await {
         Ok(node) => node,
         Err(e) => return fail(&e.to_string()),
@@ -234,9 +270,9 @@ impl Signals {
     }
 }
 
-async fn shutdown(ui: SocketAddr) -> ExitCode {
+async fn shutdown(ui: SocketAddr, token: Option<UiToken>) -> ExitCode {
     println!("asking the node at {ui} to shut down");
-    let mut client = match client::UiClient::connect(ui).await {
+    let mut client = match client::UiClient::connect_with(ui, token.as_ref()).await {
         Ok(client) => client,
         Err(e) => return fail(&e.to_string()),
     };
@@ -283,14 +319,16 @@ async fn demo(nodes: usize) -> ExitCode {
     }
 }
 
-async fn status(ui: SocketAddr) -> ExitCode {
-    match client::status(ui).await {
+async fn status(ui: SocketAddr, token: Option<UiToken>) -> ExitCode {
+    match client::status_with(ui, token.as_ref()).await {
         Ok(status) => {
             print!("{}", render_status(&status));
             ExitCode::SUCCESS
         }
         Err(e) => {
-            let hint = if ui.port() == DEFAULT_UI_PORT {
+            let hint = if ui.port() == DEFAULT_UI_PORT
+                || matches!(e, client::ClientError::Unauthorized { .. })
+            {
                 ""
             } else {
                 " (is --ui right?)"

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, UiExposure};
 use crate::neighborhood::{self, NeighborhoodHandle};
 use crate::stream_handler_pool::{self, AsyncStream, PoolHandle, PoolMsg};
 use crate::ui_gateway::{
@@ -66,6 +66,7 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         identity,
         shutdown_deadline,
         gossip_window,
+        ui_token,
     } = config;
     let listen_err = |source| StartError::Listen {
         addr: listen,
@@ -79,8 +80,8 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         listen: listener.local_addr().map_err(listen_err)?,
         ui: ui_listener.local_addr().map_err(ui_err)?,
     };
-    if !info.ui.ip().is_loopback() {
-        warn!(ui = %info.ui, "the UI listens beyond loopback: anyone who can reach it can drive this node");
+    if let Some(warning) = UiExposure::of(info.ui, ui_token.is_some()).warning() {
+        warn!(ui = %info.ui, "{warning}");
     }
 
     let cancel = CancellationToken::new();
@@ -105,8 +106,10 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         info,
         deadline: shutdown_deadline,
     };
-    let (gateway, exit) = ui_gateway::spawn(
+    let guarded = ui_token.is_some();
+    let (gateway, exit) = ui_gateway::spawn_guarded(
         config,
+        ui_token,
         neighborhood.clone(),
         pool.clone(),
         cancel.clone(),
@@ -119,7 +122,7 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         gateway.clone(),
         cancel.clone(),
     ));
-    info!(node = %info.node_id, listen = %info.listen, ui = %info.ui, "node started");
+    info!(node = %info.node_id, listen = %info.listen, ui = %info.ui, ui_token = guarded, "node started");
     Ok(Node {
         info,
         gateway,

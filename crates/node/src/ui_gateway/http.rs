@@ -1,20 +1,23 @@
-//! The UI server: the MASQ websocket at `/`, `GET /status` and `POST /shutdown`.
+//! The UI server: the MASQ websocket at `/`, `GET /status` and `POST /shutdown`, all behind
+//! the UI token when the node has one.
 
 use std::future::IntoFuture;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, State};
-use axum::http::StatusCode;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use meshnode_protocol::ui::{UiMessage, codes};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error};
+use tracing::{debug, error, warn};
 
 use super::listener::{ClientAddr, ClosableListener};
 use super::report::Trigger;
 use super::state::Ui;
 use super::{GatewayError, GatewayHandle, ws};
+use crate::config::UiToken;
 
 #[derive(Debug, Clone)]
 pub(super) struct AppState {
@@ -22,14 +25,98 @@ pub(super) struct AppState {
     /// Cancelled when the node ends; open websockets end with it.
     pub node: CancellationToken,
     pub ui: Ui,
+    /// When set, every request must carry it as `Authorization: Bearer TOKEN`.
+    pub token: Option<UiToken>,
 }
 
 pub(super) fn router(state: AppState) -> Router {
+    // `layer` (not `route_layer`) so that the token guards the fallback too: without it a
+    // client cannot even learn which paths exist, nor which methods they take.
     Router::new()
         .route("/", get(ws::upgrade))
         .route("/status", get(status))
         .route("/shutdown", post(shutdown))
+        .layer(middleware::from_fn_with_state(
+            state.token.clone(),
+            require_token,
+        ))
         .with_state(state)
+}
+
+/// Lets a request through only if the node has no token or the request carries it.
+async fn require_token(
+    State(token): State<Option<UiToken>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(token) = token else {
+        return next.run(request).await;
+    };
+    let refusal = match presented(request.headers()) {
+        Some(presented) if token.matches(presented) => return next.run(request).await,
+        Some(_) => Refusal::Wrong,
+        None => Refusal::Missing,
+    };
+    let client = request
+        .extensions()
+        .get::<ConnectInfo<ClientAddr>>()
+        .map(|ConnectInfo(ClientAddr(client))| client.to_string())
+        .unwrap_or_default();
+    let path = request.uri().path();
+    match refusal {
+        Refusal::Missing => debug!(%client, path, "UI request without the token refused"),
+        Refusal::Wrong => warn!(%client, path, "UI request with a wrong token refused"),
+    }
+    unauthorized(path, refusal)
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// No `Authorization: Bearer` header.
+    Missing,
+    /// A bearer token that is not the node's.
+    Wrong,
+}
+
+/// The credentials of an `Authorization: Bearer TOKEN` header (the scheme in any case), if any.
+fn presented(headers: &HeaderMap) -> Option<&[u8]> {
+    let value = headers.get(header::AUTHORIZATION)?.as_bytes();
+    let space = value.iter().position(|&b| b == b' ')?;
+    let (scheme, rest) = value.split_at(space);
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return None;
+    }
+    let start = rest.iter().position(|&b| b != b' ')?;
+    Some(rest[start..].trim_ascii_end())
+}
+
+/// HTTP 401 with `WWW-Authenticate: Bearer` and a MASQ error envelope as its body. The
+/// envelope's opcode is the route's (`status`, `shutdown`), or `unauthorized` for the websocket
+/// and any other path.
+fn unauthorized(path: &str, refusal: Refusal) -> Response {
+    let opcode = match path {
+        "/status" => "status",
+        "/shutdown" => "shutdown",
+        _ => "unauthorized",
+    };
+    let message = match refusal {
+        Refusal::Missing => "this node's UI wants a token: send Authorization: Bearer TOKEN",
+        Refusal::Wrong => "the UI token is wrong",
+    };
+    let challenge = match refusal {
+        Refusal::Missing => HeaderValue::from_static(r#"Bearer realm="meshnode""#),
+        Refusal::Wrong => {
+            HeaderValue::from_static(r#"Bearer realm="meshnode", error="invalid_token""#)
+        }
+    };
+    let body = UiMessage::error(opcode, None, codes::UNAUTHORIZED, message);
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, challenge)],
+        axum::Json(body),
+    )
+        .into_response()
 }
 
 /// Serves the UI until the node ends. The gateway closes the listening socket earlier, when it

@@ -22,6 +22,7 @@ use tracing::Instrument;
 
 pub use report::{ShutdownOutcome, ShutdownReport, Trigger};
 
+use crate::config::UiToken;
 use crate::neighborhood::NeighborhoodHandle;
 use crate::stream_handler_pool::PoolHandle;
 
@@ -113,10 +114,23 @@ pub struct GatewayConfig {
     pub deadline: Duration,
 }
 
-/// Starts the gateway task and the UI server. The receiver gets the final report when the node
-/// has ended; `node` is the node's root token, which the gateway cancels at the end.
+/// Starts the gateway task and an open UI server (no token); see [`spawn_guarded`].
 pub fn spawn(
     config: GatewayConfig,
+    neighborhood: NeighborhoodHandle,
+    pool: PoolHandle,
+    node: CancellationToken,
+    tracker: &TaskTracker,
+) -> std::io::Result<(GatewayHandle, oneshot::Receiver<ShutdownReport>)> {
+    spawn_guarded(config, None, neighborhood, pool, node, tracker)
+}
+
+/// Starts the gateway task and the UI server; with a `ui_token`, every UI route wants it as
+/// `Authorization: Bearer TOKEN`. The receiver gets the final report when the node has ended;
+/// `node` is the node's root token, which the gateway cancels at the end.
+pub fn spawn_guarded(
+    config: GatewayConfig,
+    ui_token: Option<UiToken>,
     neighborhood: NeighborhoodHandle,
     pool: PoolHandle,
     node: CancellationToken,
@@ -155,6 +169,7 @@ pub fn spawn(
         gateway: handle.clone(),
         node,
         ui,
+        token: ui_token,
     };
     let span = tracing::info_span!("ui_server", node = %node_span, ui = %info.ui);
     tracker.spawn(http::serve(listener, app).instrument(span));

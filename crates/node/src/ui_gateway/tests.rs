@@ -370,3 +370,330 @@ async fn a_node_whose_neighborhood_has_stopped_answers_node_not_running() {
     tracker.close();
     within("the tasks end", tracker.wait()).await;
 }
+
+const TOKEN: &str = "correct-horse-battery-staple";
+
+async fn start_guarded(seed: u8) -> Node {
+    let mut config = Config::new(Identity::from_seed([seed; 32]));
+    config.ui_token = Some(crate::config::UiToken::new(TOKEN).expect("a valid token"));
+    within("the node starts", crate::start(config))
+        .await
+        .expect("the node binds loopback ports")
+}
+
+/// A plain HTTP request, with `authorization` as its `Authorization` header if any.
+async fn http_request(
+    ui: SocketAddr,
+    method: reqwest::Method,
+    path: &str,
+    authorization: Option<&str>,
+) -> reqwest::Response {
+    let mut request = http().request(method, format!("http://{ui}{path}"));
+    if let Some(value) = authorization {
+        request = request.header(reqwest::header::AUTHORIZATION, value);
+    }
+    within("the UI answers HTTP", request.send())
+        .await
+        .expect("the UI answers HTTP")
+}
+
+/// Checks a 401 with a Bearer challenge and a MASQ error envelope with `UNAUTHORIZED`.
+async fn assert_unauthorized(response: reqwest::Response, opcode: &str, what: &str) {
+    assert_eq!(
+        response.status(),
+        reqwest::StatusCode::UNAUTHORIZED,
+        "{what}"
+    );
+    let challenge = response
+        .headers()
+        .get(reqwest::header::WWW_AUTHENTICATE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(challenge.starts_with("Bearer"), "{what}: {challenge:?}");
+    let body: UiMessage = within("the body", response.json())
+        .await
+        .unwrap_or_else(|e| panic!("{what}: an error envelope expected: {e}"));
+    assert_eq!(body.opcode, opcode, "{what}");
+    assert_eq!(body.context_id, None, "{what}");
+    assert_eq!(body.payload, None, "{what}");
+    let error = body.error.expect(what);
+    assert_eq!(error.code, codes::UNAUTHORIZED, "{what}: {}", error.message);
+    assert!(!error.message.contains(TOKEN), "{what}: {}", error.message);
+}
+
+/// Opens a websocket offering the UI subprotocol and sending `authorization`, if any.
+async fn raw_with(
+    ui: SocketAddr,
+    authorization: Option<&str>,
+) -> Result<(Socket, tungstenite::handshake::client::Response), tungstenite::Error> {
+    let mut request = format!("ws://{ui}/")
+        .into_client_request()
+        .expect("a valid URL");
+    let headers = request.headers_mut();
+    headers.insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_static(UI_SUBPROTOCOL),
+    );
+    if let Some(value) = authorization {
+        headers.insert(
+            "Authorization",
+            HeaderValue::from_str(value).expect("a header value"),
+        );
+    }
+    within(
+        "the websocket handshake",
+        tokio_tungstenite::connect_async(request),
+    )
+    .await
+}
+
+/// What a client may send that is not the node's token.
+fn wrong_credentials() -> Vec<(String, Option<String>)> {
+    vec![
+        ("no Authorization header".into(), None),
+        ("a wrong token".into(), Some("Bearer not-the-token".into())),
+        (
+            "the token with a suffix".into(),
+            Some(format!("Bearer {TOKEN}x")),
+        ),
+        (
+            "a prefix of the token".into(),
+            Some(format!("Bearer {}", &TOKEN[..5])),
+        ),
+        ("an empty bearer token".into(), Some("Bearer ".into())),
+        ("the token without a scheme".into(), Some(TOKEN.into())),
+        ("the token as Basic".into(), Some(format!("Basic {TOKEN}"))),
+    ]
+}
+
+#[tokio::test]
+async fn with_a_token_every_http_route_refuses_a_request_without_it() {
+    let node = start_guarded(1).await;
+    let routes = [
+        (reqwest::Method::GET, "/status", "status"),
+        (reqwest::Method::POST, "/shutdown", "shutdown"),
+        (reqwest::Method::GET, "/", "unauthorized"),
+        (reqwest::Method::GET, "/no-such-path", "unauthorized"),
+        (reqwest::Method::GET, "/shutdown", "shutdown"),
+        (reqwest::Method::DELETE, "/status", "status"),
+    ];
+    for (method, path, opcode) in routes {
+        for (what, authorization) in wrong_credentials() {
+            let response = http_request(
+                node.ui_addr(),
+                method.clone(),
+                path,
+                authorization.as_deref(),
+            )
+            .await;
+            assert_unauthorized(response, opcode, &format!("{method} {path} with {what}")).await;
+        }
+    }
+    // None of the refused shutdowns took effect.
+    let status = within("status", node.status())
+        .await
+        .expect("the node answers");
+    assert_eq!(
+        status.state,
+        meshnode_protocol::ui::NodeState::Running,
+        "a refused POST /shutdown must not shut the node down"
+    );
+    stop(node).await;
+}
+
+#[tokio::test]
+async fn with_a_token_http_routes_answer_a_request_that_carries_it() {
+    let node = start_guarded(1).await;
+    let bearer = format!("Bearer {TOKEN}");
+    let response = http_request(
+        node.ui_addr(),
+        reqwest::Method::GET,
+        "/status",
+        Some(&bearer),
+    )
+    .await;
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+    let body: StatusPayload = within("the body", response.json())
+        .await
+        .expect("the status payload");
+    assert_eq!(body.node_id, node.id().to_string());
+
+    // The scheme is case-insensitive, as HTTP has it.
+    let response = http_request(
+        node.ui_addr(),
+        reqwest::Method::GET,
+        "/status",
+        Some(&format!("bearer {TOKEN}")),
+    )
+    .await;
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+
+    // Past the token, routing is as before.
+    let response = http_request(
+        node.ui_addr(),
+        reqwest::Method::GET,
+        "/no-such-path",
+        Some(&bearer),
+    )
+    .await;
+    assert_eq!(response.status(), reqwest::StatusCode::NOT_FOUND);
+
+    let response = http_request(
+        node.ui_addr(),
+        reqwest::Method::POST,
+        "/shutdown",
+        Some(&bearer),
+    )
+    .await;
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+    let report: Value = within("the body", response.json())
+        .await
+        .expect("the shutdown report");
+    assert_eq!(report["outcome"], "graceful", "{report}");
+    let report = within("the node ends", node.wait()).await;
+    assert_eq!(report.exit_code(), 0);
+}
+
+#[tokio::test]
+async fn with_a_token_the_websocket_wants_it_in_the_upgrade_request() {
+    let node = start_guarded(1).await;
+    for (what, authorization) in wrong_credentials() {
+        match raw_with(node.ui_addr(), authorization.as_deref()).await {
+            Err(tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{what}");
+                let challenge = response
+                    .headers()
+                    .get("WWW-Authenticate")
+                    .map(HeaderValue::as_bytes)
+                    .unwrap_or_default();
+                assert!(challenge.starts_with(b"Bearer"), "{what}");
+                let body = response.body().clone().unwrap_or_default();
+                let body: UiMessage = serde_json::from_slice(&body)
+                    .unwrap_or_else(|e| panic!("{what}: an error envelope expected: {e}"));
+                assert_eq!(body.opcode, "unauthorized", "{what}");
+                assert_eq!(
+                    body.error.expect("an error").code,
+                    codes::UNAUTHORIZED,
+                    "{what}"
+                );
+            }
+            other => panic!("{what}: refused with 401 expected, got {other:?}"),
+        }
+    }
+
+    // With the header, the websocket is the MASQ UI as before.
+    let (mut socket, response) = raw_with(node.ui_addr(), Some(&format!("Bearer {TOKEN}")))
+        .await
+        .expect("the UI accepts the token");
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let request = json!({"opcode": "status", "contextId": 7, "payload": {}});
+    send(&mut socket, Message::text(request.to_string())).await;
+    let answer = receive(&mut socket).await;
+    assert_eq!(answer.context_id, Some(7));
+    assert_eq!(answer.payload.expect("a payload")["state"], "running");
+    within("the socket closes", socket.close(None))
+        .await
+        .expect("a clean close");
+    stop(node).await;
+}
+
+#[tokio::test]
+async fn ui_client_sends_the_token_and_names_a_refusal() {
+    use crate::client::{self, ClientError};
+    use crate::config::UiToken;
+
+    let node = start_guarded(1).await;
+    let ui = node.ui_addr();
+    let right = UiToken::new(TOKEN).expect("a valid token");
+    let wrong = UiToken::new("not-the-token").expect("a valid token");
+
+    match within("connect", UiClient::connect(ui)).await {
+        Err(ClientError::Unauthorized { addr, token_sent }) => {
+            assert_eq!(addr, ui);
+            assert!(!token_sent);
+        }
+        other => panic!("Unauthorized expected, got {other:?}"),
+    }
+    let err = within("status", client::status(ui))
+        .await
+        .expect_err("no token, no status");
+    let text = err.to_string();
+    assert!(
+        text.contains("wants a UI token: pass --ui-token or set MESHNODE_UI_TOKEN"),
+        "{text}"
+    );
+    let err = within("status", client::status_with(ui, Some(&wrong)))
+        .await
+        .expect_err("a wrong token, no status");
+    assert!(
+        matches!(
+            err,
+            ClientError::Unauthorized {
+                token_sent: true,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(!err.to_string().contains("not-the-token"), "{err}");
+
+    let status = within("status", client::status_with(ui, Some(&right)))
+        .await
+        .expect("the right token is let in");
+    assert_eq!(status.node_id, node.id().to_string());
+    let mut ui_client = within("connect", UiClient::connect_with(ui, Some(&right)))
+        .await
+        .expect("the right token is let in");
+    let answer = ask(&mut ui_client, "status", json!({})).await;
+    assert_eq!(answer.payload.expect("a payload")["state"], "running");
+    within("the client closes", ui_client.close()).await;
+    stop(node).await;
+}
+
+#[tokio::test]
+async fn without_a_token_every_route_is_open_as_before() {
+    let node = start(1).await;
+    for authorization in [None, Some("Bearer anything"), Some("Basic xyz")] {
+        let response = http_request(
+            node.ui_addr(),
+            reqwest::Method::GET,
+            "/status",
+            authorization,
+        )
+        .await;
+        assert_eq!(
+            response.status(),
+            reqwest::StatusCode::OK,
+            "{authorization:?}"
+        );
+        let response = http_request(
+            node.ui_addr(),
+            reqwest::Method::GET,
+            "/no-such-path",
+            authorization,
+        )
+        .await;
+        assert_eq!(
+            response.status(),
+            reqwest::StatusCode::NOT_FOUND,
+            "{authorization:?}"
+        );
+        let (mut socket, _) = raw_with(node.ui_addr(), authorization)
+            .await
+            .expect("the UI is open");
+        within("the socket closes", socket.close(None))
+            .await
+            .expect("a clean close");
+    }
+    // A client with a token it need not send is let in too.
+    let token = crate::config::UiToken::new(TOKEN).expect("a valid token");
+    let status = within(
+        "status",
+        crate::client::status_with(node.ui_addr(), Some(&token)),
+    )
+    .await
+    .expect("an open node ignores the token");
+    assert_eq!(status.node_id, node.id().to_string());
+    stop(node).await;
+}
