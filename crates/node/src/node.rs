@@ -281,7 +281,10 @@ async fn watch_subsystems(
     if node.is_cancelled() {
         return;
     }
-    error!(subsystem, "a subsystem stopped unexpectedly; shutting the node down");
+    error!(
+        subsystem,
+        "a subsystem stopped unexpectedly; shutting the node down"
+    );
     let trigger = Trigger::Fault {
         subsystem: subsystem.to_owned(),
     };
