@@ -142,6 +142,7 @@ async fn the_status_opcode_answers_with_the_whole_payload_in_camel_case() {
         "gossipFramesReceived",
         "recordsAccepted",
         "recordsStale",
+        "gossipFramesUseless",
         "recordsRejected",
         "gossipDeferred",
         "framesMalformed",
@@ -153,7 +154,7 @@ async fn the_status_opcode_answers_with_the_whole_payload_in_camel_case() {
     ] {
         assert_eq!(stats.get(key), Some(&json!(0)), "stats.{key}");
     }
-    assert_eq!(stats.len(), 12, "{stats:?}");
+    assert_eq!(stats.len(), 13, "{stats:?}");
     let typed: StatusPayload = serde_json::from_value(payload).expect("the payload parses");
     assert_eq!(typed.node_id, node.id().to_string());
 
