@@ -161,14 +161,12 @@ impl FakePeer {
 
     /// The next frame from the node; `None` at the end of the stream (or on a reset).
     pub async fn next(&mut self) -> Option<Frame> {
-        loop {
-            match within("a frame from the node", self.reader.next()).await {
-                Some(Ok(Inbound::Frame(body))) => {
-                    return Some(Frame::decode(&body).expect("the node sends valid frames"));
-                }
-                Some(Ok(Inbound::Oversized { len })) => panic!("the node sent {len} bytes"),
-                Some(Err(_)) | None => return None,
+        match within("a frame from the node", self.reader.next()).await {
+            Some(Ok(Inbound::Frame(body))) => {
+                Some(Frame::decode(&body).expect("the node sends valid frames"))
             }
+            Some(Ok(Inbound::Oversized { len })) => panic!("the node sent {len} bytes"),
+            Some(Err(_)) | None => None,
         }
     }
 

@@ -320,6 +320,7 @@ async fn a_changed_record_goes_to_the_other_neighbors_only_and_a_stale_one_goes_
             frames_received: base.frames_received + 3,
             records_accepted: base.records_accepted + 1,
             records_stale: base.records_stale + 2,
+            frames_useless: base.frames_useless + 2,
             frames_sent: base.frames_sent + 2,
             ..base
         }
