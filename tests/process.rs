@@ -1,123 +1,15 @@
 //! The real `meshnode` binary, run as a process.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use meshnode_protocol::ui::{NodeState, StatusPayload};
 
 mod support;
 
-const BIN: &str = env!("CARGO_BIN_EXE_meshnode");
-const BOUND: Duration = Duration::from_secs(20);
-
-/// A running `meshnode run`, killed if the test ends without stopping it.
-struct Daemon {
-    child: Child,
-    ui: SocketAddr,
-    listen: SocketAddr,
-    stderr: mpsc::Receiver<String>,
-}
-
-impl Daemon {
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["run", "--listen", "127.0.0.1:0", "--ui", "127.0.0.1:0"])
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("meshnode starts");
-        let (tx, stderr) = mpsc::channel();
-        let pipe = child.stderr.take().expect("stderr piped");
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut daemon = Self {
-            child,
-            ui: addr0(),
-            listen: addr0(),
-            stderr,
-        };
-        let line = daemon.wait_for_line("node started");
-        daemon.ui = field(&line, "ui=");
-        daemon.listen = field(&line, "listen=");
-        daemon
-    }
-
-    /// Waits for a log line containing `needle`, failing after [`BOUND`].
-    fn wait_for_line(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + BOUND;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.stderr.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => {}
-                Err(e) => panic!("no log line with {needle:?}: {e}"),
-            }
-        }
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([format!("-{name}"), self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success());
-    }
-
-    fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + BOUND;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "meshnode did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn addr0() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 0))
-}
-
-fn field(line: &str, key: &str) -> SocketAddr {
-    let start = line
-        .find(key)
-        .unwrap_or_else(|| panic!("no {key} in {line}"))
-        + key.len();
-    let value: String = line[start..]
-        .chars()
-        .take_while(|c| !c.is_whitespace())
-        .collect();
-    value
-        .parse()
-        .unwrap_or_else(|e| panic!("{key}{value}: {e}"))
-}
-
-fn meshnode(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("meshnode runs")
-}
+use support::BOUND;
+use support::daemon::{Daemon, meshnode};
 
 fn get_status(ui: SocketAddr) -> StatusPayload {
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -2,138 +2,17 @@
 //! `meshnode status` / `meshnode shutdown` get in with `--ui-token` (or the variable) and say
 //! clearly when they were refused.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::Instant;
 
 use meshnode_protocol::ui::{UiMessage, codes};
 
 mod support;
 
 use support::BOUND;
+use support::daemon::{Daemon, TOKEN_ENV, meshnode_with as meshnode};
 
-const BIN: &str = env!("CARGO_BIN_EXE_meshnode");
-const TOKEN_ENV: &str = "MESHNODE_UI_TOKEN";
 const TOKEN: &str = "process-test-token-7f3a";
 const ASK_FOR_TOKEN: &str = "wants a UI token: pass --ui-token or set MESHNODE_UI_TOKEN";
-
-/// A running `meshnode run` on loopback, killed if the test ends without stopping it.
-struct Daemon {
-    child: Child,
-    ui: SocketAddr,
-    stderr: mpsc::Receiver<String>,
-    /// Every log line read so far.
-    log: Vec<String>,
-}
-
-impl Daemon {
-    /// Starts a node with `token` in `MESHNODE_UI_TOKEN` (or none), and `args`.
-    fn start(token: Option<&str>, args: &[&str]) -> Self {
-        let mut command = Command::new(BIN);
-        command
-            .args(["run", "--listen", "127.0.0.1:0", "--ui", "127.0.0.1:0"])
-            .args(args)
-            .env("RUST_LOG", "debug")
-            .env_remove(TOKEN_ENV)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        if let Some(token) = token {
-            command.env(TOKEN_ENV, token);
-        }
-        let mut child = command.spawn().expect("meshnode starts");
-        let (tx, stderr) = mpsc::channel();
-        let pipe = child.stderr.take().expect("stderr piped");
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut daemon = Self {
-            child,
-            ui: SocketAddr::from(([127, 0, 0, 1], 0)),
-            stderr,
-            log: Vec::new(),
-        };
-        let line = daemon.wait_for_line("node started");
-        daemon.ui = field(&line, "ui=");
-        daemon
-    }
-
-    /// Waits for a log line containing `needle`, failing after [`BOUND`].
-    fn wait_for_line(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + BOUND;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.stderr.recv_timeout(left) {
-                Ok(line) => {
-                    self.log.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(e) => panic!("no log line with {needle:?}: {e}\n{}", self.log.join("\n")),
-            }
-        }
-    }
-
-    fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + BOUND;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "meshnode did not exit");
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-    }
-
-    /// Every log line of the process, once it has exited.
-    fn whole_log(&mut self) -> String {
-        while let Ok(line) = self.stderr.recv_timeout(BOUND) {
-            self.log.push(line);
-        }
-        self.log.join("\n")
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn field(line: &str, key: &str) -> SocketAddr {
-    let start = line
-        .find(key)
-        .unwrap_or_else(|| panic!("no {key} in {line}"))
-        + key.len();
-    let value: String = line[start..]
-        .chars()
-        .take_while(|c| !c.is_whitespace())
-        .collect();
-    value
-        .parse()
-        .unwrap_or_else(|e| panic!("{key}{value}: {e}"))
-}
-
-/// Runs `meshnode ARGS` with `token` in `MESHNODE_UI_TOKEN` (or none).
-fn meshnode(token: Option<&str>, args: &[&str]) -> Output {
-    let mut command = Command::new(BIN);
-    command
-        .args(args)
-        .env_remove(TOKEN_ENV)
-        .stdin(Stdio::null());
-    if let Some(token) = token {
-        command.env(TOKEN_ENV, token);
-    }
-    command.output().expect("meshnode runs")
-}
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -169,7 +48,7 @@ fn get_status(ui: SocketAddr, token: Option<&str>) -> (reqwest::StatusCode, Stri
 
 #[test]
 fn the_token_variable_guards_the_node_and_the_cli_passes_it() {
-    let mut daemon = Daemon::start(Some(TOKEN), &[]);
+    let mut daemon = Daemon::start_with(Some(TOKEN), "debug", &[]);
     let ui = daemon.ui.to_string();
 
     // HTTP without the token: 401 and an error envelope.
@@ -252,7 +131,7 @@ fn the_token_variable_guards_the_node_and_the_cli_passes_it() {
 
 #[test]
 fn a_node_without_a_token_is_open_and_warns_of_nothing_on_loopback() {
-    let mut daemon = Daemon::start(None, &[]);
+    let mut daemon = Daemon::start_with(None, "debug", &[]);
     let ui = daemon.ui.to_string();
     let (status, _) = get_status(daemon.ui, None);
     assert_eq!(status, reqwest::StatusCode::OK);

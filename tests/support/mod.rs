@@ -2,6 +2,8 @@
 // Each test file uses a part of it.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
