@@ -375,8 +375,8 @@ fn render_status(s: &StatusPayload) -> String {
     let st = &s.stats;
     let _ = writeln!(
         out,
-        "gossip     {} frames sent, {} received",
-        st.gossip_frames_sent, st.gossip_frames_received
+        "gossip     {} frames sent, {} received ({} changed nothing)",
+        st.gossip_frames_sent, st.gossip_frames_received, st.gossip_frames_useless
     );
     let _ = writeln!(
         out,
