@@ -7,6 +7,8 @@ mod database;
 mod state;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tie_break_tests;
 
 use meshnode_protocol::ui::{KnownNode, NeighborStatus};
 use meshnode_protocol::{Identity, NodeId, RecordError, SignedRecord, VerifiedRecord};

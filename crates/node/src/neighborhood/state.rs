@@ -416,7 +416,7 @@ impl Neighborhood {
     }
 
     fn merge(&mut self, record: VerifiedRecord, source: Option<NodeId>) -> Merge {
-        let (id, version) = (record.id(), record.version());
+        let (id, signature) = (record.id(), record.signed().signature);
         let merged = self.db.merge(record);
         match merged {
             Merge::Accepted => {
@@ -426,8 +426,12 @@ impl Neighborhood {
             }
             Merge::Stale => {
                 self.counters.records_stale += 1;
-                // Another copy of a change not yet passed on: its sender has it already.
-                let current = self.db.get(&id).is_some_and(|r| r.version() == version);
+                // Another copy of a change not yet passed on: its sender has it already. (A
+                // record that lost a tie-break at the same version is no copy of it.)
+                let current = self
+                    .db
+                    .get(&id)
+                    .is_some_and(|r| r.signed().signature == signature);
                 if let (true, Some(source), Some(have)) =
                     (current, source, self.outbox.changed.get_mut(&id))
                 {
