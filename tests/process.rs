@@ -311,11 +311,23 @@ fn a_neighbor_stopped_with_sigstop_is_named_and_resumed_learns_of_the_withdrawal
         support::FakePeer::connect(a.listen, identity).await
     });
     let a_id: meshnode_protocol::NodeId = get_status(a.ui).node_id.parse().expect("an id");
+    let responsive_id = responsive.id().to_string();
     let seen = runtime.spawn(async move {
         let mut responsive = responsive;
         responsive.rest().await
     });
-    a.wait_for_line("neighbor connected");
+    let admitted = Instant::now() + BOUND;
+    while !get_status(a.ui)
+        .neighbors
+        .iter()
+        .any(|n| n.node_id == responsive_id)
+    {
+        assert!(
+            Instant::now() < admitted,
+            "the responsive neighbor is admitted"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 
     b.signal("STOP");
     let started = Instant::now();
