@@ -56,12 +56,24 @@ impl Frame {
     pub fn gossip_bodies<'a>(
         records: impl IntoIterator<Item = &'a SignedRecord>,
     ) -> (Vec<Bytes>, usize) {
+        let (bodies, skipped) = Self::gossip_bodies_marked(records);
+        (bodies.into_iter().map(|(body, _)| body).collect(), skipped)
+    }
+
+    /// As [`Frame::gossip_bodies`], with each body marked by how many of the input records
+    /// (left-out ones included) come up to its end: a sender that could send only the first
+    /// `k` bodies knows that the records from the `k`-th body's mark on are still owed.
+    pub fn gossip_bodies_marked<'a>(
+        records: impl IntoIterator<Item = &'a SignedRecord>,
+    ) -> (Vec<(Bytes, usize)>, usize) {
         const HEAD: &[u8] = br#"{"type":"gossip","records":["#;
         const TAIL: &[u8] = b"]}";
         let mut bodies = Vec::new();
         let mut skipped = 0;
         let mut current = BytesMut::new();
+        let mut seen = 0;
         for record in records {
+            seen += 1;
             let Ok(json) = serde_json::to_vec(record) else {
                 skipped += 1;
                 continue;
@@ -74,7 +86,7 @@ impl Frame {
                 && current.len() + 1 + json.len() + TAIL.len() > GOSSIP_FRAME_TARGET
             {
                 current.put_slice(TAIL);
-                bodies.push(std::mem::take(&mut current).freeze());
+                bodies.push((std::mem::take(&mut current).freeze(), seen - 1));
             }
             if current.is_empty() {
                 current.put_slice(HEAD);
@@ -85,7 +97,7 @@ impl Frame {
         }
         if !current.is_empty() {
             current.put_slice(TAIL);
-            bodies.push(current.freeze());
+            bodies.push((current.freeze(), seen));
         }
         (bodies, skipped)
     }

@@ -489,7 +489,9 @@ impl Neighborhood {
         if outbox.changed.is_empty() && outbox.full_sync.is_empty() && self.backlog.is_empty() {
             return;
         }
-        let mut encoded: HashMap<Vec<NodeId>, Vec<Bytes>> = HashMap::new();
+        // Each distinct set of records is encoded once: its bodies, each marked with how many
+        // of the set's records come up to its end.
+        let mut encoded: HashMap<Vec<NodeId>, Vec<(Bytes, usize)>> = HashMap::new();
         for (peer, streams) in &self.streams {
             let Some(stream) = streams.last() else {
                 continue;
@@ -512,6 +514,8 @@ impl Neighborhood {
             if let Some(owed) = self.backlog.remove(peer) {
                 ids.extend(owed);
             }
+            // Only records stored here can be sent (all of them, as it is).
+            ids.retain(|id| self.db.get(id).is_some());
             if ids.is_empty() {
                 continue;
             }
@@ -521,18 +525,26 @@ impl Neighborhood {
                 continue;
             }
             let db = &self.db;
-            let key: Vec<NodeId> = ids.iter().copied().collect();
-            let bodies = encoded.entry(key).or_insert_with_key(|ids| {
-                Frame::gossip_bodies(ids.iter().filter_map(|id| db.get(id)).map(|r| r.signed())).0
+            let key: Vec<NodeId> = ids.into_iter().collect();
+            let bodies = encoded.entry(key.clone()).or_insert_with_key(|ids| {
+                Frame::gossip_bodies_marked(
+                    ids.iter().filter_map(|id| db.get(id)).map(|r| r.signed()),
+                )
+                .0
             });
-            for body in bodies.iter() {
+            let mut sent = 0;
+            for (body, mark) in bodies.iter() {
                 match stream.try_send(body.clone()) {
-                    Ok(()) => self.counters.frames_sent += 1,
-                    // Filled up mid-way: the whole set again later (what arrives twice is
-                    // merely stale there).
+                    Ok(()) => {
+                        self.counters.frames_sent += 1;
+                        sent = *mark;
+                    }
+                    // Filled up mid-way: the records not sent yet are owed, and only those (a
+                    // neighbor sent the same frames twice would count them as useless).
                     Err(QueueError::Full) => {
                         self.counters.deferred += 1;
-                        self.backlog.insert(*peer, ids);
+                        self.backlog
+                            .insert(*peer, key[sent..].iter().copied().collect());
                         break;
                     }
                     // The stream is ending; its disconnect is on its way.

@@ -875,3 +875,41 @@ async fn a_neighbor_flooding_useless_gossip_is_disconnected_but_a_steady_one_is_
     assert_eq!(counters.frames_useless, 6_000 + burst + 1);
     assert_eq!(counters.peers_disconnected_for_flooding, 1);
 }
+
+#[test]
+fn a_full_sync_too_big_for_the_queue_sends_each_record_once_across_retries() {
+    let me = identity(1);
+    let mut hood = Neighborhood::new(me.clone(), ADDR.into()).expect("own record");
+    let source = Neighbor::new(2, 1);
+    hood.handle(source.connected(1, &[]));
+    // Records of about 135 KB: one per gossip frame, more than a send queue holds.
+    let fan: Vec<NodeId> = (0..2_000u32)
+        .map(|i| {
+            let mut id = [0u8; 32];
+            id[..4].copy_from_slice(&i.to_be_bytes());
+            NodeId(id)
+        })
+        .collect();
+    let owners: Vec<Identity> = (10..45).map(identity).collect();
+    hood.handle(source.gossip(owners.iter().map(|o| record(o, 1, &fan)).collect()));
+    hood.flush();
+
+    let mut late = Neighbor::new(3, 2);
+    hood.handle(late.connected(1, &[]));
+    let mut received: Vec<NodeId> = Vec::new();
+    for _ in 0..10 {
+        hood.flush();
+        received.extend(late.queued().iter().flatten().map(SignedRecord::id));
+    }
+    let mut unique = received.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(
+        unique.len(),
+        received.len(),
+        "a record was sent twice to the same neighbor"
+    );
+    for owner in &owners {
+        assert!(unique.contains(&owner.id()), "every record arrives");
+    }
+}
