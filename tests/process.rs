@@ -281,7 +281,7 @@ fn nothing_keeps_the_process_past_the_deadline_plus_the_grace() {
     let lived = started.elapsed();
     // 500 ms deadline + 1 s grace; the rest is slack for a loaded machine, not a budget.
     assert!(
-        lived < Duration::from_millis(2500),
+        lived < Duration::from_secs(5),
         "the process lived {lived:?}"
     );
     drop(requester);
@@ -317,19 +317,18 @@ fn a_neighbor_stopped_with_sigstop_is_named_and_resumed_learns_of_the_withdrawal
         responsive.rest().await
     });
     let admitted = Instant::now() + BOUND;
-    while !get_status(a.ui)
-        .neighbors
-        .iter()
-        .any(|n| n.node_id == responsive_id)
-    {
-        assert!(
-            Instant::now() < admitted,
-            "the responsive neighbor is admitted"
-        );
+    let lists = |id: &str| get_status(a.ui).neighbors.iter().any(|n| n.node_id == id);
+    while !(lists(&responsive_id) && lists(&b_id)) {
+        assert!(Instant::now() < admitted, "A admits both neighbors");
         std::thread::sleep(Duration::from_millis(10));
     }
 
     b.signal("STOP");
+    let stopped = Instant::now() + BOUND;
+    while !b.is_stopped() {
+        assert!(Instant::now() < stopped, "B stops");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let started = Instant::now();
     a.signal("TERM");
     let frames = runtime
@@ -353,8 +352,8 @@ fn a_neighbor_stopped_with_sigstop_is_named_and_resumed_learns_of_the_withdrawal
         told < lived,
         "the responsive neighbor did not wait for the deadline"
     );
-    // 1 s deadline + 1 s grace; the rest is slack for a loaded machine.
-    assert!(lived < Duration::from_secs(5), "A lived {lived:?}");
+    // 1 s deadline + 1 s grace; the rest is slack for a loaded machine, not a budget.
+    assert!(lived < Duration::from_secs(10), "A lived {lived:?}");
 
     b.signal("CONT");
     b.wait_for_line("neighbor withdrew from the network");
@@ -368,7 +367,8 @@ fn a_neighbor_stopped_with_sigstop_is_named_and_resumed_learns_of_the_withdrawal
 fn a_hundred_shutdown_requests_from_websockets_http_and_sigterm_get_one_shutdown() {
     const WEBSOCKETS: usize = 50;
     const HTTP: usize = 49;
-    let mut daemon = Daemon::start(&[]);
+    // The neighbor, not the deadline, decides when the shutdown ends.
+    let mut daemon = Daemon::start(&["--shutdown-deadline", "60s"]);
     let (ui, listen) = (daemon.ui, daemon.listen);
     let runtime = multi_thread_runtime();
     // A neighbor that hangs up only when told: the shutdown stays under way until every

@@ -92,6 +92,15 @@ impl Daemon {
         assert!(status.success());
     }
 
+    /// Whether the process is stopped (by SIGSTOP), as the kernel reports it.
+    pub fn is_stopped(&self) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .expect("the process's stat");
+        // The state follows the command name, which is in parentheses.
+        let state = stat.rsplit_once(") ").map(|(_, rest)| rest.chars().next());
+        state == Some(Some('T'))
+    }
+
     pub fn wait_exit(&mut self) -> ExitStatus {
         let deadline = Instant::now() + BOUND;
         loop {
