@@ -90,7 +90,8 @@ pub struct NodeRecord {
     pub id: NodeId,
     /// Where the node accepts neighbors, as `HOST:PORT`.
     pub addr: String,
-    /// Raised by one on every change; a receiver keeps only the highest it has seen.
+    /// Raised by one on every change; a receiver keeps only the highest it has seen (and of two
+    /// records at one version, the one with the greater signature).
     pub version: u64,
     /// The node's half-neighborships.
     pub neighbors: BTreeSet<NodeId>,

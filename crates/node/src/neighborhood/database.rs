@@ -66,7 +66,8 @@ impl NodeDb {
 /// Whether `new` supersedes `old`, two records of one id: the higher version wins. Two
 /// different records an owner signed at one version (an earlier life of its key that started
 /// again from version 1) are ordered by their signatures, then by their signed bytes, so that
-/// every node keeps the same one whichever it heard of first; the owner outbids both soon.
+/// every node keeps the same one whichever it heard of first (the owner, once it hears of the
+/// other, outbids both).
 pub fn supersedes(new: &VerifiedRecord, old: &VerifiedRecord) -> bool {
     rank(new, old) == Ordering::Greater
 }
