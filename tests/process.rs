@@ -11,11 +11,16 @@ mod support;
 use support::BOUND;
 use support::daemon::{Daemon, meshnode};
 
-fn get_status(ui: SocketAddr) -> StatusPayload {
-    let runtime = tokio::runtime::Builder::new_current_thread()
+/// A runtime for the async parts of a test that drives a process.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .expect("rt");
+        .expect("rt")
+}
+
+fn get_status(ui: SocketAddr) -> StatusPayload {
+    let runtime = runtime();
     runtime.block_on(async {
         let get = reqwest::get(format!("http://{ui}/status"));
         let response = tokio::time::timeout(BOUND, get)
@@ -72,10 +77,7 @@ fn daemon_with_stuck_neighbor(
     deadline: &str,
 ) -> (Daemon, support::StuckNeighbor, tokio::runtime::Runtime) {
     let mut daemon = Daemon::start(&["--shutdown-deadline", deadline]);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("rt");
+    let runtime = runtime();
     let stuck = runtime.block_on(async {
         tokio::time::timeout(BOUND, support::stuck_neighbor(daemon.listen))
             .await
@@ -150,10 +152,7 @@ fn meshnode_shutdown_shuts_a_node_down_and_reports() {
 fn post_shutdown_answers_with_the_report_and_the_process_exits_0() {
     let mut daemon = Daemon::start(&[]);
     let ui = daemon.ui;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("rt");
+    let runtime = runtime();
     let report: serde_json::Value = runtime.block_on(async {
         let client = reqwest::Client::builder()
             .no_proxy()

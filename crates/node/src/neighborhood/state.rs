@@ -514,8 +514,6 @@ impl Neighborhood {
             if let Some(owed) = self.backlog.remove(peer) {
                 ids.extend(owed);
             }
-            // Only records stored here can be sent (all of them, as it is).
-            ids.retain(|id| self.db.get(id).is_some());
             if ids.is_empty() {
                 continue;
             }
@@ -543,8 +541,9 @@ impl Neighborhood {
                     // neighbor sent the same frames twice would count them as useless).
                     Err(QueueError::Full) => {
                         self.counters.deferred += 1;
-                        self.backlog
-                            .insert(*peer, key[sent..].iter().copied().collect());
+                        // The marks count the records encoded: those of the ids stored here.
+                        let owed = key.iter().filter(|id| db.get(id).is_some()).skip(sent);
+                        self.backlog.insert(*peer, owed.copied().collect());
                         break;
                     }
                     // The stream is ending; its disconnect is on its way.
