@@ -27,6 +27,9 @@ const MAX_STRIKES: usize = meshnode::stream_handler_pool::MAX_STRIKES as usize;
 async fn node_with(seed: u8, deadline: Duration) -> Node {
     let mut config = Config::new(Identity::from_seed([seed; 32]));
     config.shutdown_deadline = deadline;
+    // The neighbors here are played by hand and send no keepalives; these tests are not about
+    // liveness (tests/liveness.rs is).
+    config.neighbor_timeout = Duration::from_secs(300);
     within("start", meshnode::start(config))
         .await
         .expect("the node starts")

@@ -447,3 +447,92 @@ fn a_hundred_shutdown_requests_from_websockets_http_and_sigterm_get_one_shutdown
     assert_eq!(reports[0]["requests"], 100);
     assert_eq!(daemon.wait_exit().code(), Some(0));
 }
+
+/// A neighbor whose process is frozen (SIGSTOP: its kernel keeps the connection open) sends no
+/// keepalives: the node drops it at `--neighbor-timeout`, exactly as after a crash.
+#[test]
+fn a_neighbor_frozen_with_sigstop_is_dropped_at_the_neighbor_timeout() {
+    let mut a = Daemon::start(&["--neighbor-timeout", "3s"]);
+    let neighbor = a.listen.to_string();
+    let mut b = Daemon::start(&["--neighbor", &neighbor]);
+    let b_id = get_status(b.ui).node_id;
+    let lists = |s: &StatusPayload| s.neighbors.iter().any(|n| n.node_id == b_id);
+    let admitted = Instant::now() + BOUND;
+    while !lists(&get_status(a.ui)) {
+        assert!(Instant::now() < admitted, "A admits B");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    b.signal("STOP");
+    let stopped = Instant::now() + BOUND;
+    while !b.is_stopped() {
+        assert!(Instant::now() < stopped, "B stops");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let line = a.wait_for_line("neighbor silent for too long");
+    assert!(line.contains(&b_id[..8]), "{line}");
+    let dropped = Instant::now() + BOUND;
+    let status = loop {
+        let status = get_status(a.ui);
+        if !lists(&status) && status.stats.peers_timed_out >= 1 {
+            break status;
+        }
+        assert!(Instant::now() < dropped, "A drops B");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(!lists(&status));
+    assert!(status.stats.peers_timed_out >= 1);
+
+    b.signal("CONT");
+    b.signal("TERM");
+    assert_eq!(b.wait_exit().code(), Some(0));
+    a.signal("TERM");
+    assert_eq!(a.wait_exit().code(), Some(0));
+}
+
+/// Two thousand connections that never start the handshake, against a node allowed 512
+/// descriptors: the node refuses what it cannot take at once, stays under its limit, answers
+/// status and admits an honest neighbor.
+#[test]
+fn a_burst_of_connections_that_never_handshake_leaves_the_node_responsive_within_its_descriptors() {
+    const NOFILE: u32 = 512;
+    const BURST: usize = 2_000;
+    let mut a = Daemon::start_with_fd_limit(NOFILE, &[]);
+    let runtime = multi_thread_runtime();
+    let listen = a.listen;
+    let (sockets, peak) = runtime.block_on(async {
+        let mut sockets = Vec::with_capacity(BURST);
+        let mut peak = 0;
+        for i in 0..BURST {
+            let connect = tokio::net::TcpStream::connect(listen);
+            if let Ok(Ok(socket)) = tokio::time::timeout(BOUND, connect).await {
+                sockets.push(socket);
+            }
+            if i % 50 == 0 {
+                peak = peak.max(a.open_fds());
+            }
+        }
+        (sockets, peak)
+    });
+    assert!(!sockets.is_empty());
+    let status = get_status(a.ui);
+    assert!(status.stats.streams_refused > 0, "{:?}", status.stats);
+    assert!(peak < NOFILE as usize, "{peak} descriptors open");
+
+    // While the burst's sockets stay open: an honest neighbor gets in.
+    let neighbor = a.listen.to_string();
+    let mut b = Daemon::start(&["--neighbor", &neighbor]);
+    let b_id = get_status(b.ui).node_id;
+    let admitted = Instant::now() + BOUND;
+    while !get_status(a.ui).neighbors.iter().any(|n| n.node_id == b_id) {
+        assert!(Instant::now() < admitted, "A admits the honest neighbor");
+        assert!(a.open_fds() < NOFILE as usize);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(a.open_fds() < NOFILE as usize);
+    drop(sockets);
+    b.signal("TERM");
+    assert_eq!(b.wait_exit().code(), Some(0));
+    a.signal("TERM");
+    assert_eq!(a.wait_exit().code(), Some(0));
+}

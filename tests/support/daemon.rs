@@ -31,7 +31,28 @@ impl Daemon {
 
     /// Starts a node with `token` in `MESHNODE_UI_TOKEN` (or none), logging at `level`.
     pub fn start_with(token: Option<&str>, level: &str, args: &[&str]) -> Self {
-        let mut command = Command::new(BIN);
+        Self::spawn(Command::new(BIN), token, level, args)
+    }
+
+    /// Starts a node whose file-descriptor limit, soft and hard, is `nofile`.
+    pub fn start_with_fd_limit(nofile: u32, args: &[&str]) -> Self {
+        let mut command = Command::new("sh");
+        command.args([
+            "-c",
+            &format!("ulimit -n {nofile} && exec \"$0\" \"$@\""),
+            BIN,
+        ]);
+        Self::spawn(command, None, "info", args)
+    }
+
+    /// How many descriptors the process has open now.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .expect("the process's descriptors")
+            .count()
+    }
+
+    fn spawn(mut command: Command, token: Option<&str>, level: &str, args: &[&str]) -> Self {
         command
             .args(["run", "--listen", "127.0.0.1:0", "--ui", "127.0.0.1:0"])
             .args(args)

@@ -9,20 +9,30 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use futures::StreamExt;
-use meshnode_protocol::{
-    Frame, FrameCodec, Identity, Inbound, NodeId, NodeRecord, PROTOCOL_VERSION, SignedRecord,
-};
-use tokio::io::AsyncWriteExt;
+use meshnode::link::{LinkCodec, LinkWriter, LocalLink, handshake, next_inbound};
+use meshnode_protocol::{Frame, Identity, Inbound, NodeId, NodeRecord, SignedRecord};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::codec::FramedRead;
 
-/// A neighbor that sends its hello and then neither reads nor hangs up, so that a node's
-/// shutdown stays under way until its deadline. Dropping it closes the connection.
+/// The link settings of a neighbor played by a test: a timeout no test reaches.
+pub fn test_link(identity: Identity) -> LocalLink {
+    LocalLink::new(identity, Duration::from_secs(3600)).expect("a Noise key")
+}
+
+/// A neighbor that does the handshake, sends its record and then neither reads nor hangs up,
+/// so that a node's shutdown stays under way until its deadline. It is alive (it sends
+/// keepalives), only not reading. Dropping it closes the connection.
 pub struct StuckNeighbor {
     pub id: NodeId,
-    _stream: TcpStream,
+    _reader: FramedRead<OwnedReadHalf, LinkCodec>,
+    keepalive: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for StuckNeighbor {
+    fn drop(&mut self) {
+        self.keepalive.abort();
+    }
 }
 
 pub async fn stuck_neighbor(node: SocketAddr) -> StuckNeighbor {
@@ -31,22 +41,23 @@ pub async fn stuck_neighbor(node: SocketAddr) -> StuckNeighbor {
 }
 
 /// A [`StuckNeighbor`] over a stream already connected (say, with a tiny receive buffer).
-pub async fn stuck_neighbor_over(mut stream: TcpStream) -> StuckNeighbor {
-    let me = Identity::from_seed([99; 32]);
-    let hello = Frame::Hello {
-        protocol: PROTOCOL_VERSION,
-        record: me.sign(NodeRecord {
-            id: me.id(),
-            addr: "127.0.0.1:9".into(),
-            version: 1,
-            neighbors: BTreeSet::new(),
-        }),
-    };
-    let body = hello.encode().expect("encodes");
-    stream.write_all(&framed(&body)).await.expect("hello sent");
+pub async fn stuck_neighbor_over(stream: TcpStream) -> StuckNeighbor {
+    let peer = FakePeer::hello_only(stream, Identity::from_seed([99; 32])).await;
+    let id = peer.id();
+    let (reader, mut writer) = peer.into_parts();
+    let keepalive = tokio::spawn(async move {
+        // Stops when a keepalive cannot be written (the node has gone), or when dropped.
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if writer.keepalive().await.is_err() {
+                return;
+            }
+        }
+    });
     StuckNeighbor {
-        id: me.id(),
-        _stream: stream,
+        id,
+        _reader: reader,
+        keepalive,
     }
 }
 
@@ -55,7 +66,7 @@ pub async fn reset(peer: FakePeer) {
     let (reader, writer) = peer.into_parts();
     let stream = reader
         .into_inner()
-        .reunite(writer)
+        .reunite(writer.into_inner())
         .expect("the halves of one stream");
     stream.set_zero_linger().expect("linger set");
     drop(stream);
@@ -91,8 +102,8 @@ where
 /// the test wants, well-formed or not, and reads what the node sends.
 pub struct FakePeer {
     pub identity: Identity,
-    reader: FramedRead<OwnedReadHalf, FrameCodec>,
-    writer: OwnedWriteHalf,
+    reader: FramedRead<OwnedReadHalf, LinkCodec>,
+    writer: LinkWriter<OwnedWriteHalf>,
 }
 
 impl FakePeer {
@@ -113,16 +124,22 @@ impl FakePeer {
         }
     }
 
-    /// Sends its hello over an already connected stream, without waiting for the node's.
+    /// Runs the link handshake (as the side that dialed) over an already connected stream and
+    /// sends its record, without waiting for the node's.
     pub async fn hello_only(stream: TcpStream, identity: Identity) -> Self {
-        let (read, writer) = stream.into_split();
+        let (read, write) = stream.into_split();
+        let local = test_link(identity.clone());
+        let (link, reader, writer) =
+            within("the link handshake", handshake(read, write, true, &local))
+                .await
+                .expect("the link handshake succeeds");
         let mut peer = Self {
-            reader: FramedRead::new(read, FrameCodec::new()),
+            reader,
             writer,
             identity,
         };
         let hello = Frame::Hello {
-            protocol: PROTOCOL_VERSION,
+            protocol: u32::from(link.version),
             record: peer.record_at(1, "127.0.0.1:9"),
         };
         peer.send(&hello).await;
@@ -151,9 +168,10 @@ impl FakePeer {
             .expect("the node reads");
     }
 
-    /// Sends bytes as they are: false once the node has hung up.
+    /// Sends bytes as they are onto the link's plaintext stream (encrypted, so that they reach
+    /// the node's frame decoder): an error once the node has hung up.
     pub async fn try_send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        within("a write", self.writer.write_all(bytes)).await
+        within("a write", self.writer.send_raw(bytes)).await
     }
 
     /// Ends this side of the stream.
@@ -163,7 +181,7 @@ impl FakePeer {
 
     /// The next frame from the node; `None` at the end of the stream (or on a reset).
     pub async fn next(&mut self) -> Option<Frame> {
-        match within("a frame from the node", self.reader.next()).await {
+        match within("a frame from the node", next_inbound(&mut self.reader)).await {
             Some(Ok(Inbound::Frame(body))) => {
                 Some(Frame::decode(&body).expect("the node sends valid frames"))
             }
@@ -197,7 +215,12 @@ impl FakePeer {
     }
 
     /// Splits the peer, for tasks that read and write at the same time.
-    pub fn into_parts(self) -> (FramedRead<OwnedReadHalf, FrameCodec>, OwnedWriteHalf) {
+    pub fn into_parts(
+        self,
+    ) -> (
+        FramedRead<OwnedReadHalf, LinkCodec>,
+        LinkWriter<OwnedWriteHalf>,
+    ) {
         (self.reader, self.writer)
     }
 }

@@ -3,14 +3,13 @@
 
 use std::net::SocketAddr;
 
-use futures::{SinkExt, StreamExt};
-use meshnode_protocol::{
-    Frame, FrameCodec, Identity, Inbound, NodeId, NodeRecord, PROTOCOL_VERSION,
-};
+use std::time::Duration;
+
+use meshnode::link::{LocalLink, handshake, next_inbound};
+use meshnode_protocol::{Frame, Identity, Inbound, NodeId, NodeRecord};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-use tokio_util::codec::{FramedRead, FramedWrite};
 
 /// When a light neighbor saw the node's withdrawal and its EOF.
 #[derive(Debug, Clone, Copy)]
@@ -40,8 +39,12 @@ pub async fn run(
         .map_err(|e| format!("connect: {e}"))?;
     let _ = stream.set_nodelay(true);
     let (read, write) = stream.into_split();
-    let mut reader = FramedRead::new(read, FrameCodec::new());
-    let mut writer = FramedWrite::new(write, FrameCodec::new());
+    // A light neighbor never times the node out; it keeps the node from timing it out.
+    let local = LocalLink::new(me.clone(), Duration::from_secs(3600))
+        .map_err(|e| format!("link key: {e}"))?;
+    let (link, mut reader, mut writer) = handshake(read, write, true, &local)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
     let record = me.sign(NodeRecord {
         id: me.id(),
         addr: "127.0.0.1:9".into(),
@@ -49,20 +52,31 @@ pub async fn run(
         neighbors: Default::default(),
     });
     let hello = Frame::Hello {
-        protocol: PROTOCOL_VERSION,
+        protocol: u32::from(link.version),
         record,
     }
     .encode()
     .map_err(|e| e.to_string())?;
     writer
-        .send(hello)
+        .send_frame(&hello)
         .await
         .map_err(|e| format!("hello: {e}"))?;
+    let keepalive = link.keepalive_interval();
+    let mut last_sent = Instant::now();
     let mut ready = Some(ready);
     let node_hex = node_id.to_string();
     let mut withdrawal = None;
     loop {
-        let frame = match reader.next().await {
+        let next = tokio::time::timeout_at(last_sent + keepalive, next_inbound(&mut reader));
+        let Ok(next) = next.await else {
+            writer
+                .keepalive()
+                .await
+                .map_err(|e| format!("keepalive: {e}"))?;
+            last_sent = Instant::now();
+            continue;
+        };
+        let frame = match next {
             None => break,
             Some(Ok(Inbound::Frame(body))) => body,
             Some(Ok(Inbound::Oversized { len })) => {

@@ -8,6 +8,7 @@ use std::time::Duration;
 use meshnode_protocol::Identity;
 
 use crate::neighborhood::DEFAULT_GOSSIP_WINDOW;
+use crate::stream_handler_pool::DEFAULT_NEIGHBOR_TIMEOUT;
 use crate::ui_gateway::DEFAULT_SHUTDOWN_DEADLINE;
 
 /// Everything [`crate::start`] needs. Build it with [`Config::new`] and adjust the fields.
@@ -26,6 +27,8 @@ pub struct Config {
     pub gossip_window: Duration,
     /// When set, every UI route wants `Authorization: Bearer TOKEN`.
     pub ui_token: Option<UiToken>,
+    /// A neighbor silent (no frame, no keepalive) for this long is dropped as crashed.
+    pub neighbor_timeout: Duration,
 }
 
 impl Config {
@@ -39,6 +42,7 @@ impl Config {
             shutdown_deadline: DEFAULT_SHUTDOWN_DEADLINE,
             gossip_window: DEFAULT_GOSSIP_WINDOW,
             ui_token: None,
+            neighbor_timeout: DEFAULT_NEIGHBOR_TIMEOUT,
         }
     }
 }

@@ -17,6 +17,8 @@ pub mod stream_handler_pool;
 pub mod ui_gateway;
 
 #[cfg(test)]
+mod liveness_tests;
+#[cfg(test)]
 mod shutdown_tests;
 #[cfg(test)]
 mod test_support;

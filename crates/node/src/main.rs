@@ -86,6 +86,10 @@ struct RunArgs {
     /// process exits with code 3), e.g. 5s or 500ms.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     shutdown_deadline: Duration,
+    /// Drop a neighbor that has sent nothing (not even a keepalive) for this long, as if it had
+    /// crashed; links send keepalives at a third of the peer's timeout, e.g. 15s or 500ms.
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
+    neighbor_timeout: Duration,
     /// Require every UI request to carry `Authorization: Bearer TOKEN` (HTTP 401 otherwise).
     /// Meant for a UI beyond loopback; MASQ's `masq` sends no token.
     #[arg(long, value_name = "TOKEN", env = UI_TOKEN_ENV, hide_env_values = true, value_parser = UiTokenParser)]
@@ -174,6 +178,7 @@ async fn run(args: RunArgs) -> ExitCode {
     config.ui = args.ui;
     config.neighbors = args.neighbors;
     config.shutdown_deadline = args.shutdown_deadline;
+    config.neighbor_timeout = args.neighbor_timeout;
     config.ui_token = args.ui_token;
     let node = match meshnode::start(config).await {
         Ok(node) => node,
@@ -385,8 +390,13 @@ fn render_status(s: &StatusPayload) -> String {
     );
     let _ = writeln!(
         out,
-        "streams    {} open, {} accepted, {} dialed",
-        st.streams_open, st.streams_accepted, st.streams_dialed
+        "streams    {} open, {} accepted, {} dialed, {} refused at the limit",
+        st.streams_open, st.streams_accepted, st.streams_dialed, st.streams_refused
+    );
+    let _ = writeln!(
+        out,
+        "links      {} handshakes refused, {} failed, {} neighbors timed out, {} unknown frames skipped",
+        st.handshakes_refused, st.handshakes_failed, st.peers_timed_out, st.frames_unknown
     );
     let _ = writeln!(
         out,

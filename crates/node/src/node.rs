@@ -42,6 +42,8 @@ pub enum StartError {
     },
     #[error("cannot make this node's record: {0}")]
     Record(#[from] RecordError),
+    #[error("cannot make this node's link key: {0}")]
+    Link(#[from] crate::link::HandshakeError),
 }
 
 /// A running node. Dropping it does not stop it: shut it down ([`Node::shutdown`]) and
@@ -67,6 +69,7 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         shutdown_deadline,
         gossip_window,
         ui_token,
+        neighbor_timeout,
     } = config;
     let listen_err = |source| StartError::Listen {
         addr: listen,
@@ -86,6 +89,7 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
 
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let link = crate::link::LocalLink::new(identity.clone(), neighbor_timeout)?;
     let neighborhood = neighborhood::spawn_with(
         identity,
         info.listen.to_string(),
@@ -94,7 +98,7 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         &tracker,
     )?;
     let pool = stream_handler_pool::spawn(
-        info.node_id,
+        link,
         listener,
         neighbors,
         neighborhood.clone(),

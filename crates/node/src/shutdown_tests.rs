@@ -487,9 +487,8 @@ fn panic_with(reply: meshnode_shutdown::DoneReply, _: &mut Vec<meshnode_shutdown
 
 /// A real pool over the given neighborhood, with no streams.
 async fn real_pool(neighborhood: NeighborhoodHandle, tracker: &TaskTracker) -> PoolHandle {
-    let me = identity(1).id();
     crate::stream_handler_pool::spawn(
-        me,
+        crate::test_support::test_link(identity(1)),
         loopback().await,
         Vec::new(),
         neighborhood,

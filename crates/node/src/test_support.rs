@@ -4,12 +4,11 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
-use meshnode_protocol::{
-    Frame, FrameCodec, Identity, Inbound, NodeId, NodeRecord, PROTOCOL_VERSION, SignedRecord,
-};
+use meshnode_protocol::{Frame, Identity, Inbound, NodeId, NodeRecord, SignedRecord};
 use tokio::io::{DuplexStream, ReadHalf, WriteHalf};
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::FramedRead;
+
+use crate::link::{LinkCodec, LinkWriter, LocalLink, handshake, next_inbound};
 
 /// Bound on every await: generous, so that only a bug reaches it.
 pub const BOUND: Duration = Duration::from_secs(60);
@@ -33,22 +32,30 @@ pub fn record(owner: &Identity, version: u64, neighbors: &[NodeId]) -> SignedRec
     })
 }
 
-/// A neighbor played by the test over an in-memory stream.
+/// The link settings test peers use: a timeout no test reaches unless it means to.
+pub fn test_link(identity: Identity) -> LocalLink {
+    LocalLink::new(identity, Duration::from_secs(3600)).expect("a Noise key")
+}
+
+type Reader = FramedRead<ReadHalf<DuplexStream>, LinkCodec>;
+type Writer = LinkWriter<WriteHalf<DuplexStream>>;
+
+/// A neighbor played by the test over an in-memory stream. It dials: the node's end of the
+/// stream is run as an accepted one.
 pub struct Peer {
     pub identity: Identity,
-    reader: FramedRead<ReadHalf<DuplexStream>, FrameCodec>,
-    writer: FramedWrite<WriteHalf<DuplexStream>, FrameCodec>,
+    raw: Option<(ReadHalf<DuplexStream>, WriteHalf<DuplexStream>)>,
+    link: Option<(Reader, Writer)>,
 }
 
 impl Peer {
     /// A peer and the node's end of its stream, with `pipe` bytes of buffer each way.
     pub fn new(identity: Identity, pipe: usize) -> (Self, DuplexStream) {
         let (ours, theirs) = tokio::io::duplex(pipe);
-        let (read, write) = tokio::io::split(ours);
         let peer = Self {
             identity,
-            reader: FramedRead::new(read, FrameCodec::new()),
-            writer: FramedWrite::new(write, FrameCodec::new()),
+            raw: Some(tokio::io::split(ours)),
+            link: None,
         };
         (peer, theirs)
     }
@@ -57,17 +64,37 @@ impl Peer {
         self.identity.id()
     }
 
+    fn link(&mut self) -> &mut (Reader, Writer) {
+        self.link
+            .as_mut()
+            .expect("the test did the handshake first")
+    }
+
     pub async fn send(&mut self, frame: &Frame) {
         let body = frame.encode().expect("the test's frames encode");
-        within("the node takes a frame", self.writer.send(body))
+        within("the node takes a frame", self.link().1.send_frame(&body))
             .await
             .expect("the stream is open");
     }
 
-    /// Sends this peer's hello (version 1, no neighbors) and returns the node's.
+    /// Tells the node this peer is alive, without a frame.
+    pub async fn keepalive(&mut self) {
+        within("the node takes a keepalive", self.link().1.keepalive())
+            .await
+            .expect("the stream is open");
+    }
+
+    /// Runs the link handshake, sends this peer's record (version 1, no neighbors) and returns
+    /// the node's.
     pub async fn handshake(&mut self) -> SignedRecord {
+        let (read, write) = self.raw.take().expect("one handshake per peer");
+        let local = test_link(self.identity.clone());
+        let (link, reader, writer) = within("the handshake", handshake(read, write, true, &local))
+            .await
+            .expect("the handshake succeeds");
+        self.link = Some((reader, writer));
         let hello = Frame::Hello {
-            protocol: PROTOCOL_VERSION,
+            protocol: u32::from(link.version),
             record: record(&self.identity, 1, &[]),
         };
         self.send(&hello).await;
@@ -79,7 +106,8 @@ impl Peer {
 
     /// The next frame from the node, or `None` at the end of the stream.
     pub async fn next(&mut self) -> Option<Frame> {
-        match within("a frame or the end of the stream", self.reader.next()).await {
+        let reader = &mut self.link().0;
+        match within("a frame or the end of the stream", next_inbound(reader)).await {
             None => None,
             Some(Ok(Inbound::Frame(body))) => {
                 Some(Frame::decode(&body).expect("the node sends valid frames"))

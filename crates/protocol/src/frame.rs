@@ -15,8 +15,10 @@ pub const MAX_FRAME_LEN: usize = 1024 * 1024;
 /// Gossip is packed into frames of about this many bytes (a single larger record goes alone).
 pub const GOSSIP_FRAME_TARGET: usize = 256 * 1024;
 /// The neighbor protocol version carried in `hello`.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 const HEADER_LEN: usize = 4;
+/// The frame types this version knows.
+const KNOWN_TYPES: [&str; 2] = ["hello", "gossip"];
 
 /// A message between neighbors.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,11 +37,27 @@ pub enum FrameError {
     Malformed(#[from] serde_json::Error),
     #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_LEN}")]
     TooLarge(usize),
+    /// A well-formed frame of a type this node does not know: from a peer that speaks a newer
+    /// version, it is skipped; from any other peer it is a bad frame.
+    #[error("frame of unknown type {0:?}")]
+    UnknownType(String),
 }
 
 impl Frame {
     pub fn decode(body: &[u8]) -> Result<Frame, FrameError> {
-        Ok(serde_json::from_slice(body)?)
+        serde_json::from_slice(body).map_err(|e| {
+            /// Just the tag of a frame, to tell an unknown type from a malformed frame.
+            #[derive(Deserialize)]
+            struct Tag {
+                r#type: String,
+            }
+            match serde_json::from_slice::<Tag>(body) {
+                Ok(Tag { r#type }) if !KNOWN_TYPES.contains(&r#type.as_str()) => {
+                    FrameError::UnknownType(r#type)
+                }
+                _ => FrameError::Malformed(e),
+            }
+        })
     }
 
     pub fn encode(&self) -> Result<Bytes, FrameError> {
@@ -329,10 +347,19 @@ mod tests {
         for body in [
             &b"not json"[..],
             br#"{"type":"gossip","records":5}"#,
-            br#"{"type":"x"}"#,
+            br#"{"type":"hello"}"#,
+            br#"{"type":7}"#,
         ] {
             assert!(matches!(Frame::decode(body), Err(FrameError::Malformed(_))));
         }
+    }
+
+    #[test]
+    fn a_well_formed_frame_of_an_unknown_type_is_told_apart() {
+        assert!(matches!(
+            Frame::decode(br#"{"type":"x","more":[1,2]}"#),
+            Err(FrameError::UnknownType(kind)) if kind == "x"
+        ));
     }
 
     #[test]

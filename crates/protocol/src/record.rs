@@ -307,6 +307,12 @@ impl Identity {
         hex::encode(self.key.to_bytes())
     }
 
+    /// Signs arbitrary bytes with this node's key. The link handshake uses it for the proof
+    /// that binds a Noise static key to the node id; callers prefix a domain of their own.
+    pub fn sign_bytes(&self, message: &[u8]) -> [u8; 64] {
+        self.key.sign(message).to_bytes()
+    }
+
     pub fn id(&self) -> NodeId {
         NodeId(self.key.verifying_key().to_bytes())
     }

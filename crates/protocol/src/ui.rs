@@ -241,6 +241,24 @@ pub struct Stats {
     pub streams_open: u64,
     pub streams_accepted: u64,
     pub streams_dialed: u64,
+    /// New streams refused at once because the node was at its limit of handshakes in progress
+    /// or of streams (derived from its file-descriptor limit).
+    #[serde(default)]
+    pub streams_refused: u64,
+    /// Handshakes refused for what the peer claimed: a proof that does not verify, this node's
+    /// own id, no common protocol version, or a first record that is not the peer's.
+    #[serde(default)]
+    pub handshakes_refused: u64,
+    /// Handshakes that did not finish: timed out, cut off, or not the link protocol at all.
+    #[serde(default)]
+    pub handshakes_failed: u64,
+    /// Frames of a type this node does not know, from a neighbor that speaks a newer version:
+    /// skipped, not held against it.
+    #[serde(default)]
+    pub frames_unknown: u64,
+    /// Neighbors dropped for silence longer than the neighbor timeout, as if they had crashed.
+    #[serde(default)]
+    pub peers_timed_out: u64,
 }
 
 #[cfg(test)]

@@ -1,6 +1,15 @@
 //! The link layer: what the neighborhood and the stream handler pool both need to know about
 //! one neighbor link (its id, its send queue, how to close it), below both so that neither
-//! imports the other for it.
+//! imports the other for it; and the link itself: the authenticated, encrypted, versioned
+//! handshake ([`handshake`]) and the encrypted transport after it ([`transport`]).
+
+pub mod handshake;
+#[cfg(test)]
+mod tests;
+pub mod transport;
+
+pub use handshake::{HandshakeError, LocalLink, Negotiated, handshake};
+pub use transport::{LinkCodec, LinkItem, LinkWriter, next_inbound};
 
 use std::fmt;
 use std::sync::Arc;

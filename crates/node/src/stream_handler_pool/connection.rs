@@ -1,14 +1,12 @@
 //! One stream's life: handshake, admission, then a reader (this task) and a writer (a task of
 //! its own that owns the write half and drains the stream's queue).
 
-use bytes::{Buf, Bytes};
-use futures::{SinkExt, StreamExt};
-use meshnode_protocol::{
-    Frame, FrameCodec, Inbound, PROTOCOL_VERSION, VerifiedRecord, frame_header,
-};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use bytes::Bytes;
+use futures::StreamExt;
+use meshnode_protocol::{Frame, FrameError, Inbound, RecordError, VerifiedRecord};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
@@ -16,6 +14,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::{Admission, Counters, HANDSHAKE_TIMEOUT, MAX_STRIKES, PoolMsg, Shared, StreamHandle};
+use crate::link::{HandshakeError, LinkCodec, LinkItem, LinkWriter, Negotiated, handshake};
 use crate::neighborhood::NeighborhoodMsg;
 use meshnode_protocol::NodeId;
 
@@ -38,25 +37,44 @@ pub(super) enum Ended {
     Cancelled,
 }
 
-/// Runs a stream from handshake to end. `dialed` is true when this node dialed it.
-pub(super) async fn run<S>(shared: Shared, stream: S, dialed: bool) -> Ended
+/// Runs a stream from handshake to end. `dialed` is true when this node dialed it (and so
+/// starts the handshake).
+/// An accepted stream holds `permit`, one of the node's handshakes in progress, until its
+/// handshake is over.
+pub(super) async fn run<S>(
+    shared: Shared,
+    stream: S,
+    dialed: bool,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) -> Ended
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (read, write) = tokio::io::split(stream);
-    let mut reader = FramedRead::new(read, FrameCodec::new());
-    let mut writer = FramedWrite::new(write, FrameCodec::new());
     let cancel = shared.cancel.child_token();
 
-    let handshake = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        handshake(&shared, &mut reader, &mut writer),
-    );
-    let record = match cancel.run_until_cancelled(handshake).await {
+    let setup = tokio::time::timeout(HANDSHAKE_TIMEOUT, setup(&shared, read, write, dialed));
+    let setup = async move {
+        let result = setup.await;
+        drop(permit);
+        result
+    };
+    let (link, record, mut reader, writer) = match cancel.run_until_cancelled(setup).await {
         None => return Ended::Cancelled,
-        Some(Err(_)) => return not_admitted("no hello within the handshake timeout".into()),
-        Some(Ok(Err(reason))) => return not_admitted(reason),
-        Some(Ok(Ok(record))) => record,
+        Some(Err(_)) => {
+            Counters::bump(&shared.counters.handshakes_failed);
+            return not_admitted("no handshake within the handshake timeout".into());
+        }
+        Some(Ok(Err(e))) => {
+            if e.is_refusal() {
+                Counters::bump(&shared.counters.handshakes_refused);
+            } else {
+                Counters::bump(&shared.counters.handshakes_failed);
+            }
+            e.log();
+            return Ended::NotAdmitted(e.to_string());
+        }
+        Some(Ok(Ok(set_up))) => set_up,
     };
     let peer = record.id();
     let conn = shared.next_conn_id();
@@ -86,9 +104,9 @@ where
 
     let _open = OpenGauge::new(&shared.counters);
     let span = tracing::info_span!("writer", %conn);
-    shared
-        .tracker
-        .spawn(write_loop(writer.into_inner(), queue, handle.clone()).instrument(span));
+    shared.tracker.spawn(
+        write_loop(writer, queue, handle.clone(), link.keepalive_interval()).instrument(span),
+    );
     let connected = NeighborhoodMsg::NeighborConnected {
         stream: handle.clone(),
         record,
@@ -96,7 +114,7 @@ where
     let reason = if shared.neighborhood.send(connected).await.is_err() {
         "the neighborhood has stopped".to_owned()
     } else {
-        read_loop(&shared, &mut reader, &handle, &cancel).await
+        read_loop(&shared, &mut reader, &handle, &link, &cancel).await
     };
     info!(peer = %peer.short(), %conn, %reason, "stream ended");
     cancel.cancel();
@@ -119,69 +137,125 @@ fn not_admitted(reason: String) -> Ended {
     Ended::NotAdmitted(reason)
 }
 
-/// Sends our hello and reads theirs at the same time (a large hello must not wait for the
-/// other side to read), then checks theirs.
-async fn handshake<R, W>(
+/// Why a new stream did not become a link to a proven neighbor.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum SetupError {
+    #[error("handshake failed: {0}")]
+    Handshake(#[from] HandshakeError),
+    #[error("the neighborhood has stopped")]
+    NeighborhoodGone,
+    #[error("cannot send the first frame: {0}")]
+    Send(std::io::Error),
+    #[error("cannot read the first frame: {0}")]
+    Read(std::io::Error),
+    #[error("the peer closed the link before its first frame")]
+    Closed,
+    #[error("the peer's first frame is not its record: {0}")]
+    BadHello(&'static str),
+    #[error("the peer's record does not verify: {0}")]
+    BadRecord(#[from] RecordError),
+}
+
+impl SetupError {
+    /// Whether the peer was refused for what it claimed (a proof that fails, this node's own
+    /// id, no common version, a record that is not its own) rather than lost on the way.
+    fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            Self::Handshake(
+                HandshakeError::BadProof
+                    | HandshakeError::BadKey
+                    | HandshakeError::OwnId
+                    | HandshakeError::NoCommonVersion { .. },
+            ) | Self::BadHello(_)
+                | Self::BadRecord(_)
+        )
+    }
+
+    /// Logs why: a refusal is worth a line at info, the rest (a port scan, a peer that hung
+    /// up) only at debug.
+    fn log(&self) {
+        if self.is_refusal() {
+            info!(reason = %self, "neighbor refused");
+        } else {
+            debug!(reason = %self, "stream not admitted");
+        }
+    }
+}
+
+type SetUp<R, W> = (
+    Negotiated,
+    VerifiedRecord,
+    FramedRead<R, LinkCodec>,
+    LinkWriter<W>,
+);
+
+/// The handshake, then the first frame each way: the node's own signed record, sent only now
+/// that the peer has proven its id, and encrypted. The two are sent and read at the same time,
+/// so that two large records cannot deadlock on full socket buffers.
+async fn setup<R, W>(
     shared: &Shared,
-    reader: &mut FramedRead<R, FrameCodec>,
-    writer: &mut FramedWrite<W, FrameCodec>,
-) -> Result<VerifiedRecord, String>
+    read: R,
+    write: W,
+    dialed: bool,
+) -> Result<SetUp<R, W>, SetupError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let (link, mut reader, mut writer) = handshake(read, write, dialed, &shared.link).await?;
+    if link.version != shared.link.versions.1 || link.peer_is_newer() {
+        debug!(peer = %link.peer.short(), version = link.version, peer_versions = ?link.peer_versions, "link version negotiated");
+    }
     let own = shared
         .neighborhood
         .own_record()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| SetupError::NeighborhoodGone)?;
     let hello = Frame::Hello {
-        protocol: PROTOCOL_VERSION,
+        protocol: u32::from(link.version),
         record: own,
     }
     .encode()
-    .map_err(|e| format!("cannot encode hello: {e}"))?;
-    let send = async {
-        writer
-            .send(hello)
-            .await
-            .map_err(|e| format!("cannot send hello: {e}"))
-    };
+    .map_err(|_| SetupError::BadHello("this node's own record does not encode"))?;
+    let send = async { writer.send_frame(&hello).await.map_err(SetupError::Send) };
     let receive = async {
-        match reader.next().await {
-            Some(Ok(Inbound::Frame(body))) => match Frame::decode(&body) {
-                Ok(Frame::Hello { protocol, record }) if protocol == PROTOCOL_VERSION => {
-                    let record = record
-                        .into_verified()
-                        .map_err(|e| format!("bad hello: {e}"))?;
-                    if record.id() == shared.me {
-                        return Err("connected to itself".to_owned());
-                    }
-                    Ok(record)
+        loop {
+            let body = match reader.next().await {
+                Some(Ok(LinkItem::Progress)) => continue,
+                Some(Ok(LinkItem::Inbound(Inbound::Frame(body)))) => body,
+                Some(Ok(LinkItem::Inbound(Inbound::Oversized { .. }))) => {
+                    return Err(SetupError::BadHello("oversized"));
                 }
-                Ok(Frame::Hello { protocol, .. }) => Err(format!(
-                    "peer speaks protocol {protocol}, not {PROTOCOL_VERSION}"
-                )),
-                Ok(_) => Err("first frame is not a hello".to_owned()),
-                Err(e) => Err(format!("bad hello: {e}")),
-            },
-            Some(Ok(Inbound::Oversized { len })) => {
-                Err(format!("hello of {len} bytes is too large"))
-            }
-            Some(Err(e)) => Err(format!("read failed: {e}")),
-            None => Err("closed before hello".to_owned()),
+                Some(Err(e)) => return Err(SetupError::Read(e)),
+                None => return Err(SetupError::Closed),
+            };
+            return match Frame::decode(&body) {
+                Ok(Frame::Hello { protocol, record }) => {
+                    if protocol != u32::from(link.version) {
+                        return Err(SetupError::BadHello("not the negotiated version"));
+                    }
+                    if record.id() != link.peer {
+                        return Err(SetupError::BadHello("the record of another node"));
+                    }
+                    Ok(record.into_verified()?)
+                }
+                Ok(_) => Err(SetupError::BadHello("another frame type")),
+                Err(_) => Err(SetupError::BadHello("malformed")),
+            };
         }
     };
     let ((), record) = tokio::try_join!(send, receive)?;
-    Ok(record)
+    Ok((link, record, reader, writer))
 }
 
 /// Reads frames until the stream ends, is cancelled, or the peer has sent too much garbage.
 /// Returns why it stopped.
 async fn read_loop<R>(
     shared: &Shared,
-    reader: &mut FramedRead<R, FrameCodec>,
+    reader: &mut FramedRead<R, LinkCodec>,
     stream: &StreamHandle,
+    link: &Negotiated,
     cancel: &CancellationToken,
 ) -> String
 where
@@ -191,10 +265,28 @@ where
     let peer = stream.peer();
     let mut strikes = 0u32;
     loop {
-        let Some(item) = cancel.run_until_cancelled(reader.next()).await else {
-            return "closed by this node".to_owned();
+        // Silence is measured only while waiting to read: time spent handing a frame to a busy
+        // neighborhood is not the peer's.
+        let next = tokio::time::timeout(shared.link.idle_timeout, reader.next());
+        let item = match cancel.run_until_cancelled(next).await {
+            None => return "closed by this node".to_owned(),
+            Some(Err(_)) => {
+                Counters::bump(&counters.peers_timed_out);
+                warn!(peer = %peer.short(), timeout = ?shared.link.idle_timeout, "neighbor silent for too long; dropping it as crashed");
+                return format!(
+                    "nothing from the neighbor for {:?}",
+                    shared.link.idle_timeout
+                );
+            }
+            Some(Ok(item)) => item,
         };
         shrink(reader.read_buffer_mut());
+        let item = match item {
+            Some(Ok(LinkItem::Progress)) => continue,
+            Some(Ok(LinkItem::Inbound(inbound))) => Some(Ok(inbound)),
+            Some(Err(e)) => Some(Err(e)),
+            None => None,
+        };
         let strike = match item {
             None => return "end of stream".to_owned(),
             Some(Err(e)) => {
@@ -242,6 +334,11 @@ where
                     debug!("hello out of turn");
                     true
                 }
+                Err(FrameError::UnknownType(kind)) if link.peer_is_newer() => {
+                    Counters::bump(&counters.frames_unknown);
+                    debug!(kind, "frame of a newer version skipped");
+                    false
+                }
                 Err(e) => {
                     Counters::bump(&counters.frames_malformed);
                     debug!(error = %e, "malformed frame dropped");
@@ -260,17 +357,22 @@ where
     }
 }
 
-/// Drains the stream's queue into the socket, in order, until cancelled or asked to close.
+/// Drains the stream's queue into the link, in order, until cancelled or asked to close.
 /// Closing writes everything queued before it, then shuts the write half down, so the
-/// neighbor reads every frame this node handed over before it reads EOF. Frames go from their
-/// shared buffers straight to the socket: no per-stream copy of a large frame stays behind.
-async fn write_loop<W>(mut writer: W, mut queue: mpsc::Receiver<Bytes>, stream: StreamHandle)
-where
+/// neighbor reads every frame this node handed over before it reads EOF. A link with nothing to
+/// send for `keepalive` sends a keepalive, so that the neighbor knows this node is alive.
+async fn write_loop<W>(
+    mut writer: LinkWriter<W>,
+    mut queue: mpsc::Receiver<Bytes>,
+    stream: StreamHandle,
+    keepalive: Duration,
+) where
     W: AsyncWrite + Unpin,
 {
     let (cancel, drain) = (stream.cancel.clone(), stream.drain.clone());
     let result = loop {
-        // Cancellation first; then closing, which itself writes out everything still queued.
+        // Cancellation first; then closing, which itself writes out everything still queued;
+        // then frames; a keepalive only when the queue stayed empty for its whole interval.
         let body = tokio::select! {
             biased;
             () = cancel.cancelled() => return,
@@ -279,6 +381,13 @@ where
                 Some(body) => body,
                 None => return,
             },
+            () = tokio::time::sleep(keepalive) => {
+                match cancel.run_until_cancelled(writer.keepalive()).await {
+                    None => return,
+                    Some(Ok(())) => continue,
+                    Some(Err(e)) => break Err(e),
+                }
+            }
         };
         // The withdrawal is this node's last frame: hold it for the close that follows at once,
         // so that it leaves with the FIN and the neighbor reads both in one go. (If no close
@@ -289,7 +398,7 @@ where
                 () = cancel.cancelled() => return,
                 () = drain.cancelled() => {
                     let last = async {
-                        write_frame(&mut writer, &body).await?;
+                        writer.send_frame(&body).await?;
                         close(&mut writer, &mut queue, &cancel).await
                     };
                     break cancel.run_until_cancelled(last).await.unwrap_or(Ok(()));
@@ -297,10 +406,7 @@ where
                 () = tokio::time::sleep(FINAL_HOLD) => {}
             }
         }
-        match cancel
-            .run_until_cancelled(write_frame(&mut writer, &body))
-            .await
-        {
+        match cancel.run_until_cancelled(writer.send_frame(&body)).await {
             None => return,
             Some(Ok(())) => {}
             Some(Err(e)) => break Err(e),
@@ -312,17 +418,9 @@ where
     }
 }
 
-/// One frame: its length, then its body, in one vectored write where the socket allows.
-async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, body: &Bytes) -> std::io::Result<()> {
-    let header = frame_header(body.len())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let mut frame = (&header[..]).chain(&body[..]);
-    writer.write_all_buf(&mut frame).await
-}
-
 /// Writes what is queued, in order, then shuts the write half down.
 async fn close<W>(
-    writer: &mut W,
+    writer: &mut LinkWriter<W>,
     queue: &mut mpsc::Receiver<Bytes>,
     cancel: &CancellationToken,
 ) -> std::io::Result<()>
@@ -333,7 +431,7 @@ where
     queue.close();
     let close = async {
         while let Some(body) = queue.recv().await {
-            write_frame(writer, &body).await?;
+            writer.send_frame(&body).await?;
         }
         writer.shutdown().await
     };

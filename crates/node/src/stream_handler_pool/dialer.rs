@@ -28,7 +28,7 @@ pub(super) async fn run(shared: Shared, target: String) {
             Ok(Ok(stream)) => {
                 Counters::bump(&shared.counters.streams_dialed);
                 let _ = stream.set_nodelay(true);
-                connection::run(shared.clone(), stream, true).await
+                connection::run(shared.clone(), stream, true, None).await
             }
             Ok(Err(e)) => Ended::NotAdmitted(format!("connect failed: {e}")),
             Err(_) => Ended::NotAdmitted("connect timed out".to_owned()),

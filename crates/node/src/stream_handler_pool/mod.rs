@@ -4,6 +4,7 @@
 
 mod connection;
 mod dialer;
+mod limits;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -23,20 +24,26 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::link::{ConnId, StreamHandle};
+use crate::link::{ConnId, LocalLink, StreamHandle};
 use crate::neighborhood::NeighborhoodHandle;
+pub use limits::{Limits, MAX_HANDSHAKES, RESERVED_FDS};
 
 /// How many messages may wait in the pool's inbox.
 pub const POOL_INBOX: usize = 1024;
 /// How long a dialer leaves a neighbor that withdrew from the network alone before it tries
 /// again (at its slowest pace), in case the neighbor has come back.
 pub const DEPARTED_COOLDOWN: Duration = Duration::from_secs(60);
-/// Longest a new stream may take to exchange hellos.
+/// Longest a new stream may take for its handshake and first frame each way.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A neighbor silent this long is dropped as crashed. Fifteen seconds: three keepalive intervals
+/// of five, so two lost or late keepalives are tolerated, while a frozen neighbor is noticed
+/// in about the time memberlist's default suspicion takes, well before a TCP retransmission
+/// timeout would (minutes).
+pub const DEFAULT_NEIGHBOR_TIMEOUT: Duration = Duration::from_secs(15);
 /// Longest one dial may take to connect.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// Most admitted streams; more are closed right after their handshake. Kept below the
-/// protocol's limit on neighbors per record.
+/// Most admitted streams whatever the descriptor limit (which usually sets a lower cap: see
+/// [`Limits`]); more are refused. Kept below the protocol's limit on neighbors per record.
 pub const MAX_STREAMS: usize = 8_000;
 /// Bad frames (malformed, oversized, forged records, out of turn) a neighbor may send over one
 /// stream before it is disconnected.
@@ -55,6 +62,11 @@ pub struct PoolCounters {
     pub streams_open: u64,
     pub streams_accepted: u64,
     pub streams_dialed: u64,
+    pub streams_refused: u64,
+    pub handshakes_refused: u64,
+    pub handshakes_failed: u64,
+    pub frames_unknown: u64,
+    pub peers_timed_out: u64,
 }
 
 /// The live counters, shared by the pool with its own stream tasks only.
@@ -67,6 +79,11 @@ struct Counters {
     streams_open: AtomicU64,
     streams_accepted: AtomicU64,
     streams_dialed: AtomicU64,
+    streams_refused: AtomicU64,
+    handshakes_refused: AtomicU64,
+    handshakes_failed: AtomicU64,
+    frames_unknown: AtomicU64,
+    peers_timed_out: AtomicU64,
 }
 
 impl Counters {
@@ -84,6 +101,11 @@ impl Counters {
             streams_open: get(&self.streams_open),
             streams_accepted: get(&self.streams_accepted),
             streams_dialed: get(&self.streams_dialed),
+            streams_refused: get(&self.streams_refused),
+            handshakes_refused: get(&self.handshakes_refused),
+            handshakes_failed: get(&self.handshakes_failed),
+            frames_unknown: get(&self.frames_unknown),
+            peers_timed_out: get(&self.peers_timed_out),
         }
     }
 }
@@ -184,6 +206,11 @@ impl PoolHandle {
 #[derive(Debug, Clone)]
 struct Shared {
     me: NodeId,
+    /// This node's side of every handshake.
+    link: Arc<LocalLink>,
+    limits: Limits,
+    /// One permit per accepted connection still in its handshake ([`Limits::max_handshakes`]).
+    handshakes: Arc<tokio::sync::Semaphore>,
     neighborhood: NeighborhoodHandle,
     pool: PoolHandle,
     /// Cancelled when the node stops; each stream's token is a child of it.
@@ -204,19 +231,25 @@ impl Shared {
     }
 }
 
-/// Starts the pool on an already bound listener, dialing each of `neighbors` (`HOST:PORT`).
+/// Starts the pool on an already bound listener, dialing each of `neighbors` (`HOST:PORT`);
+/// `link` is this node's side of every handshake.
 pub fn spawn(
-    me: NodeId,
+    link: LocalLink,
     listener: TcpListener,
     neighbors: Vec<String>,
     neighborhood: NeighborhoodHandle,
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> PoolHandle {
+    let me = link.id();
     let (tx, rx) = mpsc::channel(POOL_INBOX);
     let handle = PoolHandle { tx };
+    let limits = Limits::for_this_process();
     let shared = Shared {
         me,
+        link: Arc::new(link),
+        limits,
+        handshakes: Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes)),
         neighborhood,
         pool: handle.clone(),
         intake: cancel.child_token(),

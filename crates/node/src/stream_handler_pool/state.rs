@@ -11,10 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, warn};
 
-use super::{
-    Admission, BoxedStream, ConnId, Counters, MAX_STREAMS, PoolMsg, Shared, StreamHandle,
-    connection,
-};
+use super::{Admission, BoxedStream, ConnId, Counters, PoolMsg, Shared, StreamHandle, connection};
 use crate::neighborhood::NeighborhoodMsg;
 
 pub(super) struct Pool {
@@ -26,7 +23,14 @@ pub(super) struct Pool {
     /// Dialers waiting for a neighbor's stream to end before they dial it again.
     waiters: HashMap<NodeId, Vec<oneshot::Sender<()>>>,
     phase: Phase,
+    /// When connections refused at a limit were last logged at warn, and how many since.
+    last_refusal_warning: Option<Instant>,
+    refused_since_warning: u64,
 }
+
+/// Connections refused at a limit are logged at warn at most this often (a flood would
+/// otherwise flood the log too).
+const REFUSAL_WARNING_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Where the pool is in a shutdown.
 enum Phase {
@@ -61,6 +65,8 @@ impl Pool {
             admitted: HashMap::new(),
             waiters: HashMap::new(),
             phase: Phase::Running,
+            last_refusal_warning: None,
+            refused_since_warning: 0,
         }
     }
 
@@ -94,13 +100,36 @@ impl Pool {
     }
 
     fn accept(&mut self, stream: tokio::net::TcpStream, remote: std::net::SocketAddr) {
+        // Refused at once, before any work or task: the descriptor is given back now.
+        let limits = self.shared.limits;
+        if self.admitted.len() >= limits.max_streams {
+            return self.refuse(remote, "the stream limit");
+        }
+        let Ok(permit) = self.shared.handshakes.clone().try_acquire_owned() else {
+            return self.refuse(remote, "the limit of handshakes in progress");
+        };
         Counters::bump(&self.shared.counters.streams_accepted);
         let _ = stream.set_nodelay(true);
         debug!(%remote, "accepted");
         let span = tracing::info_span!("stream", %remote, inbound = true);
-        self.shared
-            .tracker
-            .spawn(connection::run(self.shared.clone(), stream, false).instrument(span));
+        let run = connection::run(self.shared.clone(), stream, false, Some(permit));
+        self.shared.tracker.spawn(run.instrument(span));
+    }
+
+    /// Counts a refused connection; warns at most every [`REFUSAL_WARNING_EVERY`].
+    fn refuse(&mut self, remote: std::net::SocketAddr, limit: &'static str) {
+        Counters::bump(&self.shared.counters.streams_refused);
+        self.refused_since_warning += 1;
+        let due = self
+            .last_refusal_warning
+            .is_none_or(|at| at.elapsed() >= REFUSAL_WARNING_EVERY);
+        if due {
+            warn!(%remote, limit, refused = self.refused_since_warning, max_streams = self.shared.limits.max_streams, max_handshakes = self.shared.limits.max_handshakes, "connections refused at a limit");
+            self.last_refusal_warning = Some(Instant::now());
+            self.refused_since_warning = 0;
+        } else {
+            debug!(%remote, limit, "connection refused at a limit");
+        }
     }
 
     fn adopt(&mut self, stream: BoxedStream) {
@@ -112,7 +141,7 @@ impl Pool {
         let span = tracing::info_span!("stream", adopted = true);
         self.shared
             .tracker
-            .spawn(connection::run(self.shared.clone(), stream, false).instrument(span));
+            .spawn(connection::run(self.shared.clone(), stream, false, None).instrument(span));
     }
 
     pub(super) fn handle(&mut self, msg: PoolMsg) {
@@ -178,8 +207,8 @@ impl Pool {
                 debug!(peer = %peer.short(), conn = %stream.id(), replaced = %existing.id(), "stream replaces an older one");
                 existing.kill();
             }
-            None if self.admitted.len() >= MAX_STREAMS => {
-                warn!(peer = %peer.short(), limit = MAX_STREAMS, "stream limit reached; refusing neighbor");
+            None if self.admitted.len() >= self.shared.limits.max_streams => {
+                warn!(peer = %peer.short(), limit = self.shared.limits.max_streams, "stream limit reached; refusing neighbor");
                 return Admission::Full;
             }
             None => {}

@@ -9,14 +9,16 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
 use meshnode_protocol::{
-    Frame, FrameCodec, Identity, Inbound, MAX_FRAME_LEN, NodeRecord, PROTOCOL_VERSION, SignedRecord,
+    Frame, Identity, Inbound, MAX_FRAME_LEN, NodeRecord, PROTOCOL_VERSION, SignedRecord,
 };
-use tokio::io::{AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
+use tokio::io::{AsyncReadExt, DuplexStream, ReadHalf, WriteHalf};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::FramedRead;
+
+use crate::link::{LinkCodec, LinkWriter, Negotiated, handshake, next_inbound};
+use crate::test_support::test_link;
 
 use super::connection::{self, Ended};
 use super::state::Pool;
@@ -100,6 +102,9 @@ impl Rig {
         let pool = PoolHandle { tx };
         let shared = Shared {
             me: me.id(),
+            link: Arc::new(test_link(me.clone())),
+            limits: Limits::from_fd_limit(1 << 20),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
             neighborhood: neighborhood.clone(),
             pool: pool.clone(),
             cancel: cancel.child_token(),
@@ -124,12 +129,12 @@ impl Rig {
     /// by the pool (`dialed` false) or by a dialer (`dialed` true).
     fn open(&self, seed: u8, dialed: bool) -> Remote {
         let (node_end, remote_end) = tokio::io::duplex(PIPE);
-        let ended = tokio::spawn(connection::run(self.shared.clone(), node_end, dialed));
-        let (read, write) = tokio::io::split(remote_end);
+        let ended = tokio::spawn(connection::run(self.shared.clone(), node_end, dialed, None));
         Remote {
             identity: identity(seed),
-            reader: FramedRead::new(read, FrameCodec::new()),
-            writer: FramedWrite::new(write, FrameCodec::new()),
+            raw: Some(tokio::io::split(remote_end)),
+            link: None,
+            node_dialed: dialed,
             ended,
         }
     }
@@ -175,8 +180,15 @@ impl Rig {
 /// The remote peer's end of one stream, and the node's stream task for it.
 struct Remote {
     identity: Identity,
-    reader: FramedRead<ReadHalf<DuplexStream>, FrameCodec>,
-    writer: FramedWrite<WriteHalf<DuplexStream>, FrameCodec>,
+    /// The stream before the link handshake.
+    raw: Option<(ReadHalf<DuplexStream>, WriteHalf<DuplexStream>)>,
+    /// The encrypted link after it.
+    link: Option<(
+        FramedRead<ReadHalf<DuplexStream>, LinkCodec>,
+        LinkWriter<WriteHalf<DuplexStream>>,
+    )>,
+    /// Whether the node dialed (and so starts the handshake).
+    node_dialed: bool,
     ended: JoinHandle<Ended>,
 }
 
@@ -192,13 +204,17 @@ impl Remote {
         }
     }
 
+    fn writer(&mut self) -> &mut LinkWriter<WriteHalf<DuplexStream>> {
+        &mut self.link.as_mut().expect("the link is up").1
+    }
+
     async fn send(&mut self, frame: &Frame) {
         self.send_body(frame.encode().expect("the test's frames encode"))
             .await;
     }
 
     async fn send_body(&mut self, body: Bytes) {
-        within("the node takes a frame", self.writer.send(body))
+        within("the node takes a frame", self.writer().send_frame(&body))
             .await
             .expect("the stream is open");
     }
@@ -211,21 +227,48 @@ impl Remote {
         if body {
             wire.resize(4 + len, b'x');
         }
-        let raw = self.writer.get_mut();
-        within("the node skips an oversized frame", raw.write_all(&wire))
-            .await
-            .expect("the stream is open");
+        within(
+            "the node skips an oversized frame",
+            self.writer().send_raw(&wire),
+        )
+        .await
+        .expect("the stream is open");
     }
 
     /// The next frame from the node, or `None` at the end of the stream.
     async fn next(&mut self) -> Option<Frame> {
-        match within("a frame or the end of the stream", self.reader.next()).await {
+        let reader = &mut self.link.as_mut().expect("the link is up").0;
+        match within("a frame or the end of the stream", next_inbound(reader)).await {
             None => None,
             Some(Ok(Inbound::Frame(body))) => {
                 Some(Frame::decode(&body).expect("the node sends valid frames"))
             }
             other => panic!("the node sent {other:?}"),
         }
+    }
+
+    /// Bytes the node sends before the end of the stream, before any handshake.
+    async fn raw_rest(&mut self) -> usize {
+        let (read, _) = self.raw.as_mut().expect("no handshake yet");
+        let mut bytes = Vec::new();
+        within("the end of the stream", read.read_to_end(&mut bytes))
+            .await
+            .expect("reads");
+        bytes.len()
+    }
+
+    /// The link handshake alone, as the side that did not dial.
+    async fn link_up(&mut self) -> Negotiated {
+        let (read, write) = self.raw.take().expect("one handshake per stream");
+        let local = test_link(self.identity.clone());
+        let (link, reader, writer) = within(
+            "the link handshake",
+            handshake(read, write, !self.node_dialed, &local),
+        )
+        .await
+        .expect("the link handshake succeeds");
+        self.link = Some((reader, writer));
+        link
     }
 
     async fn next_gossip(&mut self) -> Vec<SignedRecord> {
@@ -244,8 +287,11 @@ impl Remote {
         frames
     }
 
-    /// Sends this peer's hello and checks the node's, which it returns.
+    /// Runs the link handshake, sends this peer's record and checks the node's, which it
+    /// returns.
     async fn handshake(&mut self, node: &Identity) -> SignedRecord {
+        let link = self.link_up().await;
+        assert_eq!(link.peer, node.id());
         let hello = self.hello();
         self.send(&hello).await;
         match self.next().await {
@@ -304,27 +350,42 @@ async fn a_good_hello_is_answered_admitted_and_followed_by_the_database() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_peer_that_sends_no_hello_is_dropped_at_the_handshake_timeout() {
+async fn a_peer_that_stalls_the_handshake_or_its_first_frame_is_dropped_at_the_timeout() {
     let rig = Rig::start(1).await;
-    let mut a = rig.open(10, false);
+
+    // Connects and says nothing: the node, which did not dial, waits for the first message.
+    let mut silent = rig.open(10, false);
     let started = Instant::now();
-    match a.next().await {
-        Some(Frame::Hello { .. }) => {}
-        other => panic!("the node's hello expected, got {other:?}"),
-    }
-    let ended = a.ended().await;
+    let ended = silent.ended().await;
     assert!(
         matches!(&ended, Ended::NotAdmitted(reason) if reason.contains("timeout")),
         "{ended:?}"
     );
     assert!(started.elapsed() >= HANDSHAKE_TIMEOUT);
-    assert!(a.rest().await.is_empty());
+    assert_eq!(silent.raw_rest().await, 0, "nothing is sent before a proof");
+
+    // Proves its id but never sends its record.
+    let mut mute = rig.open(11, false);
+    let started = Instant::now();
+    mute.link_up().await;
+    match mute.next().await {
+        Some(Frame::Hello { .. }) => {}
+        other => panic!("the node's record expected, got {other:?}"),
+    }
+    let ended = mute.ended().await;
+    assert!(
+        matches!(&ended, Ended::NotAdmitted(reason) if reason.contains("timeout")),
+        "{ended:?}"
+    );
+    assert!(started.elapsed() >= HANDSHAKE_TIMEOUT);
+    assert!(mute.rest().await.is_empty());
     assert!(rig.neighbors().await.is_empty());
+    assert_eq!(rig.counters().await.handshakes_failed, 2);
     rig.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_bad_hello_is_refused_and_nothing_reaches_the_neighborhood() {
+async fn a_bad_first_frame_after_the_proof_is_refused_and_nothing_reaches_the_neighborhood() {
     let rig = Rig::start(1).await;
     let peer = identity(10);
     let forged = identity(66).sign(NodeRecord {
@@ -344,36 +405,38 @@ async fn a_bad_hello_is_refused_and_nothing_reaches_the_neighborhood() {
             "does not verify",
         ),
         (
-            "another protocol version",
+            "another protocol version than the negotiated one",
             encode(Frame::Hello {
                 protocol: PROTOCOL_VERSION + 1,
                 record: signed(&peer, 1),
             }),
-            "protocol 2",
+            "negotiated version",
         ),
         (
             "gossip first",
             encode(Frame::Gossip {
                 records: vec![signed(&peer, 1)],
             }),
-            "not a hello",
+            "another frame type",
         ),
         (
-            "the node's own id",
+            "the record of another node than the one proven (here the node's own)",
             encode(Frame::Hello {
                 protocol: PROTOCOL_VERSION,
                 record: signed(&rig.me, 9),
             }),
-            "itself",
+            "another node",
         ),
         (
             "malformed JSON",
             Bytes::from_static(br#"{"type":"hello","protocol":1"#),
-            "bad hello",
+            "malformed",
         ),
     ];
+    let total = cases.len() + 1;
     for (what, body, why) in cases {
         let mut remote = rig.open(10, false);
+        remote.link_up().await;
         remote.send_body(body).await;
         let ended = remote.ended().await;
         assert!(
@@ -383,16 +446,17 @@ async fn a_bad_hello_is_refused_and_nothing_reaches_the_neighborhood() {
         let frames = remote.rest().await;
         assert!(
             frames.iter().all(|f| matches!(f, Frame::Hello { .. })),
-            "{what}: only the node's hello may arrive, got {frames:?}"
+            "{what}: only the node's record may arrive, got {frames:?}"
         );
     }
 
-    // An oversized hello is refused on its length alone.
+    // An oversized first frame is refused on its length alone.
     let mut remote = rig.open(10, false);
+    remote.link_up().await;
     remote.send_oversized(false).await;
     let ended = remote.ended().await;
     assert!(
-        matches!(&ended, Ended::NotAdmitted(reason) if reason.contains("too large")),
+        matches!(&ended, Ended::NotAdmitted(reason) if reason.contains("oversized")),
         "{ended:?}"
     );
 
@@ -405,8 +469,9 @@ async fn a_bad_hello_is_refused_and_nothing_reaches_the_neighborhood() {
     assert_eq!(counters.streams_open, 0);
     assert_eq!(
         counters.frames_malformed, 0,
-        "a refused hello is not a strike"
+        "a refused first frame is not a strike"
     );
+    assert_eq!(counters.handshakes_refused, total as u64);
     rig.stop().await;
 }
 
@@ -494,7 +559,7 @@ async fn end_of_stream_from_the_peer_drops_the_half_neighborship() {
     );
     assert_eq!(rig.counters().await.streams_open, 2);
 
-    within("A shuts its side", a.writer.get_mut().shutdown())
+    within("A shuts its side", a.writer().shutdown())
         .await
         .expect("the stream is open");
     assert_eq!(a.ended().await, Ended::Closed(a.id()));
@@ -574,7 +639,7 @@ async fn a_peer_back_from_a_restart_is_sent_the_record_of_its_earlier_life() {
             .then_some(())
     })
     .await;
-    within("A goes away", a.writer.get_mut().shutdown())
+    within("A goes away", a.writer().shutdown())
         .await
         .expect("the stream is open");
     assert_eq!(a.ended().await, Ended::Closed(a.id()));
@@ -631,6 +696,9 @@ async fn idle_pool(me: &Identity, tracker: &TaskTracker, cancel: &CancellationTo
     let (tx, _rx) = mpsc::channel(1);
     let shared = Shared {
         me: me.id(),
+        link: Arc::new(test_link(me.clone())),
+        limits: Limits::from_fd_limit(1 << 20),
+        handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
         neighborhood,
         pool: PoolHandle { tx },
         cancel: cancel.child_token(),

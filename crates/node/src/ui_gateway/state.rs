@@ -323,6 +323,11 @@ async fn gather(
             streams_open: pool.streams_open,
             streams_accepted: pool.streams_accepted,
             streams_dialed: pool.streams_dialed,
+            streams_refused: pool.streams_refused,
+            handshakes_refused: pool.handshakes_refused,
+            handshakes_failed: pool.handshakes_failed,
+            frames_unknown: pool.frames_unknown,
+            peers_timed_out: pool.peers_timed_out,
         },
     })
 }

@@ -151,10 +151,15 @@ async fn the_status_opcode_answers_with_the_whole_payload_in_camel_case() {
         "streamsOpen",
         "streamsAccepted",
         "streamsDialed",
+        "streamsRefused",
+        "handshakesRefused",
+        "handshakesFailed",
+        "framesUnknown",
+        "peersTimedOut",
     ] {
         assert_eq!(stats.get(key), Some(&json!(0)), "stats.{key}");
     }
-    assert_eq!(stats.len(), 13, "{stats:?}");
+    assert_eq!(stats.len(), 18, "{stats:?}");
     let typed: StatusPayload = serde_json::from_value(payload).expect("the payload parses");
     assert_eq!(typed.node_id, node.id().to_string());
 
@@ -326,7 +331,7 @@ async fn a_node_whose_neighborhood_has_stopped_answers_node_not_running() {
         crate::neighborhood::spawn(identity.clone(), info.listen.to_string(), stopped, &tracker)
             .expect("the node's first record is valid");
     let pool = crate::stream_handler_pool::spawn(
-        identity.id(),
+        crate::test_support::test_link(identity.clone()),
         neighbors,
         Vec::new(),
         neighborhood.clone(),
