@@ -6,7 +6,7 @@ use bytes::Bytes;
 use meshnode_protocol::{Frame, NodeId, VerifiedRecord};
 
 use super::state::Neighborhood;
-use crate::stream_handler_pool::QueueError;
+use crate::link::QueueError;
 
 /// Gossip owed at the end of the current batch.
 #[derive(Debug, Default)]

@@ -15,7 +15,7 @@ use tracing::{debug, error, info};
 use super::budget::Budget;
 use super::outbox::Outbox;
 use super::{GossipCounters, Merge, NeighborhoodMsg, NeighborhoodStatus, NodeDb};
-use crate::stream_handler_pool::{ConnId, StreamHandle};
+use crate::link::{ConnId, StreamHandle};
 
 /// Most messages handled before pending gossip is flushed, so that a burst of changes leaves
 /// as one gossip per neighbor while a steady stream of them still gets out promptly.

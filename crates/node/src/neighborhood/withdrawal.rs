@@ -6,7 +6,7 @@ use tracing::info;
 
 use super::outbox::Outbox;
 use super::state::Neighborhood;
-use crate::stream_handler_pool::StreamHandle;
+use crate::link::StreamHandle;
 
 impl Neighborhood {
     /// Drops every outgoing half-neighborship in one change (one version, one signature) and
