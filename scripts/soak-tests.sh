@@ -42,7 +42,17 @@ export CARGO_TERM_COLOR=never
 
 logs=$(mktemp -d "${TMPDIR:-/tmp}/meshnode-soak.XXXXXX") || exit 2
 busy=()
+current=
 
+# Ends the run under way, if any: its own process group holds cargo, the test binaries and the
+# nodes they started.
+stop_run() {
+    if [[ -n $current ]]; then
+        kill -TERM -- "-$current" 2>/dev/null
+        wait "$current" 2>/dev/null
+        current=
+    fi
+}
 stop_load() {
     local pid
     for pid in "${busy[@]}"; do
@@ -55,7 +65,8 @@ stop_load() {
 }
 on_signal() {
     echo
-    echo "interrupted; the busy loops are stopped, logs in $logs" >&2
+    echo "interrupted; the run under way and the busy loops are stopped, logs in $logs" >&2
+    stop_run
     stop_load
     exit 130
 }
@@ -104,9 +115,14 @@ started=$SECONDS
 for ((run = 1; run <= runs; run++)); do
     log="$logs/run-$run.log"
     t0=$SECONDS
-    timeout --kill-after=30 "$run_timeout" \
-        cargo test --locked --no-fail-fast "$@" >"$log" 2>&1
+    # In a process group of its own (setsid), in the background, so that a signal to this
+    # script is handled at once and ends the whole run.
+    setsid timeout --kill-after=30 "$run_timeout" \
+        cargo test --locked --no-fail-fast "$@" >"$log" 2>&1 &
+    current=$!
+    wait "$current"
     code=$?
+    current=
     took=$((SECONDS - t0))
     names=$(failed_tests "$log")
     if [[ $code -eq 0 ]]; then
