@@ -276,7 +276,7 @@ async fn neighbors_with_no_common_version_never_connect_and_say_why() {
         meshnode::link::handshake(read, write, true, &old),
     )
     .await;
-    let error = result.err().expect("no common version");
+    let error = result.expect_err("no common version");
     assert!(
         error
             .to_string()

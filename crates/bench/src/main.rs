@@ -1,6 +1,7 @@
 //! `meshnode-bench`: how fast a node withdraws, against the physical floor and against a crash.
 #![forbid(unsafe_code)]
 
+mod handshake;
 mod memory;
 mod mesh;
 mod peer;
@@ -42,6 +43,9 @@ struct Args {
     /// The mesh nodes' gossip window, in milliseconds.
     #[arg(long, default_value_t = meshnode::neighborhood::DEFAULT_GOSSIP_WINDOW.as_millis() as u64)]
     gossip_window_ms: u64,
+    /// Link handshakes for the handshake scenario.
+    #[arg(long, default_value_t = 2000)]
+    handshakes: usize,
     /// Neighbors for the memory scenario.
     #[arg(long, default_value_t = 1000)]
     memory_neighbors: usize,
@@ -59,6 +63,7 @@ enum Scenario {
     Shutdown,
     Mesh,
     Memory,
+    Handshake,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -67,6 +72,7 @@ struct Results {
     shutdown: Vec<shutdown::Point>,
     mesh: Option<mesh::Summary>,
     memory: Option<memory::Memory>,
+    handshake: Option<handshake::Rate>,
     /// Points that could not be measured, and why.
     failed: Vec<String>,
 }
@@ -234,6 +240,18 @@ async fn run(args: &Args) -> Result<(), String> {
             verdict(m.per_neighbor_kib <= 32.0)
         );
         results.memory = Some(m);
+    }
+    if wants(Scenario::Handshake) {
+        println!(
+            "\n== handshake: {} link handshakes (Noise XX and identity proof, both ends in this process) on loopback",
+            args.handshakes
+        );
+        let rate = handshake::measure(args.handshakes).await?;
+        println!(
+            "{} handshakes in {:.0} ms: {:.0} handshakes per second on {} cores",
+            rate.handshakes, rate.elapsed_ms, rate.per_second, results.machine.cores
+        );
+        results.handshake = Some(rate);
     }
     if let Some(path) = &args.json {
         let json = serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?;

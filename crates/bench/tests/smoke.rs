@@ -19,7 +19,14 @@ fn every_scenario_runs_at_a_tiny_size_and_writes_its_figures() {
             "--degree",
             "3",
         ])
-        .args(["--rounds", "1", "--memory-neighbors", "4"])
+        .args([
+            "--rounds",
+            "1",
+            "--memory-neighbors",
+            "4",
+            "--handshakes",
+            "8",
+        ])
         .arg("--json")
         .arg(&json)
         .arg("--svg")
@@ -32,7 +39,7 @@ fn every_scenario_runs_at_a_tiny_size_and_writes_its_figures() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for heading in ["== shutdown", "== mesh", "== memory"] {
+    for heading in ["== shutdown", "== mesh", "== memory", "== handshake"] {
         assert!(stdout.contains(heading), "{heading} missing:\n{stdout}");
     }
 
@@ -56,6 +63,8 @@ fn every_scenario_runs_at_a_tiny_size_and_writes_its_figures() {
     assert!(round["crash"]["frames"].as_u64().expect("frames") > 0);
     assert_eq!(figures["memory"]["neighbors"], 4);
     assert!(figures["memory"]["rss_after_kib"].as_u64().expect("rss") > 0);
+    assert_eq!(figures["handshake"]["handshakes"], 8);
+    assert!(figures["handshake"]["per_second"].as_f64().expect("a rate") > 0.0);
     assert!(figures["failed"].as_array().expect("failures").is_empty());
     let plot = std::fs::read_to_string(&svg).expect("SVG written");
     assert!(plot.contains("<svg"), "an SVG");

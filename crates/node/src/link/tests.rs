@@ -68,7 +68,7 @@ async fn no_common_version_fails_on_both_sides_with_both_ranges_in_the_reason() 
     for (a, b) in [(&old, &new), (&new, &old)] {
         let (ra, rb) = pair(a, b).await;
         for (result, ours, theirs) in [(ra, a.versions, b.versions), (rb, b.versions, a.versions)] {
-            let error = result.err().expect("refused");
+            let error = result.expect_err("refused");
             assert!(
                 matches!(error, HandshakeError::NoCommonVersion { ours: o, theirs: t } if o == ours && t == theirs),
                 "{error:?}"

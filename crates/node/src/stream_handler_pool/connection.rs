@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use futures::StreamExt;
-use meshnode_protocol::{Frame, FrameError, Inbound, RecordError, VerifiedRecord};
+use meshnode_protocol::{Frame, FrameError, Inbound, RecordError, SignedRecord, VerifiedRecord};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::FramedRead;
@@ -301,10 +301,10 @@ where
             Some(Ok(Inbound::Frame(body))) => match Frame::decode(&body) {
                 Ok(Frame::Gossip { records }) => {
                     let total = records.len();
-                    let verified: Vec<VerifiedRecord> = records
-                        .into_iter()
-                        .filter_map(|r| shared.verified.verify(r).ok())
-                        .collect();
+                    let Some(verified) = cancel.run_until_cancelled(verify(shared, records)).await
+                    else {
+                        return "closed by this node".to_owned();
+                    };
                     let rejected = total - verified.len();
                     for _ in 0..rejected {
                         Counters::bump(&counters.records_rejected);
@@ -355,6 +355,40 @@ where
             }
         }
     }
+}
+
+/// Records of a gossip frame checked inline, on the runtime worker; a frame with more goes to
+/// the blocking pool (see [`verify`]).
+const INLINE_VERIFY: usize = 4;
+
+/// The records of `records` whose signatures check out. A few are checked inline. More (a
+/// 1 MiB frame holds thousands: tens of milliseconds of signature checks) are checked with
+/// `spawn_blocking`, so that they never hold a runtime worker while other streams, the UI and
+/// the neighborhood wait; at most [`Shared::verifiers`] frames of one node at a time (one per
+/// core), so a flood of fresh keys costs the node its spare cores, not its threads, and the
+/// flooding streams wait for their turn (back-pressure to their sockets). Not ed25519-dalek's
+/// batch verification: it is not `verify_strict` (it accepts what strict checking refuses) and
+/// it would not tell which record of a batch is forged.
+async fn verify(shared: &Shared, records: Vec<SignedRecord>) -> Vec<VerifiedRecord> {
+    if records.len() <= INLINE_VERIFY {
+        return records
+            .into_iter()
+            .filter_map(|r| shared.verified.verify(r).ok())
+            .collect();
+    }
+    let Ok(permit) = shared.verifiers.clone().acquire_owned().await else {
+        return Vec::new();
+    };
+    let cache = shared.verified.clone();
+    let check = move || {
+        let _permit = permit;
+        records
+            .into_iter()
+            .filter_map(|r| cache.verify(r).ok())
+            .collect::<Vec<_>>()
+    };
+    // A panic inside the check (a bug) loses this frame's records, never the stream.
+    tokio::task::spawn_blocking(check).await.unwrap_or_default()
 }
 
 /// Drains the stream's queue into the link, in order, until cancelled or asked to close.

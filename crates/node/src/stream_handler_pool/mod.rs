@@ -211,6 +211,8 @@ struct Shared {
     limits: Limits,
     /// One permit per accepted connection still in its handshake ([`Limits::max_handshakes`]).
     handshakes: Arc<tokio::sync::Semaphore>,
+    /// One permit per large gossip frame being verified on the blocking pool: one per core.
+    verifiers: Arc<tokio::sync::Semaphore>,
     neighborhood: NeighborhoodHandle,
     pool: PoolHandle,
     /// Cancelled when the node stops; each stream's token is a child of it.
@@ -229,6 +231,11 @@ impl Shared {
     fn next_conn_id(&self) -> ConnId {
         ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed))
     }
+}
+
+/// Frames verified on the blocking pool at once: one per core.
+fn verify_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 /// Starts the pool on an already bound listener, dialing each of `neighbors` (`HOST:PORT`);
@@ -250,6 +257,7 @@ pub fn spawn(
         link: Arc::new(link),
         limits,
         handshakes: Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes)),
+        verifiers: Arc::new(tokio::sync::Semaphore::new(verify_workers())),
         neighborhood,
         pool: handle.clone(),
         intake: cancel.child_token(),

@@ -105,6 +105,7 @@ impl Rig {
             link: Arc::new(test_link(me.clone())),
             limits: Limits::from_fd_limit(1 << 20),
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
+            verifiers: Arc::new(tokio::sync::Semaphore::new(2)),
             neighborhood: neighborhood.clone(),
             pool: pool.clone(),
             cancel: cancel.child_token(),
@@ -135,6 +136,7 @@ impl Rig {
             raw: Some(tokio::io::split(remote_end)),
             link: None,
             node_dialed: dialed,
+            versions: crate::link::handshake::VERSIONS,
             ended,
         }
     }
@@ -177,18 +179,23 @@ impl Rig {
     }
 }
 
+/// The remote peer's reader and writer once the link is up.
+type RemoteLink = (
+    FramedRead<ReadHalf<DuplexStream>, LinkCodec>,
+    LinkWriter<WriteHalf<DuplexStream>>,
+);
+
 /// The remote peer's end of one stream, and the node's stream task for it.
 struct Remote {
     identity: Identity,
     /// The stream before the link handshake.
     raw: Option<(ReadHalf<DuplexStream>, WriteHalf<DuplexStream>)>,
     /// The encrypted link after it.
-    link: Option<(
-        FramedRead<ReadHalf<DuplexStream>, LinkCodec>,
-        LinkWriter<WriteHalf<DuplexStream>>,
-    )>,
+    link: Option<RemoteLink>,
     /// Whether the node dialed (and so starts the handshake).
     node_dialed: bool,
+    /// The protocol versions this peer offers.
+    versions: (u16, u16),
     ended: JoinHandle<Ended>,
 }
 
@@ -260,7 +267,8 @@ impl Remote {
     /// The link handshake alone, as the side that did not dial.
     async fn link_up(&mut self) -> Negotiated {
         let (read, write) = self.raw.take().expect("one handshake per stream");
-        let local = test_link(self.identity.clone());
+        let mut local = test_link(self.identity.clone());
+        local.versions = self.versions;
         let (link, reader, writer) = within(
             "the link handshake",
             handshake(read, write, !self.node_dialed, &local),
@@ -472,6 +480,71 @@ async fn a_bad_first_frame_after_the_proof_is_refused_and_nothing_reaches_the_ne
         "a refused first frame is not a strike"
     );
     assert_eq!(counters.handshakes_refused, total as u64);
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_large_frame_is_verified_off_the_runtime_and_still_sorts_good_records_from_forged() {
+    let rig = Rig::start(1).await;
+    let mut a = rig.open(10, false);
+    a.handshake(&rig.me).await;
+    a.next_gossip().await;
+    // Far more records than are checked inline; one of them forged.
+    let owners: Vec<Identity> = (100..164).map(identity).collect();
+    let mut records: Vec<SignedRecord> = owners.iter().map(|o| signed(o, 1)).collect();
+    records[17].record.version = 2;
+    a.send(&Frame::Gossip { records }).await;
+    let counters = until("the frame is checked", || async {
+        let c = rig.counters().await;
+        (c.records_rejected == 1).then_some(c)
+    })
+    .await;
+    assert_eq!(counters.records_rejected, 1);
+    for (i, owner) in owners.iter().enumerate() {
+        let known = until("the good records are stored", || async {
+            let known = rig.knows(owner.id()).await;
+            (known || i == 17).then_some(known)
+        })
+        .await;
+        assert_eq!(known, i != 17, "record {i}");
+    }
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unknown_frame_type_is_skipped_from_a_newer_peer_and_a_strike_from_any_other() {
+    let rig = Rig::start(1).await;
+    let unknown = Bytes::from_static(br#"{"type":"sketch","of":[1,2,3]}"#);
+    let high = crate::link::handshake::VERSIONS.1;
+
+    // A peer that also speaks the next version: its new frames are none of this node's
+    // business, however many.
+    let mut newer = rig.open(10, false);
+    newer.versions = (high, high + 1);
+    newer.handshake(&rig.me).await;
+    newer.next_gossip().await;
+    for _ in 0..MAX_STRIKES {
+        newer.send_body(unknown.clone()).await;
+    }
+    let counters = until("the unknown frames are counted", || async {
+        let c = rig.counters().await;
+        (c.frames_unknown == u64::from(MAX_STRIKES)).then_some(c)
+    })
+    .await;
+    assert_eq!(counters.frames_malformed, 0);
+    assert_eq!(counters.peers_disconnected_for_abuse, 0);
+    assert_eq!(rig.neighbors().await, BTreeSet::from([newer.id()]));
+
+    // A peer of this node's version has no business sending one: a bad frame.
+    let mut same = rig.open(11, false);
+    same.handshake(&rig.me).await;
+    same.send_body(unknown).await;
+    let counters = until("the bad frame is counted", || async {
+        let c = rig.counters().await;
+        (c.frames_malformed == 1).then_some(c)
+    })
+    .await;
+    assert_eq!(counters.frames_unknown, u64::from(MAX_STRIKES));
     rig.stop().await;
 }
 
@@ -699,6 +772,7 @@ async fn idle_pool(me: &Identity, tracker: &TaskTracker, cancel: &CancellationTo
         link: Arc::new(test_link(me.clone())),
         limits: Limits::from_fd_limit(1 << 20),
         handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
+        verifiers: Arc::new(tokio::sync::Semaphore::new(2)),
         neighborhood,
         pool: PoolHandle { tx },
         cancel: cancel.child_token(),
