@@ -409,8 +409,13 @@
   }
 
   function streamText(n) {
-    if (!n.stream) return "none";
-    return n.stream.direction + (n.stream.since ? "" : "");
+    return n.stream || "none";
+  }
+
+  function streamTitle(n) {
+    if (n.stream === "dialed") return "this node dialed the neighbor";
+    if (n.stream === "accepted") return "the neighbor dialed this node";
+    return "no stream open to this neighbor";
   }
 
   function renderNeighbors(s) {
@@ -422,7 +427,7 @@
         el("td", { title: n.nodeId }, el("code", {}, short(n.nodeId))),
         el("td", {}, el("code", {}, n.addr)),
         el("td", {}, n.full ? "full" : "half"),
-        el("td", { class: "stream" }, streamText(n)))));
+        el("td", { class: "stream", title: streamTitle(n) }, streamText(n)))));
   }
 
   function renderStats(stats) {

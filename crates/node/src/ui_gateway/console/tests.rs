@@ -417,3 +417,39 @@ async fn with_a_token_the_page_is_public_and_the_login_cookie_stands_for_the_tok
     assert!(header_of(&response, "set-cookie").contains("Max-Age=0"));
     stop(node).await;
 }
+
+#[tokio::test]
+async fn status_names_the_stream_to_each_neighbor_and_who_opened_it() {
+    use meshnode_protocol::ui::StreamDirection;
+    let a = start(None).await;
+    let mut config = Config::new(Identity::from_seed([22; 32]));
+    config.neighbors = vec![a.listen_addr().to_string()];
+    let b = within("B starts", crate::start(config))
+        .await
+        .expect("B binds loopback ports");
+    let neighbors = |s: &meshnode_protocol::ui::StatusPayload| {
+        s.neighbors
+            .iter()
+            .map(|n| (n.node_id.clone(), n.full, n.stream))
+            .collect::<Vec<_>>()
+    };
+    let want_a = vec![(b.id().to_string(), true, Some(StreamDirection::Accepted))];
+    let want_b = vec![(a.id().to_string(), true, Some(StreamDirection::Dialed))];
+    let (a_status, b_status) = within("A and B are full neighbors over B's stream", async {
+        loop {
+            if let (Ok(sa), Ok(sb)) = (a.status().await, b.status().await) {
+                if neighbors(&sa) == want_a && neighbors(&sb) == want_b {
+                    break (sa, sb);
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let a_json = serde_json::to_value(&a_status).expect("JSON");
+    assert_eq!(a_json["neighbors"][0]["stream"], "accepted");
+    let b_json = serde_json::to_value(&b_status).expect("JSON");
+    assert_eq!(b_json["neighbors"][0]["stream"], "dialed");
+    stop(b).await;
+    stop(a).await;
+}
