@@ -238,10 +238,13 @@
     } catch (e) {
       answered = false;
     }
+    const by = st.goingDown && st.goingDown.trigger
+      ? "Shut down by " + describeTrigger(st.goingDown.trigger) + ". "
+      : "";
     if (answered) {
-      stopped("The node was shutting down but still answers; press Check again to reconnect.");
+      stopped(by + "The node was shutting down but still answers; press Check again to reconnect.");
     } else {
-      stopped("The node stopped: it no longer answers (checked at " + clock() + ").");
+      stopped(by + "The node stopped: it no longer answers (checked at " + clock() + ").");
     }
   }
 
