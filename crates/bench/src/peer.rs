@@ -34,17 +34,25 @@ pub async fn run(
     me: Identity,
     ready: oneshot::Sender<()>,
 ) -> Result<Arrival, String> {
-    let stream = TcpStream::connect(node)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let _ = stream.set_nodelay(true);
-    let (read, write) = stream.into_split();
     // A light neighbor never times the node out; it keeps the node from timing it out.
     let local = LocalLink::new(me.clone(), Duration::from_secs(3600))
         .map_err(|e| format!("link key: {e}"))?;
-    let (link, mut reader, mut writer) = handshake(read, write, true, &local)
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
+    // A node at its limit of handshakes in progress closes new connections at once: try again
+    // shortly, as a dialer would.
+    let mut attempt = 0;
+    let (link, mut reader, mut writer) = loop {
+        attempt += 1;
+        let stream = TcpStream::connect(node)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let (read, write) = stream.into_split();
+        match handshake(read, write, true, &local).await {
+            Ok(link) => break link,
+            Err(e) if attempt >= 20 => return Err(format!("handshake: {e}")),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
     let record = me.sign(NodeRecord {
         id: me.id(),
         addr: "127.0.0.1:9".into(),

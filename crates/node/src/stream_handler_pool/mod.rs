@@ -52,8 +52,8 @@ pub const MAX_STRIKES: u32 = 16;
 /// How many verified records each node remembers, to skip checking their copies again.
 const VERIFY_CACHE: usize = 16_384;
 
-/// Stream and frame counters since start.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Stream and frame counters since start, and the streams the pool holds now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PoolCounters {
     pub frames_malformed: u64,
     pub frames_oversized: u64,
@@ -67,6 +67,8 @@ pub struct PoolCounters {
     pub handshakes_failed: u64,
     pub frames_unknown: u64,
     pub peers_timed_out: u64,
+    /// The admitted stream to each immediate neighbor, and whether this node dialed it.
+    pub admitted: Vec<(NodeId, bool)>,
 }
 
 /// The live counters, shared by the pool with its own stream tasks only.
@@ -106,6 +108,7 @@ impl Counters {
             handshakes_failed: get(&self.handshakes_failed),
             frames_unknown: get(&self.frames_unknown),
             peers_timed_out: get(&self.peers_timed_out),
+            admitted: Vec::new(),
         }
     }
 }
