@@ -12,6 +12,7 @@ pub mod config;
 pub mod demo;
 pub mod neighborhood;
 mod node;
+pub mod notify;
 pub mod stream_handler_pool;
 pub mod ui_gateway;
 

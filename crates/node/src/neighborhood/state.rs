@@ -7,11 +7,12 @@ use bytes::Bytes;
 use meshnode_protocol::ui::{KnownNode, NeighborStatus};
 use meshnode_protocol::{Frame, Identity, NodeId, NodeRecord, RecordError, VerifiedRecord};
 use meshnode_shutdown::DoneReply;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use super::connectivity::Connectivity;
 use super::{
     GossipCounters, Merge, NeighborhoodMsg, NeighborhoodStatus, NodeDb, USELESS_GOSSIP_BURST,
     USELESS_GOSSIP_RATE,
@@ -53,6 +54,9 @@ pub(super) struct Neighborhood {
     status_replies: Vec<oneshot::Sender<NeighborhoodStatus>>,
     /// Each immediate neighbor's budget of gossip frames that change nothing here.
     useless: HashMap<NodeId, Budget>,
+    /// The node's place in the network, published after every batch for readers that must
+    /// never wait on this task.
+    connectivity: watch::Sender<Connectivity>,
 }
 
 /// A token bucket: a burst, refilled at a steady rate.
@@ -124,7 +128,23 @@ impl Neighborhood {
             withdrawn: false,
             status_replies: Vec::new(),
             useless: HashMap::new(),
+            connectivity: watch::Sender::new(Connectivity::default()),
         })
+    }
+
+    /// A receiver of the node's connectivity, as published after each batch.
+    pub(super) fn connectivity(&self) -> watch::Receiver<Connectivity> {
+        self.connectivity.subscribe()
+    }
+
+    /// Publishes the node's connectivity if it changed (readers wake only then).
+    pub(super) fn publish_connectivity(&self) {
+        let now = Connectivity::of(&self.db, &self.own.id());
+        self.connectivity.send_if_modified(|published| {
+            let changed = *published != now;
+            *published = now;
+            changed
+        });
     }
 
     pub(super) fn with_window(mut self, window: Duration) -> Self {
@@ -171,6 +191,7 @@ impl Neighborhood {
             } else if self.flush_at.is_none() && self.owes_gossip() {
                 self.flush_at = Some(Instant::now() + self.window);
             }
+            self.publish_connectivity();
             self.answer_status();
         }
         debug!("stopped");
