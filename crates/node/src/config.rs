@@ -94,9 +94,13 @@ impl std::str::FromStr for Advertise {
 pub enum AdvertiseError {
     #[error("cannot advertise '{addr}': {why}")]
     Invalid { addr: String, why: String },
-    #[error("cannot advertise the wildcard address '{addr}': neighbors cannot dial it; give the address they can reach")]
+    #[error(
+        "cannot advertise the wildcard address '{addr}': neighbors cannot dial it; give the address they can reach"
+    )]
     Wildcard { addr: String },
-    #[error("--listen {listen} is a wildcard address, which neighbors cannot dial: pass --advertise HOST:PORT, the address they can reach")]
+    #[error(
+        "--listen {listen} is a wildcard address, which neighbors cannot dial: pass --advertise HOST:PORT, the address they can reach"
+    )]
     WildcardListen { listen: SocketAddr },
 }
 
@@ -315,8 +319,15 @@ mod tests {
 
     #[test]
     fn an_advertised_address_is_dialable() {
-        for good in ["203.0.113.7:4000", "node.example.org:4000", "[2001:db8::1]:4000"] {
-            assert_eq!(Advertise::new(good).map(|a| a.to_string()), Ok(good.to_owned()));
+        for good in [
+            "203.0.113.7:4000",
+            "node.example.org:4000",
+            "[2001:db8::1]:4000",
+        ] {
+            assert_eq!(
+                Advertise::new(good).map(|a| a.to_string()),
+                Ok(good.to_owned())
+            );
         }
         for wildcard in ["0.0.0.0:4000", "[::]:4000"] {
             let err = Advertise::new(wildcard).expect_err(wildcard);

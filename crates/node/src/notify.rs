@@ -156,8 +156,11 @@ pub async fn follow(
     stop: CancellationToken,
 ) {
     let mut neighbors = connectivity.borrow_and_update().neighbors;
-    let mut stopping_since = matches!(*lifecycle.borrow_and_update(), Lifecycle::ShuttingDown { .. })
-        .then(tokio::time::Instant::now);
+    let mut stopping_since = matches!(
+        *lifecycle.borrow_and_update(),
+        Lifecycle::ShuttingDown { .. }
+    )
+    .then(tokio::time::Instant::now);
     send(&[
         Notice::Ready,
         running(&Connectivity {
@@ -247,7 +250,10 @@ mod tests {
             neighbors: 4,
             ..Connectivity::default()
         };
-        assert_eq!(running(&four), Notice::Status("running, 4 neighbors".into()));
+        assert_eq!(
+            running(&four),
+            Notice::Status("running, 4 neighbors".into())
+        );
         let one = Connectivity {
             neighbors: 1,
             ..Connectivity::default()

@@ -115,7 +115,10 @@ mod tests {
     fn alone_or_listed_by_nobody_is_not_connected() {
         let n = ids(3);
         let me = n[0].id();
-        assert_eq!(Connectivity::of(&NodeDb::new(), &me), Connectivity::default());
+        assert_eq!(
+            Connectivity::of(&NodeDb::new(), &me),
+            Connectivity::default()
+        );
         let alone = Connectivity::of(&db(&n[..1], &[]), &me);
         assert_eq!(alone.stage, ConnectionStage::NotConnected);
         // I list 1 and 2, neither lists me back: two half neighbors, no full one.
@@ -151,7 +154,10 @@ mod tests {
         let me = n[0].id();
         // 0 - 1 - 2 - 3, all full.
         let chain = db(&n, &[(0, &[1]), (1, &[0, 2]), (2, &[1, 3]), (3, &[2])]);
-        assert_eq!(Connectivity::of(&chain, &me).stage, ConnectionStage::RouteFound);
+        assert_eq!(
+            Connectivity::of(&chain, &me).stage,
+            ConnectionStage::RouteFound
+        );
         // The last link half only (2 lists 3, 3 does not list 2): no route.
         let half_link = db(&n, &[(0, &[1]), (1, &[0, 2]), (2, &[1, 3]), (3, &[])]);
         assert_eq!(

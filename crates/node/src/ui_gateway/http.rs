@@ -159,7 +159,12 @@ async fn scrape(State(app): State<AppState>) -> Response {
         Ok(text) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
         Err(e) => {
             error!(error = %e, "cannot encode the metrics");
-            let body = UiMessage::error("metrics", None, codes::INTERNAL, "cannot encode the metrics");
+            let body = UiMessage::error(
+                "metrics",
+                None,
+                codes::INTERNAL,
+                "cannot encode the metrics",
+            );
             (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(body)).into_response()
         }
     }

@@ -174,7 +174,9 @@ pub fn render(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
         ("shutting_down", NodeState::ShuttingDown),
     ] {
         let on = i64::from(snapshot.state == value);
-        state.get_or_create(&vec![("state", label.to_owned())]).set(on);
+        state
+            .get_or_create(&vec![("state", label.to_owned())])
+            .set(on);
     }
     registry.register(
         "state",
@@ -205,7 +207,12 @@ pub fn render(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
         );
     }
 
-    if let Some(stats) = snapshot.status.as_ref().map(|s| &s.stats).or(snapshot.final_stats.as_ref()) {
+    if let Some(stats) = snapshot
+        .status
+        .as_ref()
+        .map(|s| &s.stats)
+        .or(snapshot.final_stats.as_ref())
+    {
         register_stats(&mut registry, stats);
     }
 
@@ -295,9 +302,15 @@ mod tests {
         let names: BTreeSet<&str> = STATS_METRICS.iter().map(|r| r.name).collect();
         assert_eq!(names.len(), STATS_METRICS.len(), "a metric name used twice");
         for row in STATS_METRICS {
-            assert!(!row.name.ends_with("_total"), "{}: the client adds _total", row.name);
             assert!(
-                row.name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                !row.name.ends_with("_total"),
+                "{}: the client adds _total",
+                row.name
+            );
+            assert!(
+                row.name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_'),
                 "{}",
                 row.name
             );

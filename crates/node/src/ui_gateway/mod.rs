@@ -261,7 +261,11 @@ async fn announce_connection_changes(
         if now == stage {
             continue;
         }
-        tracing::info!(from = stage.as_str(), to = now.as_str(), "connection stage changed");
+        tracing::info!(
+            from = stage.as_str(),
+            to = now.as_str(),
+            "connection stage changed"
+        );
         stage = now;
         let message = UiMessage::broadcast("connectionChange", ConnectionStatusPayload { stage });
         // No receiver (no UI client) is fine.

@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, warn};
 
-use super::report::{ShutdownOutcome, ShutdownReport, Trigger};
 use super::metrics::{ShutdownFigures, Snapshot};
+use super::report::{ShutdownOutcome, ShutdownReport, Trigger};
 use super::{GatewayError, GatewayMsg, Lifecycle, NodeInfo, STATUS_TIMEOUT, UI_GRACE};
 use crate::neighborhood::NeighborhoodHandle;
 use crate::stream_handler_pool::{PoolHandle, PoolMsg};
