@@ -318,9 +318,11 @@ mod tests {
     }
 
     fn snapshot() -> Snapshot {
-        let mut stats = Stats::default();
-        stats.gossip_frames_sent = 7;
-        stats.streams_open = 2;
+        let stats = Stats {
+            gossip_frames_sent: 7,
+            streams_open: 2,
+            ..Stats::default()
+        };
         Snapshot {
             node_id: "ab".repeat(32),
             state: NodeState::Running,
@@ -385,8 +387,10 @@ mod tests {
 
     #[test]
     fn a_stopping_node_shows_the_shutdown_and_its_final_counters() {
-        let mut stats = Stats::default();
-        stats.records_accepted = 4;
+        let stats = Stats {
+            records_accepted: 4,
+            ..Stats::default()
+        };
         let ended = Snapshot {
             node_id: "ab".repeat(32),
             state: NodeState::ShuttingDown,
