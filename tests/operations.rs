@@ -732,6 +732,29 @@ fn systemd_hears_the_streams_waited_for_and_a_deadline_expiry() {
 }
 
 #[test]
+fn a_notify_socket_nobody_listens_on_changes_nothing() {
+    let dir = TempDir::new("notify-gone");
+    let path = dir.0.join("nobody.sock");
+    let env = [(
+        meshnode::notify::NOTIFY_SOCKET,
+        path.to_str().expect("a UTF-8 path"),
+    )];
+    let mut node = Process::start(&["--listen", "127.0.0.1:0"], &env);
+    let started = node.wait_for_line("node started");
+    let ui = addr_after(&started, "ui=");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    runtime.block_on(async {
+        let status = within("status", meshnode::client::status(ui)).await;
+        assert!(status.is_ok(), "{status:?}");
+    });
+    node.signal("TERM");
+    assert_eq!(node.wait_exit(), Some(0));
+}
+
+#[test]
 fn json_logs_are_one_object_per_line_with_level_target_message_and_fields() {
     let mut node = Process::start(&["--listen", "127.0.0.1:0", "--log-format", "json"], &[]);
     let started = node.wait_for_line("node started");
