@@ -1,6 +1,7 @@
 //! The UI gateway: the MASQ Node UI websocket and the HTTP routes, and the task that speaks for
 //! the node as a whole: its state, its shutdown, and the end of the node.
 
+mod console;
 mod http;
 mod listener;
 pub mod metrics;
@@ -191,6 +192,11 @@ pub fn spawn_guarded(
         info,
         deadline,
     } = config;
+    // The console's session key, before anything starts, so a failure leaves nothing running.
+    let session = match ui_token {
+        Some(_) => Some(console::Session::new(info.ui.port()).map_err(std::io::Error::other)?),
+        None => None,
+    };
     let (tx, rx) = mpsc::channel(GATEWAY_INBOX);
     let lifecycle = watch::Sender::new(Lifecycle::Running);
     let handle = GatewayHandle {
@@ -231,6 +237,7 @@ pub fn spawn_guarded(
         node,
         ui,
         token: ui_token,
+        session,
         connectivity,
     };
     let span = tracing::info_span!("ui_server", node = %node_span, ui = %info.ui);
