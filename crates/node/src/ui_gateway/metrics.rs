@@ -338,11 +338,13 @@ mod tests {
                         node_id: "cd".repeat(32),
                         addr: "127.0.0.1:3".into(),
                         full: true,
+                        stream: None,
                     },
                     NeighborStatus {
                         node_id: "ef".repeat(32),
                         addr: "127.0.0.1:4".into(),
                         full: false,
+                        stream: None,
                     },
                 ],
                 known_nodes: vec![KnownNode {
