@@ -10,6 +10,7 @@
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod link;
 pub mod neighborhood;
 mod node;
 pub mod stream_handler_pool;

@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 pub use database::{Merge, NodeDb};
 
-use crate::stream_handler_pool::{ConnId, StreamHandle};
+use crate::link::{ConnId, StreamHandle};
 
 /// How many messages may wait in the neighborhood's inbox.
 pub const NEIGHBORHOOD_INBOX: usize = 1024;

@@ -16,7 +16,7 @@ use super::{
     GossipCounters, Merge, NeighborhoodMsg, NeighborhoodStatus, NodeDb, USELESS_GOSSIP_BURST,
     USELESS_GOSSIP_RATE,
 };
-use crate::stream_handler_pool::{ConnId, QueueError, StreamHandle};
+use crate::link::{ConnId, QueueError, StreamHandle};
 
 /// Most messages handled before pending gossip is flushed, so that a burst of changes leaves
 /// as one gossip per neighbor while a steady stream of them still gets out promptly.

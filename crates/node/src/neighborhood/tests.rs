@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use super::state::Neighborhood;
 use super::{GossipCounters, NeighborhoodHandle, NeighborhoodMsg, NeighborhoodStatus};
-use crate::stream_handler_pool::{BUSY_AT, ConnId, StreamHandle};
+use crate::link::{BUSY_AT, ConnId, StreamHandle};
 use crate::test_support::within;
 
 const ADDR: &str = "127.0.0.1:4000";

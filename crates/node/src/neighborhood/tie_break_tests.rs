@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::NeighborhoodMsg;
 use super::database::supersedes;
 use super::state::Neighborhood;
-use crate::stream_handler_pool::{ConnId, StreamHandle};
+use crate::link::{ConnId, StreamHandle};
 
 fn record(owner: &Identity, addr: &str) -> VerifiedRecord {
     owner

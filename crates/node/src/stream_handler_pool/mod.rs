@@ -10,33 +10,24 @@ mod tests;
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
 use meshnode_protocol::{NodeId, VerifyCache};
 use meshnode_shutdown::DoneReply;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::link::{ConnId, StreamHandle};
 use crate::neighborhood::NeighborhoodHandle;
 
 /// How many messages may wait in the pool's inbox.
 pub const POOL_INBOX: usize = 1024;
-/// How many frames may wait for one stream's writer.
-pub const WRITER_QUEUE: usize = 32;
-/// How many gossip frames may wait for one stream's writer; the remaining slot is kept for the
-/// withdrawal.
-pub const GOSSIP_QUEUE_LIMIT: usize = WRITER_QUEUE - 1;
-/// With this many frames waiting, a stream is busy: the neighborhood holds its gossip back and
-/// coalesces it until the queue drains, rather than block, drop gossip or pile up frames.
-pub const BUSY_AT: usize = WRITER_QUEUE / 2;
 /// How long a dialer leaves a neighbor that withdrew from the network alone before it tries
 /// again (at its slowest pace), in case the neighbor has come back.
 pub const DEPARTED_COOLDOWN: Duration = Duration::from_secs(60);
@@ -53,126 +44,6 @@ pub const MAX_STRIKES: u32 = 16;
 
 /// How many verified records each node remembers, to skip checking their copies again.
 const VERIFY_CACHE: usize = 16_384;
-
-/// Identifies one stream for its whole life; never reused within a node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnId(pub u64);
-
-impl fmt::Display for ConnId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "#{}", self.0)
-    }
-}
-
-/// Why a frame could not be queued.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum QueueError {
-    #[error("the stream's send queue is full")]
-    Full,
-    #[error("the stream is closed")]
-    Closed,
-}
-
-/// The sending side of one admitted stream: queue frames, close the stream after them, or kill
-/// it. Cloneable; the pool and the neighborhood each hold one.
-#[derive(Debug, Clone)]
-pub struct StreamHandle {
-    id: ConnId,
-    peer: NodeId,
-    queue: mpsc::Sender<Bytes>,
-    /// Ends the stream at once.
-    cancel: CancellationToken,
-    /// Asks the writer to write what is queued, then shut the write half down.
-    drain: CancellationToken,
-    /// Set when the neighbor withdrew from the network, so that its dialer does not redial it.
-    departed: Arc<AtomicBool>,
-    /// Set when this node's last frame is queued: the writer holds it for the close, so that it
-    /// leaves together with the FIN.
-    final_queued: Arc<AtomicBool>,
-}
-
-impl StreamHandle {
-    /// A handle and the queue its writer reads; `cancel` ends the stream.
-    pub(crate) fn new(
-        id: ConnId,
-        peer: NodeId,
-        cancel: CancellationToken,
-    ) -> (Self, mpsc::Receiver<Bytes>) {
-        let (queue, rx) = mpsc::channel(WRITER_QUEUE);
-        let handle = Self {
-            id,
-            peer,
-            queue,
-            cancel,
-            drain: CancellationToken::new(),
-            departed: Arc::default(),
-            final_queued: Arc::default(),
-        };
-        (handle, rx)
-    }
-
-    pub fn id(&self) -> ConnId {
-        self.id
-    }
-
-    pub fn peer(&self) -> NodeId {
-        self.peer
-    }
-
-    /// Queues a gossip frame body without waiting. Fails with [`QueueError::Full`] once
-    /// [`GOSSIP_QUEUE_LIMIT`] frames wait: the last slot is kept for the withdrawal.
-    pub fn try_send(&self, body: Bytes) -> Result<(), QueueError> {
-        if self.queue.capacity() <= WRITER_QUEUE - GOSSIP_QUEUE_LIMIT {
-            return if self.queue.is_closed() {
-                Err(QueueError::Closed)
-            } else {
-                Err(QueueError::Full)
-            };
-        }
-        self.send(body)
-    }
-
-    /// Whether [`BUSY_AT`] or more frames wait: the neighbor is not keeping up for now.
-    pub fn is_busy(&self) -> bool {
-        WRITER_QUEUE - self.queue.capacity() >= BUSY_AT
-    }
-
-    /// Queues the last frame this node will send on the stream, using the slot that
-    /// [`StreamHandle::try_send`] leaves free, so that a busy queue cannot cost a neighbor the
-    /// news that this node is leaving.
-    pub fn try_send_final(&self, body: Bytes) -> Result<(), QueueError> {
-        self.final_queued.store(true, Ordering::Release);
-        self.send(body)
-    }
-
-    fn send(&self, body: Bytes) -> Result<(), QueueError> {
-        self.queue.try_send(body).map_err(|e| match e {
-            TrySendError::Full(_) => QueueError::Full,
-            TrySendError::Closed(_) => QueueError::Closed,
-        })
-    }
-
-    /// Closes the stream gracefully: every frame queued so far is written, then the write half
-    /// is shut down (the neighbor sees EOF after them). Never waits.
-    pub fn close(&self) {
-        self.drain.cancel();
-    }
-
-    /// Ends the stream now: reader and writer stop, queued frames are dropped.
-    pub fn kill(&self) {
-        self.cancel.cancel();
-    }
-
-    /// Records that the neighbor withdrew from the network: when this stream ends, its dialer
-    /// (if this node dialed it) waits [`DEPARTED_COOLDOWN`] before dialing again.
-    fn mark_departed(&self) {
-        self.departed.store(true, Ordering::Relaxed);
-    }
-
-    fn departed(&self) -> bool {
-        self.departed.load(Ordering::Relaxed)
-    }
-}
 
 /// Stream and frame counters since start.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
