@@ -1,7 +1,8 @@
 //! The UI server: the MASQ websocket at `/`, `GET /status` and `POST /shutdown`, all behind
-//! the UI token when the node has one.
+//! the Host and Origin checks (see `web_policy`), then the UI token when the node has one.
 
 use std::future::IntoFuture;
+use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Request, State};
@@ -16,6 +17,7 @@ use tracing::{debug, error, warn};
 use super::listener::{ClientAddr, ClosableListener};
 use super::report::Trigger;
 use super::state::Ui;
+use super::web_policy::{self, WebPolicy};
 use super::{GatewayError, GatewayHandle, ws};
 use crate::config::UiToken;
 
@@ -27,11 +29,15 @@ pub(super) struct AppState {
     pub ui: Ui,
     /// When set, every request must carry it as `Authorization: Bearer TOKEN`.
     pub token: Option<UiToken>,
+    /// Which Host names and web origins every request must come with.
+    pub web: Arc<WebPolicy>,
 }
 
 pub(super) fn router(state: AppState) -> Router {
-    // `layer` (not `route_layer`) so that the token guards the fallback too: without it a
-    // client cannot even learn which paths exist, nor which methods they take.
+    // `layer` (not `route_layer`) so that the checks guard the fallback, and any route added
+    // above them, too: without it a client cannot even learn which paths exist, nor which
+    // methods they take. The last layer runs first: a web page from another site (or a rebound
+    // domain) is refused before the token is even looked at.
     Router::new()
         .route("/", get(ws::upgrade))
         .route("/status", get(status))
@@ -39,6 +45,10 @@ pub(super) fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(
             state.token.clone(),
             require_token,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.web.clone(),
+            web_policy::guard,
         ))
         .with_state(state)
 }
