@@ -14,7 +14,6 @@ use meshnode_protocol::ui::{MAX_UI_MESSAGE_LEN, StatusPayload, UI_SUBPROTOCOL, U
 use meshnode_protocol::{Frame, Identity, MAX_FRAME_LEN, NodeId, NodeRecord, SignedRecord};
 use serde_json::json;
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -49,21 +48,16 @@ async fn peer(node: &Node, seed: u8) -> FakePeer {
     peer
 }
 
-/// What a well-behaved neighbor saw of a node's shutdown: every frame, and when its stream
-/// ended.
+/// What a well-behaved neighbor saw of a node's shutdown: every frame up to its end of stream.
 struct Witness {
     frames: Vec<Frame>,
-    ended: Instant,
 }
 
 /// Reads `peer`'s stream to its end in a task of its own.
 fn witness(mut peer: FakePeer) -> tokio::task::JoinHandle<Witness> {
     tokio::spawn(async move {
         let frames = peer.rest().await;
-        Witness {
-            frames,
-            ended: Instant::now(),
-        }
+        Witness { frames }
     })
 }
 
@@ -157,7 +151,6 @@ async fn a_neighbor_whose_receive_buffer_is_full_is_named_and_the_others_still_g
     let report = within("the shutdown", node.shutdown())
         .await
         .expect("answered");
-    let answered = Instant::now();
     assert_eq!(
         report.outcome,
         ShutdownOutcome::DeadlineExpired,
@@ -173,13 +166,13 @@ async fn a_neighbor_whose_receive_buffer_is_full_is_named_and_the_others_still_g
         "the report names {stuck_stream}: {:?}",
         report.still_running
     );
-    // The others were served their withdrawal and their end of stream before the deadline,
-    // not held up behind the stuck one. (How long after the deadline the answer came is the
-    // machine's load; the paused-time tests check that bound exactly.)
+    // The others got their withdrawal, then their end of stream, though the stuck neighbor's
+    // writer was blocked. (Whether they hung up before the deadline depends on when these
+    // witnesses got to run, which a loaded machine decides; in paused time,
+    // `shutdown_tests::a_neighbor_that_never_hangs_up_is_named_and_the_rest_of_the_report_survives`
+    // pins that only the stuck stream is named.)
     for (what, seen) in [("neighbor A", seen_a), ("neighbor B", seen_b)] {
-        let seen = within(what, seen).await.expect("no panic");
-        assert!(seen.frames.iter().any(|f| is_withdrawal_of(f, node.id())));
-        assert!(seen.ended < answered, "{what} waited for the deadline");
+        withdrawal_reached(what, node.id(), seen).await;
     }
     let ended = within("the node ends", node.wait()).await;
     assert_eq!(ended, report);
@@ -232,10 +225,14 @@ async fn neighbors_connecting_or_reconnecting_during_the_shutdown_are_refused() 
     let stuck = support::stuck_neighbor(node.listen_addr()).await;
     eventually("the stuck neighbor is admitted", || lists(&node, stuck.id)).await;
     let mut leaving = peer(&node, 21).await;
-    // Connected, but its hello comes only once the shutdown is under way.
+    // Connected and accepted, but its hello comes only once the shutdown is under way.
     let late = within("connect", TcpStream::connect(node.listen_addr()))
         .await
         .expect("connects");
+    eventually("the node accepts the late connection", || async {
+        status(&node).await.stats.streams_accepted == 3
+    })
+    .await;
 
     let controller = node.controller();
     let shutdown = tokio::spawn(async move { controller.shutdown().await });

@@ -1,6 +1,7 @@
 //! Graceful shutdown of in-process meshes on loopback, driven as UIs drive it.
 
 use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
@@ -13,7 +14,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
-use support::{BOUND, eventually, within};
+use support::{BOUND, FakePeer, eventually, within};
 
 mod support;
 
@@ -91,11 +92,16 @@ async fn five_nodes_one_leaves_through_its_websocket_and_the_rest_learn_at_once(
         "{}",
         report.render()
     );
-    let after = report.stats.expect("final counters");
+    // One withdrawal queued per neighbor, in the slot kept for it. (The count of frames sent
+    // since `before` is no measure of that here: gossip of the mesh's last changes may still
+    // be due when `before` is taken. shutdown_tests pins the exact frames over in-memory
+    // streams.)
+    let hood = &report.subsystems.children[0];
     assert_eq!(
-        after.gossip_frames_sent - before.stats.gossip_frames_sent,
-        4,
-        "exactly one gossip frame per neighbor"
+        (hood.subsystem.as_str(), hood.summary.as_str()),
+        ("neighborhood", "notified 4 neighbors"),
+        "{}",
+        report.render()
     );
     assert_eq!(
         within("the node ends", departing.wait()).await.outcome,
@@ -103,12 +109,19 @@ async fn five_nodes_one_leaves_through_its_websocket_and_the_rest_learn_at_once(
     );
 
     for (node, version) in nodes.iter().zip(versions) {
-        eventually("every node learns of the departure", || async {
-            knows_departure(&status(node).await, &id)
-        })
+        // The departure, and the end of the departed node's stream: a stream stops counting
+        // as open only after its end was handed to the neighborhood.
+        eventually(
+            "every node learns of the departure and its stream ends",
+            || async {
+                let s = status(node).await;
+                knows_departure(&s, &id) && s.stats.streams_open == s.neighbors.len() as u64
+            },
+        )
         .await;
         // Each of them was a neighbor of the departed node: one change of its own, no more,
-        // even after the departed node's stream closed.
+        // even after the departed node's stream closed. (A status asked now is answered after
+        // the neighborhood has handled that end.)
         assert_eq!(status(node).await.version, version + 1);
     }
     for node in nodes {
@@ -154,13 +167,9 @@ async fn masq_shutdown_finds_the_ui_port_closed_when_answered() {
         answer.to_text().expect("text"),
         r#"{"opcode":"shutdown","contextId":1,"payload":{}}"#
     );
-    let probe = tokio::time::timeout(
-        Duration::from_millis(250),
-        tokio::net::TcpStream::connect(ui),
-    )
-    .await;
+    let probe = within("the probe", tokio::net::TcpStream::connect(ui)).await;
     assert!(
-        matches!(probe, Ok(Err(_))),
+        probe.is_err(),
         "the UI port must refuse connections: {probe:?}"
     );
     // The websocket stays open after the answer until the client leaves.
@@ -177,22 +186,56 @@ async fn masq_shutdown_finds_the_ui_port_closed_when_answered() {
     assert_eq!(report.outcome, ShutdownOutcome::Graceful);
 }
 
+/// The node's log lines, as the test's thread sees them. A `#[tokio::test]` runs on a
+/// current-thread runtime, so every task of a node it starts logs to this thread's default
+/// subscriber, and tests running beside it on other threads do not.
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<u8>>>);
+
+impl Log {
+    /// Captures the log of this thread until the guard is dropped.
+    fn capture() -> (Self, tracing::subscriber::DefaultGuard) {
+        let log = Self::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        (log, tracing::subscriber::set_default(subscriber))
+    }
+
+    fn count(&self, needle: &str) -> usize {
+        let bytes = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        String::from_utf8_lossy(&bytes).matches(needle).count()
+    }
+}
+
+impl std::io::Write for Log {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut bytes = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[tokio::test]
 async fn concurrent_requests_from_websockets_http_and_the_api_get_one_shutdown() {
+    let (log, _guard) = Log::capture();
     let mut config = Config::new(Identity::from_seed([8; 32]));
-    // A neighbor that never hangs up holds the shutdown open until this deadline, so every
-    // request below arrives while it is under way.
-    config.shutdown_deadline = Duration::from_secs(2);
+    // The neighbor, not the deadline, decides when the shutdown ends: it hangs up only once
+    // every request below has joined the shutdown, however long they take to arrive.
+    config.shutdown_deadline = Duration::from_secs(60);
     let node = within("start", meshnode::start(config))
         .await
         .expect("starts");
-    let stuck = within(
-        "a stuck neighbor",
-        support::stuck_neighbor(node.listen_addr()),
-    )
-    .await;
-    let id = stuck.id.to_string();
-    eventually("the stuck neighbor is admitted", || async {
+    let mut neighbor = FakePeer::connect(node.listen_addr(), Identity::from_seed([18; 32])).await;
+    let id = neighbor.id().to_string();
+    eventually("the neighbor is admitted", || async {
         status(&node)
             .await
             .neighbors
@@ -211,12 +254,15 @@ async fn concurrent_requests_from_websockets_http_and_the_api_get_one_shutdown()
         status(&node).await.state == meshnode_protocol::ui::NodeState::ShuttingDown
     })
     .await;
-    // Intake stopped with the first request: neighbors can no longer (re)connect.
-    let refused = tokio::net::TcpStream::connect(node.listen_addr()).await;
-    assert!(
-        refused.is_err(),
-        "the neighbor listener must be closed during the shutdown"
-    );
+    // Intake stops with the first request: neighbors can no longer (re)connect. (The pool
+    // closes its listener once the gateway's word reaches it, a moment after the state
+    // changes.)
+    eventually("the neighbor listener is closed", || async {
+        tokio::net::TcpStream::connect(node.listen_addr())
+            .await
+            .is_err()
+    })
+    .await;
     let http = reqwest::Client::builder()
         .no_proxy()
         .build()
@@ -243,6 +289,14 @@ async fn concurrent_requests_from_websockets_http_and_the_api_get_one_shutdown()
             response.json::<ShutdownReport>().await.expect("report")
         }));
     }
+    eventually("all ten requests join the shutdown", || async {
+        log.count("joining the one under way") == 10
+    })
+    .await;
+    // Let the shutdown end: read the withdrawal and the end of stream, then hang up.
+    within("the neighbor reads to the end", neighbor.rest()).await;
+    drop(neighbor);
+
     let report = within("the first request", first)
         .await
         .expect("no panic")
@@ -252,16 +306,14 @@ async fn concurrent_requests_from_websockets_http_and_the_api_get_one_shutdown()
         assert_eq!(joined, report, "every requester gets the same report");
     }
     assert_eq!(report.requests, 11);
-    assert_eq!(report.outcome, ShutdownOutcome::DeadlineExpired);
-    assert_eq!(report.deadline_ms, 2000);
-    assert!(
-        report
-            .still_running
-            .iter()
-            .any(|s| s.starts_with("stream to ")),
-        "the report names the stream that held the shutdown: {:?}",
-        report.still_running
+    assert_eq!(
+        report.outcome,
+        ShutdownOutcome::Graceful,
+        "{}",
+        report.render()
     );
+    assert_eq!(report.deadline_ms, 60_000);
+    assert_eq!(log.count("shutdown started"), 1, "one shutdown");
     assert_eq!(within("the node ends", node.wait()).await, report);
 }
 
@@ -346,15 +398,16 @@ async fn a_withdrawn_neighbor_is_not_redialed_but_a_crashed_one_is() {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .expect("A's address is free");
-        // B's backoff starts at 100 ms, so a redial comes well within a second.
-        let dialed = tokio::time::timeout(Duration::from_secs(1), listener.accept()).await;
         if graceful {
+            // B's backoff starts at 100 ms: a redial would come within this second. (A loaded
+            // machine can only make this check miss a redial, never fail a correct node.)
+            let dialed = tokio::time::timeout(Duration::from_secs(1), listener.accept()).await;
             assert!(dialed.is_err(), "B redialed a neighbor that withdrew");
         } else {
-            assert!(
-                matches!(dialed, Ok(Ok(_))),
-                "B did not redial a crashed neighbor"
-            );
+            // B may have tried A's address a few times while nothing listened, so its backoff
+            // may have grown: the wait is bounded, not timed.
+            let dialed = within("B redials a crashed neighbor", listener.accept()).await;
+            assert!(dialed.is_ok(), "B did not redial a crashed neighbor");
         }
         assert!(b.stop().await);
     }

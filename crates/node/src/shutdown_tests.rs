@@ -140,12 +140,15 @@ async fn under_a_backlog_every_queued_frame_and_then_the_withdrawal_precede_the_
             })
             .await;
         let id = r.id().to_string();
-        loop {
-            let status = node.status().await.expect("status");
-            if status.known_nodes.iter().any(|k| k.node_id == id) {
-                break;
+        within("the node stores the relayed record", async {
+            loop {
+                let status = node.status().await.expect("status");
+                if status.known_nodes.iter().any(|k| k.node_id == id) {
+                    break;
+                }
             }
-        }
+        })
+        .await;
         // Past the gossip window, so that each record leaves in a frame of its own.
         tokio::time::sleep(2 * DEFAULT_GOSSIP_WINDOW).await;
     }
@@ -327,24 +330,28 @@ async fn a_neighbor_that_withdraws_is_dropped_in_one_gossip_round_and_its_eof_ch
             records: vec![withdrawal.clone()],
         })
         .await;
-    loop {
-        let status = node.status().await.expect("status");
-        if status.neighbors.len() == 2 {
-            assert_eq!(status.version, version + 1, "one bump for the departure");
-            break;
+    within("the departure is handled", async {
+        loop {
+            let status = node.status().await.expect("status");
+            if status.neighbors.len() == 2 {
+                assert_eq!(status.version, version + 1, "one bump for the departure");
+                break;
+            }
         }
-    }
+    })
+    .await;
     // The news leaves once the gossip window has passed.
     tokio::time::sleep(2 * DEFAULT_GOSSIP_WINDOW).await;
     // Its stream closes a moment later; nothing more happens.
     drop(departing);
-    loop {
-        let status = node.status().await.expect("status");
-        if status.stats.streams_open == 2 {
-            assert_eq!(status.version, version + 1, "the EOF changed nothing");
-            break;
-        }
-    }
+    within("the stream ends", async {
+        while node.status().await.expect("status").stats.streams_open != 2 {}
+    })
+    .await;
+    // A stream stops counting as open only after its end was handed to the neighborhood, so a
+    // status asked now is answered after the neighborhood has handled that end.
+    let status = node.status().await.expect("status");
+    assert_eq!(status.version, version + 1, "the EOF changed nothing");
 
     let readers = read_to_end(peers);
     let report = within("the shutdown", node.shutdown())
