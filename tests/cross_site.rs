@@ -30,7 +30,7 @@ fn send(ui: SocketAddr, request: &str) -> (u16, String) {
     stream.write_all(request.as_bytes()).expect("written");
     let mut bytes = Vec::new();
     let mut buf = [0u8; 4096];
-    let mut complete = |bytes: &[u8]| {
+    let complete = |bytes: &[u8]| {
         let at = bytes.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
         let head = text(&bytes[..at]);
         let length: usize = head
