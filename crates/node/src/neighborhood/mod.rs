@@ -3,12 +3,15 @@
 //! to the streams' send queues (never waiting on them), so it can never be stalled by a slow
 //! neighbor.
 
+mod budget;
 mod database;
+mod outbox;
 mod state;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tie_break_tests;
+mod withdrawal;
 
 use meshnode_protocol::ui::{KnownNode, NeighborStatus};
 use meshnode_protocol::{Identity, NodeId, RecordError, SignedRecord, VerifiedRecord};
