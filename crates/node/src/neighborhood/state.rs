@@ -48,6 +48,8 @@ pub(super) struct Neighborhood {
     pub(super) window: Duration,
     /// When the changes gathered so far are due to be gossiped.
     pub(super) flush_at: Option<Instant>,
+    /// When gossip held back for busy neighbors is next tried again.
+    pub(super) retry_at: Option<Instant>,
     /// Status requests of the current batch, answered after its gossip is counted.
     pub(super) status_replies: Vec<oneshot::Sender<NeighborhoodStatus>>,
     /// Each immediate neighbor's budget of gossip frames that change nothing here.
@@ -78,6 +80,7 @@ impl Neighborhood {
             learned_at: HashMap::new(),
             window: Duration::ZERO,
             flush_at: None,
+            retry_at: None,
             withdrawn: false,
             status_replies: Vec::new(),
             useless: HashMap::new(),
@@ -96,25 +99,20 @@ impl Neighborhood {
     ) {
         debug!("started");
         loop {
-            // Cancellation first: once the node stops, queued work is moot. Then the inbox;
-            // then gossip that is due; then, while gossip is held back for busy neighbors, a
-            // retry now and then.
+            // Cancellation first: once the node stops, queued work is moot. Then gossip that
+            // is due (and the retry of gossip held back for busy neighbors), ahead of the
+            // inbox: a never-empty inbox must not starve it. Then the inbox.
             let msg = tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
+                () = sleep_until(self.next_due()) => {
+                    self.run_due();
+                    continue;
+                }
                 msg = inbox.recv() => match msg {
                     Some(msg) => msg,
                     None => break,
                 },
-                () = sleep_until(self.flush_at) => {
-                    self.flush_at = None;
-                    self.flush();
-                    continue;
-                }
-                () = tokio::time::sleep(BACKLOG_RETRY), if !self.backlog.is_empty() => {
-                    self.flush();
-                    continue;
-                }
             };
             self.handle(msg);
             for _ in 1..MAX_BATCH {
@@ -128,9 +126,42 @@ impl Neighborhood {
             } else if self.flush_at.is_none() && self.owes_gossip() {
                 self.flush_at = Some(Instant::now() + self.window);
             }
+            // Whatever came due while the batch was handled leaves now, however full the inbox.
+            self.run_due();
             self.answer_status();
         }
         debug!("stopped");
+    }
+
+    /// The earliest of the gossip deadlines: the window's end, the backlog's retry.
+    fn next_due(&self) -> Option<Instant> {
+        match (self.flush_at, self.retry_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Runs the gossip whose deadline has passed, and schedules the next retry while gossip is
+    /// held back for busy neighbors.
+    pub(super) fn run_due(&mut self) {
+        let now = Instant::now();
+        let mut flush = false;
+        if self.flush_at.is_some_and(|at| at <= now) {
+            self.flush_at = None;
+            flush = true;
+        }
+        if self.retry_at.is_some_and(|at| at <= now) {
+            self.retry_at = None;
+            flush = true;
+        }
+        if flush {
+            self.flush();
+        }
+        if self.backlog.is_empty() {
+            self.retry_at = None;
+        } else if self.retry_at.is_none() {
+            self.retry_at = Some(now + BACKLOG_RETRY);
+        }
     }
 
     pub(super) fn handle(&mut self, msg: NeighborhoodMsg) {

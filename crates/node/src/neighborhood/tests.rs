@@ -913,3 +913,55 @@ fn a_full_sync_too_big_for_the_queue_sends_each_record_once_across_retries() {
         assert!(unique.contains(&owner.id()), "every record arrives");
     }
 }
+
+/// Regression: the gossip timer sat behind the inbox in a biased `select!`, so a neighborhood
+/// whose inbox never emptied never gossiped. The test holds an inbox deeper than the task can
+/// drain in one turn (tokio's cooperative budget makes it yield after 128 receives of up to
+/// `MAX_BATCH` messages each) and tops it up at every turn, in paused time: the inbox is never
+/// empty when the task looks at it, and the gossip owed to a new neighbor must still leave
+/// within a few windows.
+#[tokio::test(start_paused = true)]
+async fn gossip_that_is_due_leaves_while_the_inbox_never_empties() {
+    const DEPTH: usize = 65_536;
+    const TURNS: usize = 100;
+    let me = identity(1);
+    let (tx, rx) = mpsc::channel(DEPTH);
+    let cancel = CancellationToken::new();
+    let window = Duration::from_millis(10);
+    let hood = Neighborhood::new(me.clone(), ADDR.into())
+        .expect("a valid first record")
+        .with_window(window);
+    let task = tokio::spawn(hood.run(rx, cancel.clone()));
+    let mut a = Neighbor::new(10, 1);
+    let stranger = identity(30);
+    let noise = record(&stranger, 1, &[]);
+    tx.send(a.connected(1, &[])).await.expect("running");
+    let mut body = None;
+    let mut turns = 0;
+    while body.is_none() && turns < TURNS {
+        turns += 1;
+        // Copies of the stranger's record: stored once, stale noise after that.
+        while tx
+            .try_send(NeighborhoodMsg::Gossip {
+                from: stranger.id(),
+                records: vec![noise.clone()],
+            })
+            .is_ok()
+        {}
+        tokio::time::advance(Duration::from_millis(1)).await;
+        body = a.queue.try_recv().ok();
+        assert!(
+            tx.capacity() < DEPTH,
+            "the inbox emptied: the test proved nothing"
+        );
+    }
+    let body = body.unwrap_or_else(|| panic!("no gossip left in {TURNS} turns of a full inbox"));
+    let Ok(Frame::Gossip { records }) = Frame::decode(&body) else {
+        panic!("a gossip frame expected");
+    };
+    assert!(records.iter().any(|r| r.id() == me.id()));
+    cancel.cancel();
+    within("the neighborhood stops", task)
+        .await
+        .expect("no panic");
+}
