@@ -60,10 +60,15 @@ enum Command {
         ui_token: Option<UiToken>,
     },
     /// Start a local mesh on loopback, show one node withdrawing gracefully, then stop them all.
+    /// With --console, keep the mesh running and watch it in a browser instead.
     Demo {
         /// How many nodes the mesh has.
         #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u16).range(2..=64))]
         nodes: u16,
+        /// Keep the mesh running, print each node's console URL (http://ADDR/), and let people
+        /// shut nodes down from the page and watch the others react, until Ctrl-C.
+        #[arg(long)]
+        console: bool,
     },
 }
 
@@ -144,7 +149,7 @@ fn main() -> ExitCode {
         Command::Run(args) => runtime.block_on(run(args)),
         Command::Status { ui, ui_token } => runtime.block_on(status(ui, ui_token)),
         Command::Shutdown { ui, ui_token } => runtime.block_on(shutdown(ui, ui_token)),
-        Command::Demo { nodes } => runtime.block_on(demo(nodes.into())),
+        Command::Demo { nodes, console } => runtime.block_on(demo(nodes.into(), console)),
     };
     // Whatever is still running (a DNS lookup of a dialer, say) must not hold the exit.
     runtime.shutdown_timeout(Duration::from_millis(50));
@@ -329,7 +334,20 @@ async fn shutdown(ui: SocketAddr, token: Option<UiToken>) -> ExitCode {
     ExitCode::from(report.exit_code())
 }
 
-async fn demo(nodes: usize) -> ExitCode {
+async fn demo(nodes: usize, console: bool) -> ExitCode {
+    if console {
+        let ctrl_c = async {
+            if tokio::signal::ctrl_c().await.is_err() {
+                // No signal handler: run until every node has been shut down from its page.
+                std::future::pending::<()>().await;
+            }
+        };
+        return match meshnode::demo::console(nodes, |text| println!("{text}"), ctrl_c).await {
+            Ok(reports) if reports.iter().all(|r| r.exit_code() == 0) => ExitCode::SUCCESS,
+            Ok(_) => fail("a node did not shut down gracefully"),
+            Err(e) => fail(&e.to_string()),
+        };
+    }
     match meshnode::demo::run(nodes, |text| println!("{text}")).await {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => fail(&e.to_string()),

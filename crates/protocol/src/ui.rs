@@ -208,6 +208,20 @@ pub struct NeighborStatus {
     pub addr: String,
     /// True when the neighbor's record lists this node back.
     pub full: bool,
+    /// The stream the node holds to this neighbor, and which side opened it; `null` while
+    /// there is none (the neighbor is listed, its stream not yet or no longer open).
+    #[serde(default)]
+    pub stream: Option<StreamDirection>,
+}
+
+/// Which side opened the stream to a neighbor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum StreamDirection {
+    /// This node dialed the neighbor.
+    Dialed,
+    /// The neighbor dialed this node.
+    Accepted,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -360,6 +360,8 @@ impl Neighborhood {
                     .map(|r| r.record().addr.clone())
                     .unwrap_or_default(),
                 full: self.db.lists(id, &me),
+                // The pool's to tell; the gateway fills it in.
+                stream: None,
             })
             .collect();
         let known_nodes = self

@@ -14,11 +14,12 @@ use meshnode_protocol::ui::{UiMessage, codes};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
+use super::console::{self, CookieCheck};
 use super::listener::{ClientAddr, ClosableListener};
 use super::report::Trigger;
 use super::state::Ui;
 use super::web_policy::{self, WebPolicy};
-use super::{GatewayError, GatewayHandle, ws};
+use super::{GatewayError, GatewayHandle};
 use crate::config::UiToken;
 
 #[derive(Debug, Clone)]
@@ -27,8 +28,11 @@ pub(super) struct AppState {
     /// Cancelled when the node ends; open websockets end with it.
     pub node: CancellationToken,
     pub ui: Ui,
-    /// When set, every request must carry it as `Authorization: Bearer TOKEN`.
+    /// When set, every request must carry it as `Authorization: Bearer TOKEN` (or the
+    /// console's session cookie, which stands for it).
     pub token: Option<UiToken>,
+    /// The console's session, when the node has a token.
+    pub session: Option<console::Session>,
     /// Which Host names and web origins every request must come with.
     pub web: Arc<WebPolicy>,
 }
@@ -39,11 +43,15 @@ pub(super) fn router(state: AppState) -> Router {
     // methods they take. The last layer runs first: a web page from another site (or a rebound
     // domain) is refused before the token is even looked at.
     Router::new()
-        .route("/", get(ws::upgrade))
+        .route("/", get(console::root))
         .route("/status", get(status))
         .route("/shutdown", post(shutdown))
+        .merge(console::routes())
         .layer(middleware::from_fn_with_state(
-            state.token.clone(),
+            Guard {
+                token: state.token.clone(),
+                session: state.session.clone(),
+            },
             require_token,
         ))
         .layer(middleware::from_fn_with_state(
@@ -53,19 +61,32 @@ pub(super) fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Lets a request through only if the node has no token or the request carries it.
-async fn require_token(
-    State(token): State<Option<UiToken>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let Some(token) = token else {
+/// What the token check knows.
+#[derive(Debug, Clone)]
+struct Guard {
+    token: Option<UiToken>,
+    session: Option<console::Session>,
+}
+
+/// Lets a request through only if the node has no token, the request carries it (or the
+/// console's session cookie), or it goes to a public part of the console.
+async fn require_token(State(guard): State<Guard>, request: Request, next: Next) -> Response {
+    let Some(token) = guard.token else {
         return next.run(request).await;
     };
-    let refusal = match presented(request.headers()) {
-        Some(presented) if token.matches(presented) => return next.run(request).await,
-        Some(_) => Refusal::Wrong,
-        None => Refusal::Missing,
+    let headers = request.headers();
+    if console::is_public(request.method(), request.uri().path(), headers) {
+        return next.run(request).await;
+    }
+    let cookie = guard
+        .session
+        .as_ref()
+        .map_or(CookieCheck::Absent, |session| session.presented_in(headers));
+    let refusal = match (presented(headers), cookie) {
+        (Some(presented), _) if token.matches(presented) => return next.run(request).await,
+        (None, CookieCheck::Valid) => return next.run(request).await,
+        (Some(_), _) | (None, CookieCheck::Wrong) => Refusal::Wrong,
+        (None, CookieCheck::Absent) => Refusal::Missing,
     };
     let client = request
         .extensions()

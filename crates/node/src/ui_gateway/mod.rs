@@ -1,6 +1,7 @@
 //! The UI gateway: the MASQ Node UI websocket and the HTTP routes, and the task that speaks for
 //! the node as a whole: its state, its shutdown, and the end of the node.
 
+mod console;
 mod http;
 mod listener;
 mod report;
@@ -162,6 +163,11 @@ pub fn spawn_guarded(
         info,
         deadline,
     } = config;
+    // The console's session key, before anything starts, so a failure leaves nothing running.
+    let session = match access.token {
+        Some(_) => Some(console::Session::new(info.ui.port()).map_err(std::io::Error::other)?),
+        None => None,
+    };
     let (tx, rx) = mpsc::channel(GATEWAY_INBOX);
     let handle = GatewayHandle { tx };
     let ui = state::Ui {
@@ -191,6 +197,7 @@ pub fn spawn_guarded(
         node,
         ui,
         token: access.token,
+        session,
         web: std::sync::Arc::new(access.web),
     };
     let span = tracing::info_span!("ui_server", node = %node_span, ui = %info.ui);

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use meshnode_protocol::ui::{NodeState, Stats, StatusPayload, UiMessage};
+use meshnode_protocol::ui::{NodeState, Stats, StatusPayload, StreamDirection, UiMessage};
 use meshnode_shutdown::{DoneReport, Outcome};
 use serde_json::json;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -299,6 +299,22 @@ async fn gather(
         Ok((Ok(hood), Ok(pool))) => (hood, pool),
         Ok(_) => return Err(GatewayError::Stopped),
     };
+    let streams: std::collections::HashMap<String, StreamDirection> = pool
+        .admitted
+        .iter()
+        .map(|(peer, dialed)| {
+            let direction = if *dialed {
+                StreamDirection::Dialed
+            } else {
+                StreamDirection::Accepted
+            };
+            (peer.to_string(), direction)
+        })
+        .collect();
+    let mut neighbors = hood.neighbors;
+    for neighbor in &mut neighbors {
+        neighbor.stream = streams.get(&neighbor.node_id).copied();
+    }
     Ok(StatusPayload {
         node_id: info.node_id.to_string(),
         listen: info.listen.to_string(),
@@ -306,7 +322,7 @@ async fn gather(
         state,
         version: hood.version,
         software_version: env!("CARGO_PKG_VERSION").to_owned(),
-        neighbors: hood.neighbors,
+        neighbors,
         known_nodes: hood.known_nodes,
         stats: Stats {
             gossip_frames_sent: hood.counters.frames_sent,
