@@ -30,6 +30,8 @@
     // "connecting" | "login" | "running" | "shuttingDown" | "stopped" | "unreachable"
     phase: "connecting",
     goingDown: null,
+    // Set once this page has asked for the shutdown: no more polling.
+    asked: false,
     report: null,
     guarded: false,
   };
@@ -196,16 +198,20 @@
     }
   }
 
+  const polling = () => st.ws && !st.goingDown && !st.asked;
+
   async function poll() {
     st.pollTimer = null;
-    if (!st.ws || st.goingDown) return;
+    if (!polling()) return;
     try {
-      render(await request("status", {}, REQUEST_TIMEOUT_MS));
+      const status = await request("status", {}, REQUEST_TIMEOUT_MS);
+      if (polling()) render(status);
     } catch (e) {
-      if (!st.ws) return;
+      // Once the node is going down, a refused status is expected news, not an error.
+      if (!polling()) return;
       banner("warn", "Status failed: " + e.message);
     }
-    if (st.ws && !st.goingDown) st.pollTimer = setTimeout(poll, POLL_MS);
+    if (polling()) st.pollTimer = setTimeout(poll, POLL_MS);
   }
 
   function unreachable(why) {
@@ -259,6 +265,7 @@
     const again = el("button", { type: "button", id: "check-again" }, "Check again");
     again.addEventListener("click", () => {
       st.goingDown = null;
+      st.asked = false;
       st.report = null;
       start();
     });
@@ -323,6 +330,9 @@
   async function shutdown() {
     $("confirm").hidden = true;
     $("shutdown").disabled = true;
+    st.asked = true;
+    clearTimeout(st.pollTimer);
+    st.pollTimer = null;
     setPhase("shuttingDown", "shutting down");
     banner("warn", "Shutdown requested; waiting for the report.");
     try {
@@ -334,8 +344,10 @@
       banner("warn", "The node has shut down; checking that it stopped answering.");
       if (!st.ws) confirmStopped();
     } catch (e) {
+      st.asked = false;
       banner("stopped", "The shutdown request failed: " + e.message);
-      if (!st.ws && !st.goingDown) unreachable();
+      if (st.ws) poll();
+      else if (!st.goingDown) unreachable();
     }
   }
 
