@@ -3,7 +3,7 @@
 //! nodes are real `meshnode run` processes, so the exit code checked is the process's own.
 //!
 //! `MESHNODE_CONSOLE_SCREENSHOT=PATH` saves a PNG of the console (a four-node mesh, one
-//! neighbor withdrawn) to PATH; docs/console.png is made this way:
+//! neighbor withdrawn, one crashed) to PATH; docs/console.png is made this way:
 //! `MESHNODE_CONSOLE_SCREENSHOT=$PWD/docs/console.png cargo test -p meshnode --test console`.
 
 mod support;
@@ -202,6 +202,21 @@ async fn the_console_shows_the_mesh_follows_a_withdrawal_and_shuts_its_node_down
     })
     .await;
     assert_eq!(seen["phase"], "running");
+
+    // D crashes (SIGKILL): A and B drop it, but its last record still lists them, so its edges
+    // turn half (dashed) rather than vanish.
+    d.signal("KILL");
+    let half = |a: &str, b: &str| (sorted_pair(a, b), "half".to_owned());
+    let crashed = BTreeSet::from([
+        (sorted_pair(&ida, &idb), "full".to_owned()),
+        half(&ida, &idd),
+        half(&idb, &idd),
+    ]);
+    let seen = page_until(&mut browser, "the page shows D dropped", |s| {
+        rows(s) == BTreeSet::from([accepted(&idb)]) && edges(s) == crashed
+    })
+    .await;
+    assert_eq!(graph_kind(&seen, &idd), "node", "its record still lists neighbors");
     if let Some(path) = std::env::var_os(SCREENSHOT_ENV) {
         let png = browser.screenshot().await.expect("a screenshot");
         std::fs::write(&path, png).expect("the screenshot is written");
