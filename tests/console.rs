@@ -179,20 +179,31 @@ async fn the_console_shows_the_mesh_follows_a_withdrawal_and_shuts_its_node_down
         .expect("the console loads");
     let accepted = |id: &str| (id.to_owned(), "full".to_owned(), "accepted".to_owned());
     let mesh = full_edges(&[(&ida, &idb), (&ida, &idc), (&ida, &idd), (&idb, &idd)]);
-    let seen = page_until(&mut browser, "the page shows A, its three neighbors and the mesh", |s| {
-        s["phase"] == "running"
-            && s["nodeId"] == ida.as_str()
-            && rows(s) == BTreeSet::from([accepted(&idb), accepted(&idc), accepted(&idd)])
-            && edges(s) == mesh
-    })
+    let seen = page_until(
+        &mut browser,
+        "the page shows A, its three neighbors and the mesh",
+        |s| {
+            s["phase"] == "running"
+                && s["nodeId"] == ida.as_str()
+                && rows(s) == BTreeSet::from([accepted(&idb), accepted(&idc), accepted(&idd)])
+                && edges(s) == mesh
+        },
+    )
     .await;
     assert_eq!(graph_kind(&seen, &ida), "self", "this node is highlighted");
     assert_eq!(graph_kind(&seen, &idc), "node");
-    assert!(seen["stats"].as_u64().unwrap_or_default() >= 12, "the counters");
+    assert!(
+        seen["stats"].as_u64().unwrap_or_default() >= 12,
+        "the counters"
+    );
 
     // C withdraws: its row and its edge go, and its node turns grey.
     let out = meshnode(&["shutdown", "--ui", &c.ui.to_string()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(c.wait_exit().code(), Some(0));
     let after = full_edges(&[(&ida, &idb), (&ida, &idd), (&idb, &idd)]);
     let seen = page_until(&mut browser, "the page shows C withdrawn", |s| {
@@ -216,20 +227,38 @@ async fn the_console_shows_the_mesh_follows_a_withdrawal_and_shuts_its_node_down
         rows(s) == BTreeSet::from([accepted(&idb)]) && edges(s) == crashed
     })
     .await;
-    assert_eq!(graph_kind(&seen, &idd), "node", "its record still lists neighbors");
+    assert_eq!(
+        graph_kind(&seen, &idd),
+        "node",
+        "its record still lists neighbors"
+    );
     if let Some(path) = std::env::var_os(SCREENSHOT_ENV) {
         let png = browser.screenshot().await.expect("a screenshot");
         std::fs::write(&path, png).expect("the screenshot is written");
     }
 
     // Shut down, confirm: the report appears, and the process exits 0.
-    act(&mut browser, r#"document.getElementById("shutdown").click(); true"#).await;
-    page_until(&mut browser, "the confirmation shows", |s| s["confirm"] == true).await;
-    act(&mut browser, r#"document.getElementById("confirm-yes").click(); true"#).await;
+    act(
+        &mut browser,
+        r#"document.getElementById("shutdown").click(); true"#,
+    )
+    .await;
+    page_until(&mut browser, "the confirmation shows", |s| {
+        s["confirm"] == true
+    })
+    .await;
+    act(
+        &mut browser,
+        r#"document.getElementById("confirm-yes").click(); true"#,
+    )
+    .await;
     let seen = page_until(&mut browser, "the report shows", |s| s["outcome"] != "").await;
     assert_eq!(seen["outcome"], "graceful", "{seen:#}");
     let trigger = seen["trigger"].as_str().unwrap_or_default();
-    assert!(trigger.starts_with("a UI websocket request from 127.0.0.1:"), "{trigger}");
+    assert!(
+        trigger.starts_with("a UI websocket request from 127.0.0.1:"),
+        "{trigger}"
+    );
     let tree: Vec<&str> = seen["tree"]
         .as_array()
         .into_iter()
@@ -254,7 +283,10 @@ async fn the_console_shows_the_mesh_follows_a_withdrawal_and_shuts_its_node_down
         .await
         .expect("the node's UI port is free again");
     let quiet = tokio::time::timeout(Duration::from_secs(3), listener.accept()).await;
-    assert!(quiet.is_err(), "the stopped page connected again: {quiet:?}");
+    assert!(
+        quiet.is_err(),
+        "the stopped page connected again: {quiet:?}"
+    );
     assert_eq!(snapshot(&mut browser).await["phase"], "stopped");
     drop((b, d));
 }
@@ -293,14 +325,23 @@ async fn with_a_token_the_console_logs_in_and_says_when_another_ui_shuts_its_nod
     .await;
     act(&mut browser, &submit(TOKEN)).await;
     let seen = page_until(&mut browser, "the page logs in and goes live", |s| {
-        s["phase"] == "running" && s["nodeId"] == id.as_str() && !s["login"].as_bool().unwrap_or(true)
+        s["phase"] == "running"
+            && s["nodeId"] == id.as_str()
+            && !s["login"].as_bool().unwrap_or(true)
     })
     .await;
-    assert_eq!(seen["cookie"], "", "the session cookie is HttpOnly: the script cannot read it");
+    assert_eq!(
+        seen["cookie"], "",
+        "the session cookie is HttpOnly: the script cannot read it"
+    );
 
     // Another UI shuts the node down: the page says who, and that the node stopped.
     let out = meshnode_with(Some(TOKEN), &["shutdown", "--ui", &node.ui.to_string()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(node.wait_exit().code(), Some(0));
     let seen = page_until(&mut browser, "the page says the node was shut down", |s| {
         s["phase"] == "stopped"
