@@ -353,3 +353,36 @@ async fn with_a_token_the_console_logs_in_and_says_when_another_ui_shuts_its_nod
     .await;
     assert_eq!(seen["outcome"], "", "no report: this page did not ask");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_console_whose_node_vanishes_says_so_and_retries_ever_more_slowly() {
+    let Some(browser) = Browser::launch(&[]).await else {
+        return;
+    };
+    let mut browser = browser.expect("the browser starts");
+    let mut node = Daemon::start(&[]);
+    let id = node_id(node.ui).await;
+    browser
+        .goto(&format!("http://{}/", node.ui))
+        .await
+        .expect("the console loads");
+    page_until(&mut browser, "the page is live", |s| {
+        s["phase"] == "running" && s["nodeId"] == id.as_str()
+    })
+    .await;
+
+    // No shuttingDown, no report: the node is just gone. The page says it does not answer and
+    // tries again, each pause twice the last (1 s, 2 s, 4 s), which it states.
+    node.signal("KILL");
+    let _ = node.wait_exit();
+    let seen = page_until(&mut browser, "the page backs off to 4 s", |s| {
+        s["phase"] == "unreachable"
+            && s["banner"]
+                .as_str()
+                .is_some_and(|b| b.contains("trying again in 4 s"))
+    })
+    .await;
+    let banner = seen["banner"].as_str().unwrap_or_default();
+    assert!(banner.starts_with("The node is not answering"), "{banner}");
+    assert_eq!(seen["nodeId"], id.as_str(), "what it last showed stays");
+}

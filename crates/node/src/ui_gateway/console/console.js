@@ -81,6 +81,18 @@
 
   // ---------- connection ----------
 
+  // fetch, given up after REQUEST_TIMEOUT_MS: a node that accepts but never answers (frozen,
+  // say) must not hold the page.
+  async function fetchWithin(url, options) {
+    const abort = new AbortController();
+    const timer = setTimeout(() => abort.abort(), REQUEST_TIMEOUT_MS);
+    try {
+      return await fetch(url, Object.assign({ signal: abort.signal, credentials: "same-origin" }, options));
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
   function wsUrl() {
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     return scheme + "//" + location.host + "/";
@@ -94,7 +106,7 @@
     setPhase("connecting");
     let response;
     try {
-      response = await fetch("/status", { credentials: "same-origin", cache: "no-store" });
+      response = await fetchWithin("/status", { cache: "no-store" });
     } catch (e) {
       unreachable();
       return;
@@ -131,7 +143,10 @@
       return;
     }
     st.ws = ws;
+    // A handshake that never finishes counts as a lost connection.
+    const opening = setTimeout(() => ws.close(), REQUEST_TIMEOUT_MS);
     ws.onopen = () => {
+      clearTimeout(opening);
       st.retryMs = RETRY_FIRST_MS;
       $("login").hidden = true;
       $("live").hidden = false;
@@ -139,7 +154,10 @@
       poll();
     };
     ws.onmessage = (event) => receive(event.data);
-    ws.onclose = () => closed(ws);
+    ws.onclose = () => {
+      clearTimeout(opening);
+      closed(ws);
+    };
     ws.onerror = () => { /* onclose follows */ };
   }
 
@@ -239,7 +257,7 @@
   async function confirmStopped() {
     let answered = false;
     try {
-      const response = await fetch("/status", { credentials: "same-origin", cache: "no-store" });
+      const response = await fetchWithin("/status", { cache: "no-store" });
       answered = response.ok;
     } catch (e) {
       answered = false;
@@ -292,7 +310,7 @@
     const body = new URLSearchParams({ token: $("token").value });
     let response;
     try {
-      response = await fetch("/console/login", { method: "POST", body, credentials: "same-origin" });
+      response = await fetchWithin("/console/login", { method: "POST", body });
     } catch (e) {
       showLogin("The node did not answer.");
       return;
@@ -310,7 +328,7 @@
 
   async function logout() {
     try {
-      await fetch("/console/logout", { method: "POST", credentials: "same-origin" });
+      await fetchWithin("/console/logout", { method: "POST" });
     } catch (e) { /* the cookie dies with the node anyway */ }
     if (st.ws) {
       st.phase = "login";
