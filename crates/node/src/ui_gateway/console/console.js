@@ -15,6 +15,8 @@
   const SHUTDOWN_TIMEOUT_MS = 60000;
   const RETRY_FIRST_MS = 1000;
   const RETRY_MAX_MS = 15000;
+  // Past this many nodes the graph labels only this node (the rest would overlap).
+  const MAX_LABELS = 24;
 
   const $ = (id) => document.getElementById(id);
   const SVG = "http://www.w3.org/2000/svg";
@@ -508,6 +510,8 @@
       }));
     }
     let gone = 0;
+    const labelled = order.length <= MAX_LABELS;
+    const radius = order.length <= MAX_LABELS ? 10 : 5;
     for (const id of order) {
       const p = place.get(id);
       const k = known.get(id);
@@ -516,12 +520,16 @@
       else if (!k) kind = "unknown";
       else if (!(k.neighbors || []).length) { kind = "gone"; gone++; }
       const g = svg("g", { class: kind, "data-node-id": id, "data-kind": kind });
-      g.append(svg("circle", { cx: p.x.toFixed(1), cy: p.y.toFixed(1), r: id === s.nodeId ? 14 : 10 }));
-      const label = svg("text", { x: p.x.toFixed(1), y: (p.y + (p.y < H / 2 ? -18 : 26)).toFixed(1), "text-anchor": "middle" });
-      label.textContent = short(id) + (id === s.nodeId ? " (this node)" : "");
+      g.append(svg("circle", { cx: p.x.toFixed(1), cy: p.y.toFixed(1), r: id === s.nodeId ? 14 : radius }));
+      // A large mesh keeps only this node's label; every node still has its tooltip.
+      if (labelled || id === s.nodeId) {
+        const label = svg("text", { x: p.x.toFixed(1), y: (p.y + (p.y < H / 2 ? -18 : 26)).toFixed(1), "text-anchor": "middle" });
+        label.textContent = short(id) + (id === s.nodeId ? " (this node)" : "");
+        g.append(label);
+      }
       const title = svg("title", {});
       title.textContent = id + (k ? " at " + k.addr + ", record version " + k.version : " (no record)");
-      g.append(label, title);
+      g.append(title);
       parts.push(g);
     }
     graph.replaceChildren(...parts);
