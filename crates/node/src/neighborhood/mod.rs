@@ -4,6 +4,7 @@
 //! neighbor.
 
 mod budget;
+pub mod connectivity;
 mod database;
 mod outbox;
 mod state;
@@ -18,12 +19,13 @@ use meshnode_protocol::{Identity, NodeId, RecordError, SignedRecord, VerifiedRec
 use meshnode_shutdown::DoneReply;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+pub use connectivity::Connectivity;
 pub use database::{Merge, NodeDb};
 
 use crate::link::{ConnId, StreamHandle};
@@ -116,13 +118,22 @@ pub struct NeighborhoodGone;
 #[derive(Debug, Clone)]
 pub struct NeighborhoodHandle {
     tx: mpsc::Sender<NeighborhoodMsg>,
+    connectivity: watch::Receiver<Connectivity>,
 }
 
 impl NeighborhoodHandle {
     /// A handle whose messages go to `tx`, for tests that play this subsystem themselves.
     #[cfg(test)]
     pub(crate) fn from_sender(tx: mpsc::Sender<NeighborhoodMsg>) -> Self {
-        Self { tx }
+        let connectivity = watch::Sender::new(Connectivity::default()).subscribe();
+        Self { tx, connectivity }
+    }
+
+    /// The node's connectivity as last published (after the neighborhood's latest batch); a
+    /// receiver that never waits on the neighborhood. Once the neighborhood has ended it keeps
+    /// the last value and `changed` fails.
+    pub fn connectivity(&self) -> watch::Receiver<Connectivity> {
+        self.connectivity.clone()
     }
 
     /// Sends a message, waiting for room in the inbox.
@@ -178,6 +189,7 @@ pub fn spawn_with(
     let (tx, rx) = mpsc::channel(NEIGHBORHOOD_INBOX);
     let span = tracing::info_span!("neighborhood", node = %identity.id().short());
     let task = state::Neighborhood::new(identity, addr)?.with_window(gossip_window);
+    let connectivity = task.connectivity();
     tracker.spawn(task.run(rx, cancel).instrument(span));
-    Ok(NeighborhoodHandle { tx })
+    Ok(NeighborhoodHandle { tx, connectivity })
 }

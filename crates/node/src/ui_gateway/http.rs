@@ -1,5 +1,5 @@
-//! The UI server: the MASQ websocket at `/`, `GET /status` and `POST /shutdown`, all behind
-//! the UI token when the node has one.
+//! The UI server: the MASQ websocket at `/`, `GET /status`, `GET /metrics` and
+//! `POST /shutdown`, all behind the UI token when the node has one.
 
 use std::future::IntoFuture;
 
@@ -17,8 +17,9 @@ use super::console::{self, CookieCheck};
 use super::listener::{ClientAddr, ClosableListener};
 use super::report::Trigger;
 use super::state::Ui;
-use super::{GatewayError, GatewayHandle};
+use super::{GatewayError, GatewayHandle, metrics};
 use crate::config::UiToken;
+use crate::neighborhood::Connectivity;
 
 #[derive(Debug, Clone)]
 pub(super) struct AppState {
@@ -31,6 +32,8 @@ pub(super) struct AppState {
     pub token: Option<UiToken>,
     /// The console's session, when the node has a token.
     pub session: Option<console::Session>,
+    /// The node's connectivity as the neighborhood last published it.
+    pub connectivity: tokio::sync::watch::Receiver<Connectivity>,
 }
 
 pub(super) fn router(state: AppState) -> Router {
@@ -39,6 +42,7 @@ pub(super) fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(console::root))
         .route("/status", get(status))
+        .route("/metrics", get(scrape))
         .route("/shutdown", post(shutdown))
         .merge(console::routes())
         .layer(middleware::from_fn_with_state(
@@ -119,6 +123,7 @@ fn unauthorized(path: &str, refusal: Refusal) -> Response {
     let opcode = match path {
         "/status" => "status",
         "/shutdown" => "shutdown",
+        "/metrics" => "metrics",
         _ => "unauthorized",
     };
     let message = match refusal {
@@ -162,6 +167,27 @@ async fn status(State(app): State<AppState>) -> Response {
     match app.gateway.status().await {
         Ok(status) => axum::Json(status).into_response(),
         Err(e) => error_response("status", &e),
+    }
+}
+
+/// The node's figures in the Prometheus text format; see [`metrics`].
+async fn scrape(State(app): State<AppState>) -> Response {
+    let snapshot = match app.gateway.metrics().await {
+        Ok(snapshot) => snapshot,
+        Err(e) => return error_response("metrics", &e),
+    };
+    match metrics::render(&snapshot) {
+        Ok(text) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
+        Err(e) => {
+            error!(error = %e, "cannot encode the metrics");
+            let body = UiMessage::error(
+                "metrics",
+                None,
+                codes::INTERNAL,
+                "cannot encode the metrics",
+            );
+            (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(body)).into_response()
+        }
     }
 }
 
