@@ -66,6 +66,7 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         identity,
         shutdown_deadline,
         gossip_window,
+        gossip_settle,
         ui_token,
     } = config;
     let listen_err = |source| StartError::Listen {
@@ -89,7 +90,10 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
     let neighborhood = neighborhood::spawn_with(
         identity,
         info.listen.to_string(),
-        gossip_window,
+        neighborhood::GossipTiming {
+            window: gossip_window,
+            settle: gossip_settle,
+        },
         cancel.child_token(),
         &tracker,
     )?;

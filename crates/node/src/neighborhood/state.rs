@@ -50,6 +50,19 @@ pub(super) struct Neighborhood {
     pub(super) flush_at: Option<Instant>,
     /// When gossip held back for busy neighbors is next tried again.
     pub(super) retry_at: Option<Instant>,
+    /// Set when the batch stored a record that lists nobody (a withdrawal): it is forwarded at
+    /// the end of the batch, without waiting for the window.
+    pub(super) urgent: bool,
+    /// How long a change of the own record that needs no haste (dropping a neighbor that
+    /// withdrew, which its withdrawal already shows to everyone) waits to be published, so that
+    /// many coalesce into one record; any other change publishes it at once.
+    pub(super) settle: Duration,
+    /// When the own record, changed lazily, is due to be published.
+    pub(super) settle_at: Option<Instant>,
+    /// For each immediate neighbor, the records it is known to have: those it sent here, by id,
+    /// with their version and the first bytes of their signature. Such a record is not sent
+    /// back to it.
+    pub(super) peer_has: HashMap<NodeId, HashMap<NodeId, (u64, u64)>>,
     /// Status requests of the current batch, answered after its gossip is counted.
     pub(super) status_replies: Vec<oneshot::Sender<NeighborhoodStatus>>,
     /// Each immediate neighbor's budget of gossip frames that change nothing here.
@@ -81,6 +94,10 @@ impl Neighborhood {
             window: Duration::ZERO,
             flush_at: None,
             retry_at: None,
+            urgent: false,
+            settle: super::DEFAULT_GOSSIP_SETTLE,
+            settle_at: None,
+            peer_has: HashMap::new(),
             withdrawn: false,
             status_replies: Vec::new(),
             useless: HashMap::new(),
@@ -89,6 +106,11 @@ impl Neighborhood {
 
     pub(super) fn with_window(mut self, window: Duration) -> Self {
         self.window = window;
+        self
+    }
+
+    pub(super) fn with_settle(mut self, settle: Duration) -> Self {
+        self.settle = settle;
         self
     }
 
@@ -121,7 +143,7 @@ impl Neighborhood {
                     Err(_) => break,
                 }
             }
-            if self.window.is_zero() {
+            if self.window.is_zero() || self.urgent {
                 self.flush();
             } else if self.flush_at.is_none() && self.owes_gossip() {
                 self.flush_at = Some(Instant::now() + self.window);
@@ -135,10 +157,10 @@ impl Neighborhood {
 
     /// The earliest of the gossip deadlines: the window's end, the backlog's retry.
     fn next_due(&self) -> Option<Instant> {
-        match (self.flush_at, self.retry_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [self.flush_at, self.retry_at, self.settle_at]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Runs the gossip whose deadline has passed, and schedules the next retry while gossip is
@@ -153,6 +175,13 @@ impl Neighborhood {
         if self.retry_at.is_some_and(|at| at <= now) {
             self.retry_at = None;
             flush = true;
+        }
+        if self.settle_at.is_some_and(|at| at <= now) {
+            self.settle_at = None;
+            if !self.withdrawn {
+                self.outbox.changed.insert(self.own.id(), BTreeSet::new());
+                flush = true;
+            }
         }
         if flush {
             self.flush();
@@ -213,6 +242,7 @@ impl Neighborhood {
         self.merge(record, Some(peer));
         // A replaced stream was closed by the pool; its disconnect removes only itself.
         self.streams.entry(peer).or_default().push(stream);
+        self.peer_has.entry(peer).or_default();
         self.outbox.full_sync.insert(peer);
         self.change_own(|neighbors| neighbors.insert(peer));
     }
@@ -229,6 +259,7 @@ impl Neighborhood {
             self.streams.remove(&peer);
             self.departed.remove(&peer);
             self.listed_since.remove(&peer);
+            self.peer_has.remove(&peer);
             self.backlog.remove(&peer);
             self.useless.remove(&peer);
             self.outbox.full_sync.remove(&peer);
@@ -267,6 +298,9 @@ impl Neighborhood {
             }
             let (id, version) = (record.id(), record.version());
             let lists_me = record.record().neighbors.contains(&me);
+            if let Some(known) = self.peer_has.get_mut(&from) {
+                known.insert(id, (version, sig_prefix(record.signed())));
+            }
             useful |= self.merge(record, Some(from)) == Merge::Accepted;
             if !self.streams.contains_key(&id) {
                 continue;
@@ -287,9 +321,13 @@ impl Neighborhood {
 
     pub(super) fn merge(&mut self, record: VerifiedRecord, source: Option<NodeId>) -> Merge {
         let (id, signature) = (record.id(), record.signed().signature);
+        let lists_nobody = record.record().neighbors.is_empty();
         let merged = self.db.merge(record);
         match merged {
             Merge::Accepted => {
+                // A withdrawal (or a node with no neighbors yet: small either way) is
+                // forwarded at once: it is what tells the mesh that every link to it is gone.
+                self.urgent |= lists_nobody;
                 self.counters.records_accepted += 1;
                 self.learned_at.insert(id, Instant::now());
                 self.outbox.changed.insert(id, source.into_iter().collect());
@@ -320,21 +358,47 @@ impl Neighborhood {
             return false;
         }
         record.version += 1;
-        self.install_own(record)
+        self.install_own(record, Publish::Now)
+    }
+
+    /// [`Self::change_own`] for a change that needs no haste: the new record is published
+    /// with the next change of the own record, or after the settling delay, whichever is first.
+    pub(super) fn change_own_lazily(
+        &mut self,
+        edit: impl FnOnce(&mut BTreeSet<NodeId>) -> bool,
+    ) -> bool {
+        let mut record = self.own.record().clone();
+        if !edit(&mut record.neighbors) {
+            return false;
+        }
+        record.version += 1;
+        self.install_own(record, Publish::Lazily)
     }
 
     pub(super) fn bump_own_above(&mut self, floor: u64) {
         let mut record = self.own.record().clone();
         record.version = floor + 1;
-        self.install_own(record);
+        self.install_own(record, Publish::Now);
     }
 
-    pub(super) fn install_own(&mut self, record: NodeRecord) -> bool {
+    pub(super) fn install_own(&mut self, record: NodeRecord, publish: Publish) -> bool {
         match self.identity.sign_verified(record) {
             Ok(own) => {
                 self.own = own;
                 self.db.merge(self.own.clone());
-                self.outbox.changed.insert(self.own.id(), BTreeSet::new());
+                match publish {
+                    Publish::Now => {
+                        // The newest record goes out now, whatever lazy change it carries.
+                        self.outbox.changed.insert(self.own.id(), BTreeSet::new());
+                        self.settle_at = None;
+                    }
+                    Publish::Lazily => {
+                        if !self.outbox.changed.contains_key(&self.own.id()) {
+                            self.settle_at
+                                .get_or_insert_with(|| Instant::now() + self.settle);
+                        }
+                    }
+                }
                 true
             }
             Err(e) => {
@@ -380,6 +444,23 @@ impl Neighborhood {
             counters: self.counters,
         }
     }
+}
+
+/// When a change of the own record is published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Publish {
+    /// With this batch's gossip.
+    Now,
+    /// With the next change, or after the settling delay.
+    Lazily,
+}
+
+/// The first eight bytes of a record's signature: with its version, enough to tell two
+/// records of one id apart (two records at one version differ in their signatures).
+pub(super) fn sig_prefix(record: &meshnode_protocol::SignedRecord) -> u64 {
+    let mut prefix = [0u8; 8];
+    prefix.copy_from_slice(&record.signature[..8]);
+    u64::from_be_bytes(prefix)
 }
 
 /// Resolves at `at`; never when there is nothing due.

@@ -139,6 +139,7 @@ async fn the_status_opcode_answers_with_the_whole_payload_in_camel_case() {
     let stats = payload["stats"].as_object().expect("stats is an object");
     for key in [
         "gossipFramesSent",
+        "gossipBytesSent",
         "gossipFramesReceived",
         "recordsAccepted",
         "recordsStale",
@@ -154,7 +155,7 @@ async fn the_status_opcode_answers_with_the_whole_payload_in_camel_case() {
     ] {
         assert_eq!(stats.get(key), Some(&json!(0)), "stats.{key}");
     }
-    assert_eq!(stats.len(), 13, "{stats:?}");
+    assert_eq!(stats.len(), 14, "{stats:?}");
     let typed: StatusPayload = serde_json::from_value(payload).expect("the payload parses");
     assert_eq!(typed.node_id, node.id().to_string());
 
