@@ -205,9 +205,26 @@ pub fn spawn_with(
 ) -> Result<NeighborhoodHandle, RecordError> {
     let (tx, rx) = mpsc::channel(NEIGHBORHOOD_INBOX);
     let span = tracing::info_span!("neighborhood", node = %identity.id().short());
-    let task = state::Neighborhood::new(identity, addr)?
+    let task = state::Neighborhood::with_clock(identity, addr, state::VersionClock::Wall)?
         .with_window(timing.window)
         .with_settle(timing.settle);
     tracker.spawn(task.run(rx, cancel).instrument(span));
+    Ok(NeighborhoodHandle { tx })
+}
+
+/// [`spawn_with`], with versions counted from 1 (for tests that pin them).
+#[cfg(test)]
+pub(crate) fn spawn_counting(
+    identity: Identity,
+    addr: String,
+    timing: GossipTiming,
+    cancel: CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<NeighborhoodHandle, RecordError> {
+    let (tx, rx) = mpsc::channel(NEIGHBORHOOD_INBOX);
+    let task = state::Neighborhood::new(identity, addr)?
+        .with_window(timing.window)
+        .with_settle(timing.settle);
+    tracker.spawn(task.run(rx, cancel));
     Ok(NeighborhoodHandle { tx })
 }

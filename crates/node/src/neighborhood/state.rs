@@ -25,6 +25,8 @@ const BACKLOG_RETRY: Duration = Duration::from_millis(20);
 
 pub(super) struct Neighborhood {
     pub(super) identity: Identity,
+    /// Where the own record's versions come from.
+    pub(super) clock: VersionClock,
     pub(super) db: NodeDb,
     pub(super) own: VerifiedRecord,
     /// The streams to each immediate neighbor that have connected and not yet disconnected,
@@ -70,11 +72,21 @@ pub(super) struct Neighborhood {
 }
 
 impl Neighborhood {
+    /// A neighborhood whose versions count up from 1, for tests that pin them.
+    #[cfg(test)]
     pub(super) fn new(identity: Identity, addr: String) -> Result<Self, RecordError> {
+        Self::with_clock(identity, addr, VersionClock::Counter)
+    }
+
+    pub(super) fn with_clock(
+        identity: Identity,
+        addr: String,
+        clock: VersionClock,
+    ) -> Result<Self, RecordError> {
         let record = NodeRecord {
             id: identity.id(),
             addr,
-            version: 1,
+            version: clock.next(1),
             neighbors: BTreeSet::new(),
         };
         let own = identity.sign_verified(record)?;
@@ -82,6 +94,7 @@ impl Neighborhood {
         db.merge(own.clone());
         Ok(Self {
             identity,
+            clock,
             db,
             own,
             streams: HashMap::new(),
@@ -357,7 +370,7 @@ impl Neighborhood {
         if !edit(&mut record.neighbors) {
             return false;
         }
-        record.version += 1;
+        record.version = self.clock.next(record.version + 1);
         self.install_own(record, Publish::Now)
     }
 
@@ -371,13 +384,13 @@ impl Neighborhood {
         if !edit(&mut record.neighbors) {
             return false;
         }
-        record.version += 1;
+        record.version = self.clock.next(record.version + 1);
         self.install_own(record, Publish::Lazily)
     }
 
     pub(super) fn bump_own_above(&mut self, floor: u64) {
         let mut record = self.own.record().clone();
-        record.version = floor + 1;
+        record.version = self.clock.next(floor.saturating_add(1));
         self.install_own(record, Publish::Now);
     }
 
@@ -444,6 +457,38 @@ impl Neighborhood {
             counters: self.counters,
         }
     }
+}
+
+/// Where the own record's versions come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum VersionClock {
+    /// Each version is the greater of the previous one + 1 and the wall clock in milliseconds
+    /// since the Unix epoch: versions survive a restart without being stored or trusted from
+    /// peers, so a replayed record of an earlier life of the key is stale (unless that life
+    /// changed its record more often than once a millisecond, or the clock went back: then
+    /// the node outbids the replay when it hears of it, as before).
+    Wall,
+    /// Previous + 1, from 1: for tests that pin versions.
+    #[cfg(test)]
+    Counter,
+}
+
+impl VersionClock {
+    /// The version to use, given the least one allowed.
+    pub(super) fn next(self, floor: u64) -> u64 {
+        match self {
+            Self::Wall => floor.max(wall_clock_ms()),
+            #[cfg(test)]
+            Self::Counter => floor,
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch; 0 if the clock is before it.
+pub(super) fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// When a change of the own record is published.
