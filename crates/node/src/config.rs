@@ -29,6 +29,9 @@ pub struct Config {
     pub gossip_settle: Duration,
     /// When set, every UI route wants `Authorization: Bearer TOKEN`.
     pub ui_token: Option<UiToken>,
+    /// The address put in the node's record for neighbors to dial, when it is not the bound
+    /// listen address (a wildcard listen, NAT); see [`advertised_addr`].
+    pub advertise: Option<Advertise>,
 }
 
 impl Config {
@@ -43,8 +46,91 @@ impl Config {
             gossip_window: DEFAULT_GOSSIP_WINDOW,
             gossip_settle: DEFAULT_GOSSIP_SETTLE,
             ui_token: None,
+            advertise: None,
         }
     }
+}
+
+/// An address to advertise in the node's record: `HOST:PORT`, neither a wildcard nor port 0.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Advertise(String);
+
+impl Advertise {
+    /// Checks `text` as [`parse_neighbor`] does (a host and a port from 1 to 65535, without
+    /// resolving the host) and refuses a wildcard IP (`0.0.0.0`, `[::]`): nobody can dial one.
+    pub fn new(text: &str) -> Result<Self, AdvertiseError> {
+        let bad = |why: String| AdvertiseError::Invalid {
+            addr: text.to_owned(),
+            why,
+        };
+        parse_neighbor(text).map_err(bad)?;
+        if let Ok(addr) = text.parse::<SocketAddr>() {
+            if addr.ip().is_unspecified() {
+                return Err(AdvertiseError::Wildcard {
+                    addr: text.to_owned(),
+                });
+            }
+        }
+        Ok(Self(text.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Advertise {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for Advertise {
+    type Err = AdvertiseError;
+
+    fn from_str(text: &str) -> Result<Self, AdvertiseError> {
+        Self::new(text)
+    }
+}
+
+/// Why an address cannot go into the node's record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdvertiseError {
+    #[error("cannot advertise '{addr}': {why}")]
+    Invalid { addr: String, why: String },
+    #[error(
+        "cannot advertise the wildcard address '{addr}': neighbors cannot dial it; give the address they can reach"
+    )]
+    Wildcard { addr: String },
+    #[error(
+        "--listen {listen} is a wildcard address, which neighbors cannot dial: pass --advertise HOST:PORT, the address they can reach"
+    )]
+    WildcardListen { listen: SocketAddr },
+}
+
+/// The address the node's record carries: `advertise` when given, else the bound listen
+/// address, which must then not be a wildcard (a record naming `0.0.0.0` sends every
+/// neighbor that dials it to itself).
+pub fn advertised_addr(
+    listen: SocketAddr,
+    advertise: Option<&Advertise>,
+) -> Result<String, AdvertiseError> {
+    match advertise {
+        Some(advertise) => Ok(advertise.as_str().to_owned()),
+        None if listen.ip().is_unspecified() => Err(AdvertiseError::WildcardListen { listen }),
+        None => Ok(listen.to_string()),
+    }
+}
+
+/// How the node writes its logs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One line of text per event, for people.
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `fields` (with `message`),
+    /// and the spans.
+    Json,
 }
 
 /// The secret a UI client must present as `Authorization: Bearer TOKEN`. Its `Debug` never
@@ -232,6 +318,53 @@ mod tests {
         assert!(parse_neighbor("[::1]:4000").is_ok());
         for bad in ["4000", ":4000", "host:", "host:99999", "host:0", "host:x"] {
             assert!(parse_neighbor(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn an_advertised_address_is_dialable() {
+        for good in [
+            "203.0.113.7:4000",
+            "node.example.org:4000",
+            "[2001:db8::1]:4000",
+        ] {
+            assert_eq!(
+                Advertise::new(good).map(|a| a.to_string()),
+                Ok(good.to_owned())
+            );
+        }
+        for wildcard in ["0.0.0.0:4000", "[::]:4000"] {
+            let err = Advertise::new(wildcard).expect_err(wildcard);
+            assert!(matches!(err, AdvertiseError::Wildcard { .. }), "{err}");
+            assert!(err.to_string().contains("wildcard"), "{err}");
+        }
+        for bad in ["203.0.113.7:0", "203.0.113.7", ":4000", "host:x"] {
+            let err = Advertise::new(bad).expect_err(bad);
+            assert!(matches!(err, AdvertiseError::Invalid { .. }), "{err}");
+        }
+        assert!(
+            Advertise::new("203.0.113.7:0")
+                .expect_err("port 0")
+                .to_string()
+                .contains("port 0")
+        );
+    }
+
+    #[test]
+    fn the_record_carries_the_advertised_address_or_a_dialable_listen_address() {
+        let at = |text: &str| text.parse::<SocketAddr>().expect("an address");
+        let public = Advertise::new("203.0.113.7:4000").expect("good");
+        assert_eq!(
+            advertised_addr(at("0.0.0.0:4000"), Some(&public)),
+            Ok("203.0.113.7:4000".to_owned())
+        );
+        assert_eq!(
+            advertised_addr(at("127.0.0.1:4000"), None),
+            Ok("127.0.0.1:4000".to_owned())
+        );
+        for wildcard in ["0.0.0.0:4000", "[::]:4000"] {
+            let err = advertised_addr(at(wildcard), None).expect_err(wildcard);
+            assert!(err.to_string().contains("--advertise"), "{err}");
         }
     }
 

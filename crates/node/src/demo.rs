@@ -37,42 +37,8 @@ pub enum DemoError {
 
 /// Runs the demo, printing as it goes. Returns the departing node's report.
 pub async fn run(nodes: usize, mut print: impl FnMut(&str)) -> Result<ShutdownReport, DemoError> {
-    if !NODES.contains(&nodes) {
-        return Err(DemoError::Nodes);
-    }
-    // Node i dials nodes i-1 and i-2: a connected mesh where most nodes have four neighbors.
-    let mut mesh: Vec<Node> = Vec::with_capacity(nodes);
-    for index in 0..nodes {
-        let identity = Identity::generate().map_err(|e| DemoError::Stuck(e.to_string()))?;
-        let mut config = Config::new(identity);
-        config.neighbors = mesh
-            .iter()
-            .rev()
-            .take(2)
-            .map(|n: &Node| n.listen_addr().to_string())
-            .collect();
-        let node = crate::start(config)
-            .await
-            .map_err(|source| DemoError::Start { index, source })?;
-        mesh.push(node);
-    }
-    print(&format!(
-        "started {nodes} nodes on loopback; node i dials nodes i-1 and i-2"
-    ));
-
-    let started = Instant::now();
-    let expected = expected_neighbors(&mesh);
-    let statuses = poll_until(&mesh, "the mesh to converge", |all| {
-        all.iter()
-            .zip(&expected)
-            .all(|(s, want)| converged(s, want, mesh.len()))
-    })
-    .await?;
-    print(&format!(
-        "converged in {} ms:\n{}",
-        started.elapsed().as_millis(),
-        table(&statuses)
-    ));
+    let (mesh, statuses) = start_mesh(nodes, &mut print).await?;
+    let mut mesh = mesh;
 
     let leaving = nodes / 2;
     let departing = mesh.remove(leaving);
@@ -162,6 +128,145 @@ pub async fn run(nodes: usize, mut print: impl FnMut(&str)) -> Result<ShutdownRe
         ));
     }
     Ok(report)
+}
+
+/// Starts `nodes` nodes on loopback and waits until they have converged; prints as it goes.
+async fn start_mesh(
+    nodes: usize,
+    print: &mut impl FnMut(&str),
+) -> Result<(Vec<Node>, Vec<StatusPayload>), DemoError> {
+    if !NODES.contains(&nodes) {
+        return Err(DemoError::Nodes);
+    }
+    // Node i dials nodes i-1 and i-2: a connected mesh where most nodes have four neighbors.
+    let mut mesh: Vec<Node> = Vec::with_capacity(nodes);
+    for index in 0..nodes {
+        let identity = Identity::generate().map_err(|e| DemoError::Stuck(e.to_string()))?;
+        let mut config = Config::new(identity);
+        config.neighbors = mesh
+            .iter()
+            .rev()
+            .take(2)
+            .map(|n: &Node| n.listen_addr().to_string())
+            .collect();
+        let node = crate::start(config)
+            .await
+            .map_err(|source| DemoError::Start { index, source })?;
+        mesh.push(node);
+    }
+    print(&format!(
+        "started {nodes} nodes on loopback; node i dials nodes i-1 and i-2"
+    ));
+
+    let started = Instant::now();
+    let expected = expected_neighbors(&mesh);
+    let statuses = poll_until(&mesh, "the mesh to converge", |all| {
+        all.iter()
+            .zip(&expected)
+            .all(|(s, want)| converged(s, want, mesh.len()))
+    })
+    .await?;
+    print(&format!(
+        "converged in {} ms:\n{}",
+        started.elapsed().as_millis(),
+        table(&statuses)
+    ));
+    Ok((mesh, statuses))
+}
+
+/// `meshnode demo --console`: starts the mesh, prints the URL of each node's console, and keeps
+/// the mesh running while people shut nodes down from their pages, printing each node's end as
+/// it happens, until `stop` resolves (Ctrl-C) or every node has ended. Then it shuts down the
+/// nodes still running and returns every node's report, in the order the nodes ended.
+pub async fn console(
+    nodes: usize,
+    mut print: impl FnMut(&str),
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<Vec<ShutdownReport>, DemoError> {
+    let (mesh, _) = start_mesh(nodes, &mut print).await?;
+    let mut urls =
+        String::from("consoles (open one in a browser; shut nodes down from the page):\n");
+    for (index, node) in mesh.iter().enumerate() {
+        let _ = writeln!(
+            urls,
+            "  {}  http://{}/{}",
+            short_id(&node.id().to_string()),
+            node.ui_addr(),
+            if index == mesh.len() / 2 {
+                "   <- start here: most neighbors"
+            } else {
+                ""
+            }
+        );
+    }
+    urls.push_str("press Ctrl-C to shut the rest down and end the demo");
+    print(&urls);
+
+    let controllers: Vec<_> = mesh.iter().map(Node::controller).collect();
+    let mut ended = tokio::task::JoinSet::new();
+    for node in mesh {
+        ended.spawn(node.wait());
+    }
+    let mut reports = Vec::with_capacity(nodes);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => break,
+            next = ended.join_next() => match next {
+                Some(Ok(report)) => {
+                    print(&format!(
+                        "node {} shut down ({}): {}; {} still running",
+                        short_id(&report.node_id),
+                        report.trigger,
+                        outcome_word(report.outcome),
+                        ended.len()
+                    ));
+                    reports.push(report);
+                }
+                Some(Err(e)) => return Err(DemoError::Stuck(format!("a node's task failed: {e}"))),
+                None => {
+                    print("every node has shut down");
+                    return Ok(reports);
+                }
+            },
+        }
+    }
+    print(&format!("shutting down the other {} nodes", ended.len()));
+    // Ask the rest to stop; each node's deadline bounds its wait, and the wait below ends when
+    // every node has ended.
+    let asks = futures::future::join_all(controllers.iter().map(|c| c.shutdown()));
+    let ((), rest) = tokio::join!(
+        async {
+            let _ = asks.await;
+        },
+        async {
+            let mut rest = Vec::new();
+            while let Some(next) = ended.join_next().await {
+                if let Ok(report) = next {
+                    rest.push(report);
+                }
+            }
+            rest
+        }
+    );
+    let graceful = rest
+        .iter()
+        .filter(|r| r.outcome == ShutdownOutcome::Graceful)
+        .count();
+    print(&format!(
+        "{graceful} of {} shut down gracefully",
+        rest.len()
+    ));
+    reports.extend(rest);
+    Ok(reports)
+}
+
+fn outcome_word(outcome: ShutdownOutcome) -> &'static str {
+    match outcome {
+        ShutdownOutcome::Graceful => "graceful",
+        ShutdownOutcome::DeadlineExpired => "deadline expired",
+        ShutdownOutcome::Failed => "failed",
+    }
 }
 
 fn expected_neighbors(mesh: &[Node]) -> Vec<BTreeSet<String>> {
@@ -284,4 +389,99 @@ fn table(statuses: &[StatusPayload]) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::{mpsc, oneshot};
+
+    use super::*;
+    use crate::test_support::within;
+
+    #[tokio::test]
+    async fn the_console_demo_runs_until_stopped_and_tells_of_each_node_shut_down_from_a_page() {
+        let (tx, mut lines) = mpsc::unbounded_channel::<String>();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let demo = tokio::spawn(console(
+            3,
+            move |text| {
+                let _ = tx.send(text.to_owned());
+            },
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let consoles = within("the console URLs", async {
+            loop {
+                let line = lines.recv().await.expect("the demo prints until it ends");
+                if line.starts_with("consoles") {
+                    break line;
+                }
+            }
+        })
+        .await;
+        let urls: Vec<&str> = consoles
+            .split_whitespace()
+            .filter(|word| word.starts_with("http://"))
+            .collect();
+        assert_eq!(urls.len(), 3, "{consoles}");
+
+        // What the page's Shut down button does, done over HTTP for brevity.
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("a client");
+        let report: ShutdownReport = within("the shutdown", async {
+            client
+                .post(format!("{}shutdown", urls[0]))
+                .send()
+                .await
+                .expect("the node answers")
+                .json()
+                .await
+                .expect("a report")
+        })
+        .await;
+        assert_eq!(report.outcome, ShutdownOutcome::Graceful);
+        let told = within("the demo tells of it", async {
+            loop {
+                let line = lines.recv().await.expect("the demo prints until it ends");
+                if line.contains("shut down (") {
+                    break line;
+                }
+            }
+        })
+        .await;
+        let id = short_id(&report.node_id);
+        assert!(
+            told.starts_with(&format!("node {id} shut down (HTTP request from")),
+            "{told}"
+        );
+        assert!(told.ends_with("graceful; 2 still running"), "{told}");
+
+        // Ctrl-C: the rest shut down, and every report comes back, the first node's first.
+        let _ = stop.send(());
+        let reports = within("the demo ends", demo)
+            .await
+            .expect("the demo's task")
+            .expect("the demo succeeds");
+        assert_eq!(reports.len(), 3);
+        assert_eq!(reports[0].node_id, report.node_id);
+        assert!(
+            reports
+                .iter()
+                .all(|r| r.outcome == ShutdownOutcome::Graceful)
+        );
+        let mut rest = Vec::new();
+        while let Ok(line) = lines.try_recv() {
+            rest.push(line);
+        }
+        assert_eq!(
+            rest,
+            [
+                "shutting down the other 2 nodes",
+                "2 of 2 shut down gracefully"
+            ]
+        );
+    }
 }

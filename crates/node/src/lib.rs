@@ -13,6 +13,7 @@ pub mod demo;
 pub mod link;
 pub mod neighborhood;
 mod node;
+pub mod notify;
 pub mod stream_handler_pool;
 pub mod ui_gateway;
 

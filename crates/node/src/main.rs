@@ -7,8 +7,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
-use meshnode::config::{UiToken, load_or_create_identity, parse_duration, parse_neighbor};
+use clap::{CommandFactory, Parser, Subcommand};
+use meshnode::config::{
+    Advertise, LogFormat, UiToken, advertised_addr, load_or_create_identity, parse_duration,
+    parse_neighbor,
+};
 use meshnode::ui_gateway::UI_GRACE;
 use meshnode::{Config, ShutdownReport, client};
 use meshnode_protocol::Identity;
@@ -28,9 +31,15 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
 #[derive(Debug, Parser)]
 #[command(name = "meshnode", version, about, long_about = None)]
 struct Cli {
+    /// How logs are written to stderr: text for people, or json (one object per line).
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
+
+/// The log format chosen at start, for the few messages written outside `tracing`.
+static LOG_FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
 
 #[derive(Debug, Subcommand)]
 enum Command {
@@ -60,18 +69,28 @@ enum Command {
         ui_token: Option<UiToken>,
     },
     /// Start a local mesh on loopback, show one node withdrawing gracefully, then stop them all.
+    /// With --console, keep the mesh running and watch it in a browser instead.
     Demo {
         /// How many nodes the mesh has.
         #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u16).range(2..=64))]
         nodes: u16,
+        /// Keep the mesh running, print each node's console URL (http://ADDR/), and let people
+        /// shut nodes down from the page and watch the others react, until Ctrl-C.
+        #[arg(long)]
+        console: bool,
     },
 }
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// Where to accept neighbors (port 0 picks a free port).
+    /// Where to accept neighbors (port 0 picks a free port). A wildcard (0.0.0.0, [::]) needs
+    /// --advertise.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    /// The address neighbors dial, put in the node's record instead of the listen address: for
+    /// a wildcard --listen, or behind NAT. Never a wildcard nor port 0.
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise: Option<Advertise>,
     /// Where the UI websocket and HTTP routes listen.
     #[arg(long, value_name = "ADDR", default_value = DEFAULT_UI)]
     ui: SocketAddr,
@@ -117,11 +136,19 @@ impl clap::builder::TypedValueParser for UiTokenParser {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Run(args) = &cli.command {
+        // A usage error, as a bad flag is (exit code 2), before anything starts.
+        if let Err(e) = advertised_addr(args.listen, args.advertise.as_ref()) {
+            Cli::command()
+                .error(clap::error::ErrorKind::ArgumentConflict, e)
+                .exit();
+        }
+    }
     let quiet = matches!(
         cli.command,
         Command::Demo { .. } | Command::Shutdown { .. } | Command::Status { .. }
     );
-    init_logging(if quiet { "warn" } else { "info" });
+    init_logging(if quiet { "warn" } else { "info" }, cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -133,31 +160,40 @@ fn main() -> ExitCode {
         Command::Run(args) => runtime.block_on(run(args)),
         Command::Status { ui, ui_token } => runtime.block_on(status(ui, ui_token)),
         Command::Shutdown { ui, ui_token } => runtime.block_on(shutdown(ui, ui_token)),
-        Command::Demo { nodes } => runtime.block_on(demo(nodes.into())),
+        Command::Demo { nodes, console } => runtime.block_on(demo(nodes.into(), console)),
     };
     // Whatever is still running (a DNS lookup of a dialer, say) must not hold the exit.
     runtime.shutdown_timeout(Duration::from_millis(50));
     code
 }
 
-fn init_logging(default: &str) {
+fn init_logging(default: &str, format: LogFormat) {
+    let _ = LOG_FORMAT.set(format);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        // Timestamp, level, target, the event's fields (its message among them), the current
+        // span and the span list: the same fields as the text, as one object per line.
+        LogFormat::Json => logs.json().init(),
+    }
 }
 
 fn fail(message: &str) -> ExitCode {
-    eprintln!("meshnode: error: {message}");
+    match LOG_FORMAT.get() {
+        // Every line on stderr is then a JSON object, this one too.
+        Some(LogFormat::Json) => tracing::error!(error = message, "meshnode failed"),
+        _ => eprintln!("meshnode: error: {message}"),
+    }
     ExitCode::FAILURE
 }
 
 async fn run(args: RunArgs) -> ExitCode {
     // Listen for signals before anything else, so that one arriving while the node starts is
     // honoured as soon as it runs.
-    let mut signals = match Signals::new() {
+    let signals = match Signals::new() {
         Ok(signals) => signals,
         Err(e) => return fail(&format!("cannot listen for signals: {e}")),
     };
@@ -175,6 +211,7 @@ async fn run(args: RunArgs) -> ExitCode {
     config.neighbors = args.neighbors;
     config.shutdown_deadline = args.shutdown_deadline;
     config.ui_token = args.ui_token;
+    config.advertise = args.advertise;
     let node = match meshnode::start(config).await {
         Ok(node) => node,
         Err(e) => return fail(&e.to_string()),
@@ -182,19 +219,51 @@ async fn run(args: RunArgs) -> ExitCode {
     tracing::info!(node = %node.id(), listen = %node.listen_addr(), ui = %node.ui_addr(), "meshnode running; shut it down through its UI, with SIGTERM or with Ctrl-C");
 
     let controller = node.controller();
+    // systemd's Type=notify, when it asked: READY now, then the node's progress.
+    let notifier = meshnode::notify::wanted().then(|| {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let follow = meshnode::notify::follow(
+            node.lifecycle(),
+            node.connectivity(),
+            controller.clone(),
+            stop.clone(),
+        );
+        (stop, tokio::spawn(follow))
+    });
+    let code = wait_for_the_end(node, controller, signals, args.shutdown_deadline).await;
+    if let Some((stop, follow)) = notifier {
+        stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), follow).await;
+        if let Ok(report) = &code {
+            meshnode::notify::send(&[meshnode::notify::stopped(report)]);
+        }
+    }
+    match code {
+        Ok(report) => ExitCode::from(report.exit_code()),
+        Err(code) => code,
+    }
+}
+
+/// Runs until the node ends (its report) or a signal forces the exit (the exit code).
+async fn wait_for_the_end(
+    node: meshnode::Node,
+    controller: meshnode::NodeController,
+    mut signals: Signals,
+    shutdown_deadline: Duration,
+) -> Result<ShutdownReport, ExitCode> {
     let wait = node.wait();
     tokio::pin!(wait);
     // Past this after a signal, the node is wedged: the gateway's own deadline should have
     // ended it long before.
-    let watchdog = args.shutdown_deadline + UI_GRACE + Duration::from_secs(2);
+    let watchdog = shutdown_deadline + UI_GRACE + meshnode::notify::EXTEND_MARGIN;
     let mut signalled: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
-            report = &mut wait => return ExitCode::from(report.exit_code()),
+            report = &mut wait => return Ok(report),
             signal = signals.recv() => {
                 if signalled.is_some() {
                     tracing::warn!(signal = signal.name, "second signal during the shutdown: exiting at once");
-                    return ExitCode::from(128 + signal.number);
+                    return Err(ExitCode::from(128 + signal.number));
                 }
                 tracing::info!(signal = signal.name, "shutting down gracefully; send it again to exit at once");
                 signalled = Some(tokio::time::Instant::now() + watchdog);
@@ -208,7 +277,7 @@ async fn run(args: RunArgs) -> ExitCode {
                 });
             }
             () = sleep_until(signalled) => {
-                return fail("the node did not end in time after the signal");
+                return Err(fail("the node did not end in time after the signal"));
             }
         }
     }
@@ -312,7 +381,20 @@ async fn shutdown(ui: SocketAddr, token: Option<UiToken>) -> ExitCode {
     ExitCode::from(report.exit_code())
 }
 
-async fn demo(nodes: usize) -> ExitCode {
+async fn demo(nodes: usize, console: bool) -> ExitCode {
+    if console {
+        let ctrl_c = async {
+            if tokio::signal::ctrl_c().await.is_err() {
+                // No signal handler: run until every node has been shut down from its page.
+                std::future::pending::<()>().await;
+            }
+        };
+        return match meshnode::demo::console(nodes, |text| println!("{text}"), ctrl_c).await {
+            Ok(reports) if reports.iter().all(|r| r.exit_code() == 0) => ExitCode::SUCCESS,
+            Ok(_) => fail("a node did not shut down gracefully"),
+            Err(e) => fail(&e.to_string()),
+        };
+    }
     match meshnode::demo::run(nodes, |text| println!("{text}")).await {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => fail(&e.to_string()),

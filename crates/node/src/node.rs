@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{Config, UiExposure};
-use crate::neighborhood::{self, NeighborhoodHandle};
+use crate::config::{AdvertiseError, Config, UiExposure, advertised_addr};
+use crate::neighborhood::{self, Connectivity, NeighborhoodHandle};
 use crate::stream_handler_pool::{self, AsyncStream, PoolHandle, PoolMsg};
 use crate::ui_gateway::{
     self, GatewayConfig, GatewayError, GatewayHandle, NodeInfo, ShutdownOutcome, ShutdownReport,
@@ -42,6 +42,8 @@ pub enum StartError {
     },
     #[error("cannot make this node's record: {0}")]
     Record(#[from] RecordError),
+    #[error(transparent)]
+    Advertise(#[from] AdvertiseError),
 }
 
 /// A running node. Dropping it does not stop it: shut it down ([`Node::shutdown`]) and
@@ -68,12 +70,17 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         gossip_window,
         gossip_settle,
         ui_token,
+        advertise,
     } = config;
     let listen_err = |source| StartError::Listen {
         addr: listen,
         source,
     };
     let ui_err = |source| StartError::Ui { addr: ui, source };
+    // Before binding anything: a node that could only advertise a wildcard does not start.
+    if advertise.is_none() {
+        advertised_addr(listen, None)?;
+    }
     let listener = TcpListener::bind(listen).await.map_err(listen_err)?;
     let ui_listener = TcpListener::bind(ui).await.map_err(ui_err)?;
     let info = NodeInfo {
@@ -81,6 +88,7 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         listen: listener.local_addr().map_err(listen_err)?,
         ui: ui_listener.local_addr().map_err(ui_err)?,
     };
+    let advertised = advertised_addr(info.listen, advertise.as_ref())?;
     if let Some(warning) = UiExposure::of(info.ui, ui_token.is_some()).warning() {
         warn!(ui = %info.ui, "{warning}");
     }
@@ -89,7 +97,7 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
     let tracker = TaskTracker::new();
     let neighborhood = neighborhood::spawn_with(
         identity,
-        info.listen.to_string(),
+        advertised.clone(),
         neighborhood::GossipTiming {
             window: gossip_window,
             settle: gossip_settle,
@@ -126,7 +134,7 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         gateway.clone(),
         cancel.clone(),
     ));
-    info!(node = %info.node_id, listen = %info.listen, ui = %info.ui, ui_token = guarded, "node started");
+    info!(node = %info.node_id, listen = %info.listen, ui = %info.ui, advertise = %advertised, ui_token = guarded, "node started");
     Ok(Node {
         info,
         gateway,
@@ -151,6 +159,16 @@ impl Node {
     /// The UI address, as bound.
     pub fn ui_addr(&self) -> SocketAddr {
         self.info.ui
+    }
+
+    /// The node's place in the network, as the neighborhood last published it (never waits).
+    pub fn connectivity(&self) -> tokio::sync::watch::Receiver<Connectivity> {
+        self.neighborhood.connectivity()
+    }
+
+    /// The node's lifecycle, as the gateway last published it (never waits).
+    pub fn lifecycle(&self) -> tokio::sync::watch::Receiver<ui_gateway::Lifecycle> {
+        self.gateway.lifecycle()
     }
 
     /// The same payload as the UI's `status` opcode.

@@ -202,6 +202,20 @@ pub struct NeighborStatus {
     pub addr: String,
     /// True when the neighbor's record lists this node back.
     pub full: bool,
+    /// The stream the node holds to this neighbor, and which side opened it; `null` while
+    /// there is none (the neighbor is listed, its stream not yet or no longer open).
+    #[serde(default)]
+    pub stream: Option<StreamDirection>,
+}
+
+/// Which side opened the stream to a neighbor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum StreamDirection {
+    /// This node dialed the neighbor.
+    Dialed,
+    /// The neighbor dialed this node.
+    Accepted,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -211,6 +225,45 @@ pub struct KnownNode {
     pub addr: String,
     pub version: u64,
     pub neighbors: Vec<String>,
+}
+
+/// How far the node reaches into the network, as MASQ's `connectionStatus` and
+/// `connectionChange` name it. Serialized as MASQ spells it: `"NotConnected"`,
+/// `"ConnectedToNeighbor"`, `"RouteFound"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ConnectionStage {
+    /// No full neighborship: no neighbor lists this node back.
+    #[default]
+    NotConnected,
+    /// At least one full neighbor, but no node three or more hops away.
+    ConnectedToNeighbor,
+    /// Some node is three or more hops away over full neighborships.
+    RouteFound,
+}
+
+impl ConnectionStage {
+    /// The stage as MASQ spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotConnected => "NotConnected",
+            Self::ConnectedToNeighbor => "ConnectedToNeighbor",
+            Self::RouteFound => "RouteFound",
+        }
+    }
+}
+
+/// The payload of the `connectionStatus` response and of the `connectionChange` broadcast.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionStatusPayload {
+    pub stage: ConnectionStage,
+}
+
+/// The payload of the `descriptor` response: the node's descriptor, or `null` while it has
+/// none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DescriptorPayload {
+    pub node_descriptor_opt: Option<String>,
 }
 
 /// Counters since start. Gossip counters are the neighborhood's; frame and stream counters
@@ -266,6 +319,39 @@ mod tests {
         );
         let b = UiMessage::broadcast("x", serde_json::json!({"a": 1}));
         assert_eq!(b.to_json(), r#"{"opcode":"x","payload":{"a":1}}"#);
+    }
+
+    #[test]
+    fn descriptor_and_connection_payloads_have_the_masq_shape() {
+        let some = DescriptorPayload {
+            node_descriptor_opt: Some("meshnode://ab@1.2.3.4:5".into()),
+        };
+        let json = UiMessage::response("descriptor", 3, some).to_json();
+        assert_eq!(
+            json,
+            r#"{"opcode":"descriptor","contextId":3,"payload":{"nodeDescriptorOpt":"meshnode://ab@1.2.3.4:5"}}"#
+        );
+        let none = DescriptorPayload {
+            node_descriptor_opt: None,
+        };
+        let json = UiMessage::response("descriptor", 4, none).to_json();
+        assert_eq!(
+            json,
+            r#"{"opcode":"descriptor","contextId":4,"payload":{"nodeDescriptorOpt":null}}"#
+        );
+        for stage in [
+            ConnectionStage::NotConnected,
+            ConnectionStage::ConnectedToNeighbor,
+            ConnectionStage::RouteFound,
+        ] {
+            let json = UiMessage::broadcast("connectionChange", ConnectionStatusPayload { stage })
+                .to_json();
+            let want = format!(
+                r#"{{"opcode":"connectionChange","payload":{{"stage":"{}"}}}}"#,
+                stage.as_str()
+            );
+            assert_eq!(json, want);
+        }
     }
 
     #[test]

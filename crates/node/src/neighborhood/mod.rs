@@ -4,6 +4,7 @@
 //! neighbor.
 
 mod budget;
+pub mod connectivity;
 mod database;
 #[cfg(test)]
 mod departure_props;
@@ -20,12 +21,13 @@ use meshnode_protocol::{Identity, NodeId, RecordError, SignedRecord, VerifiedRec
 use meshnode_shutdown::DoneReply;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+pub use connectivity::Connectivity;
 pub use database::{Merge, NodeDb};
 
 use crate::link::{ConnId, StreamHandle};
@@ -124,13 +126,22 @@ pub struct NeighborhoodGone;
 #[derive(Debug, Clone)]
 pub struct NeighborhoodHandle {
     tx: mpsc::Sender<NeighborhoodMsg>,
+    connectivity: watch::Receiver<Connectivity>,
 }
 
 impl NeighborhoodHandle {
     /// A handle whose messages go to `tx`, for tests that play this subsystem themselves.
     #[cfg(test)]
     pub(crate) fn from_sender(tx: mpsc::Sender<NeighborhoodMsg>) -> Self {
-        Self { tx }
+        let connectivity = watch::Sender::new(Connectivity::default()).subscribe();
+        Self { tx, connectivity }
+    }
+
+    /// The node's connectivity as last published (after the neighborhood's latest batch); a
+    /// receiver that never waits on the neighborhood. Once the neighborhood has ended it keeps
+    /// the last value and `changed` fails.
+    pub fn connectivity(&self) -> watch::Receiver<Connectivity> {
+        self.connectivity.clone()
     }
 
     /// Sends a message, waiting for room in the inbox.
@@ -208,8 +219,9 @@ pub fn spawn_with(
     let task = state::Neighborhood::with_clock(identity, addr, state::VersionClock::Wall)?
         .with_window(timing.window)
         .with_settle(timing.settle);
+    let connectivity = task.connectivity();
     tracker.spawn(task.run(rx, cancel).instrument(span));
-    Ok(NeighborhoodHandle { tx })
+    Ok(NeighborhoodHandle { tx, connectivity })
 }
 
 /// [`spawn_with`], with versions counted from 1 (for tests that pin them).
@@ -225,6 +237,7 @@ pub(crate) fn spawn_counting(
     let task = state::Neighborhood::new(identity, addr)?
         .with_window(timing.window)
         .with_settle(timing.settle);
+    let connectivity = task.connectivity();
     tracker.spawn(task.run(rx, cancel));
-    Ok(NeighborhoodHandle { tx })
+    Ok(NeighborhoodHandle { tx, connectivity })
 }

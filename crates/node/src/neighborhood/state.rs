@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use meshnode_protocol::ui::{KnownNode, NeighborStatus};
 use meshnode_protocol::{Identity, NodeId, NodeRecord, RecordError, VerifiedRecord};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info};
 
 use super::budget::Budget;
+use super::connectivity::Connectivity;
 use super::outbox::Outbox;
 use super::{GossipCounters, Merge, NeighborhoodMsg, NeighborhoodStatus, NodeDb};
 use crate::link::{ConnId, StreamHandle};
@@ -69,6 +70,9 @@ pub(super) struct Neighborhood {
     pub(super) status_replies: Vec<oneshot::Sender<NeighborhoodStatus>>,
     /// Each immediate neighbor's budget of gossip frames that change nothing here.
     pub(super) useless: HashMap<NodeId, Budget>,
+    /// The node's place in the network, published after every batch for readers that must
+    /// never wait on this task.
+    pub(super) connectivity: watch::Sender<Connectivity>,
 }
 
 impl Neighborhood {
@@ -114,7 +118,23 @@ impl Neighborhood {
             withdrawn: false,
             status_replies: Vec::new(),
             useless: HashMap::new(),
+            connectivity: watch::Sender::new(Connectivity::default()),
         })
+    }
+
+    /// A receiver of the node's connectivity, as published after each batch.
+    pub(super) fn connectivity(&self) -> watch::Receiver<Connectivity> {
+        self.connectivity.subscribe()
+    }
+
+    /// Publishes the node's connectivity if it changed (readers wake only then).
+    pub(super) fn publish_connectivity(&self) {
+        let now = Connectivity::of(&self.db, &self.own.id());
+        self.connectivity.send_if_modified(|published| {
+            let changed = *published != now;
+            *published = now;
+            changed
+        });
     }
 
     pub(super) fn with_window(mut self, window: Duration) -> Self {
@@ -163,6 +183,7 @@ impl Neighborhood {
             }
             // Whatever came due while the batch was handled leaves now, however full the inbox.
             self.run_due();
+            self.publish_connectivity();
             self.answer_status();
         }
         debug!("stopped");
@@ -437,6 +458,8 @@ impl Neighborhood {
                     .map(|r| r.record().addr.clone())
                     .unwrap_or_default(),
                 full: self.db.lists(id, &me),
+                // The pool's to tell; the gateway fills it in.
+                stream: None,
             })
             .collect();
         let known_nodes = self

@@ -45,8 +45,8 @@ pub const MAX_STRIKES: u32 = 16;
 /// How many verified records each node remembers, to skip checking their copies again.
 const VERIFY_CACHE: usize = 16_384;
 
-/// Stream and frame counters since start.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Stream and frame counters since start, and the streams the pool holds now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PoolCounters {
     pub frames_malformed: u64,
     pub frames_oversized: u64,
@@ -55,6 +55,8 @@ pub struct PoolCounters {
     pub streams_open: u64,
     pub streams_accepted: u64,
     pub streams_dialed: u64,
+    /// The admitted stream to each immediate neighbor, and whether this node dialed it.
+    pub admitted: Vec<(NodeId, bool)>,
 }
 
 /// The live counters, shared by the pool with its own stream tasks only.
@@ -84,6 +86,7 @@ impl Counters {
             streams_open: get(&self.streams_open),
             streams_accepted: get(&self.streams_accepted),
             streams_dialed: get(&self.streams_dialed),
+            admitted: Vec::new(),
         }
     }
 }

@@ -133,7 +133,13 @@ impl Pool {
                 }
             }
             PoolMsg::Counters { reply } => {
-                let _ = reply.send(self.shared.counters.snapshot());
+                let mut counters = self.shared.counters.snapshot();
+                counters.admitted = self
+                    .admitted
+                    .iter()
+                    .map(|(peer, (_, dialed))| (*peer, *dialed))
+                    .collect();
+                let _ = reply.send(counters);
             }
             PoolMsg::Adopt { stream } => self.adopt(stream),
             PoolMsg::Shutdown { reply, deadline } => self.shutdown(reply, deadline),

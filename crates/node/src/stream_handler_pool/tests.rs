@@ -446,6 +446,8 @@ async fn bad_frames_are_counted_and_tolerated_until_max_strikes_then_the_peer_is
             frames_oversized: 1,
             records_rejected: 1,
             streams_open: 1,
+            // The one admitted stream: A's, which A dialed.
+            admitted: vec![(a.id(), false)],
             ..PoolCounters::default()
         }
     );

@@ -1,5 +1,5 @@
-//! The UI server: the MASQ websocket at `/`, `GET /status` and `POST /shutdown`, all behind
-//! the UI token when the node has one.
+//! The UI server: the MASQ websocket at `/`, `GET /status`, `GET /metrics` and
+//! `POST /shutdown`, all behind the UI token when the node has one.
 
 use std::future::IntoFuture;
 
@@ -13,11 +13,13 @@ use meshnode_protocol::ui::{UiMessage, codes};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
+use super::console::{self, CookieCheck};
 use super::listener::{ClientAddr, ClosableListener};
 use super::report::Trigger;
 use super::state::Ui;
-use super::{GatewayError, GatewayHandle, ws};
+use super::{GatewayError, GatewayHandle, metrics};
 use crate::config::UiToken;
+use crate::neighborhood::Connectivity;
 
 #[derive(Debug, Clone)]
 pub(super) struct AppState {
@@ -25,37 +27,60 @@ pub(super) struct AppState {
     /// Cancelled when the node ends; open websockets end with it.
     pub node: CancellationToken,
     pub ui: Ui,
-    /// When set, every request must carry it as `Authorization: Bearer TOKEN`.
+    /// When set, every request must carry it as `Authorization: Bearer TOKEN` (or the
+    /// console's session cookie, which stands for it).
     pub token: Option<UiToken>,
+    /// The console's session, when the node has a token.
+    pub session: Option<console::Session>,
+    /// The node's connectivity as the neighborhood last published it.
+    pub connectivity: tokio::sync::watch::Receiver<Connectivity>,
 }
 
 pub(super) fn router(state: AppState) -> Router {
     // `layer` (not `route_layer`) so that the token guards the fallback too: without it a
     // client cannot even learn which paths exist, nor which methods they take.
     Router::new()
-        .route("/", get(ws::upgrade))
+        .route("/", get(console::root))
         .route("/status", get(status))
+        .route("/metrics", get(scrape))
         .route("/shutdown", post(shutdown))
+        .merge(console::routes())
         .layer(middleware::from_fn_with_state(
-            state.token.clone(),
+            Guard {
+                token: state.token.clone(),
+                session: state.session.clone(),
+            },
             require_token,
         ))
         .with_state(state)
 }
 
-/// Lets a request through only if the node has no token or the request carries it.
-async fn require_token(
-    State(token): State<Option<UiToken>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let Some(token) = token else {
+/// What the token check knows.
+#[derive(Debug, Clone)]
+struct Guard {
+    token: Option<UiToken>,
+    session: Option<console::Session>,
+}
+
+/// Lets a request through only if the node has no token, the request carries it (or the
+/// console's session cookie), or it goes to a public part of the console.
+async fn require_token(State(guard): State<Guard>, request: Request, next: Next) -> Response {
+    let Some(token) = guard.token else {
         return next.run(request).await;
     };
-    let refusal = match presented(request.headers()) {
-        Some(presented) if token.matches(presented) => return next.run(request).await,
-        Some(_) => Refusal::Wrong,
-        None => Refusal::Missing,
+    let headers = request.headers();
+    if console::is_public(request.method(), request.uri().path(), headers) {
+        return next.run(request).await;
+    }
+    let cookie = guard
+        .session
+        .as_ref()
+        .map_or(CookieCheck::Absent, |session| session.presented_in(headers));
+    let refusal = match (presented(headers), cookie) {
+        (Some(presented), _) if token.matches(presented) => return next.run(request).await,
+        (None, CookieCheck::Valid) => return next.run(request).await,
+        (Some(_), _) | (None, CookieCheck::Wrong) => Refusal::Wrong,
+        (None, CookieCheck::Absent) => Refusal::Missing,
     };
     let client = request
         .extensions()
@@ -98,6 +123,7 @@ fn unauthorized(path: &str, refusal: Refusal) -> Response {
     let opcode = match path {
         "/status" => "status",
         "/shutdown" => "shutdown",
+        "/metrics" => "metrics",
         _ => "unauthorized",
     };
     let message = match refusal {
@@ -141,6 +167,27 @@ async fn status(State(app): State<AppState>) -> Response {
     match app.gateway.status().await {
         Ok(status) => axum::Json(status).into_response(),
         Err(e) => error_response("status", &e),
+    }
+}
+
+/// The node's figures in the Prometheus text format; see [`metrics`].
+async fn scrape(State(app): State<AppState>) -> Response {
+    let snapshot = match app.gateway.metrics().await {
+        Ok(snapshot) => snapshot,
+        Err(e) => return error_response("metrics", &e),
+    };
+    match metrics::render(&snapshot) {
+        Ok(text) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
+        Err(e) => {
+            error!(error = %e, "cannot encode the metrics");
+            let body = UiMessage::error(
+                "metrics",
+                None,
+                codes::INTERNAL,
+                "cannot encode the metrics",
+            );
+            (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(body)).into_response()
+        }
     }
 }
 

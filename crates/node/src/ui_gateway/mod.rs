@@ -1,8 +1,10 @@
 //! The UI gateway: the MASQ Node UI websocket and the HTTP routes, and the task that speaks for
 //! the node as a whole: its state, its shutdown, and the end of the node.
 
+mod console;
 mod http;
 mod listener;
+pub mod metrics;
 mod report;
 mod state;
 #[cfg(test)]
@@ -15,7 +17,7 @@ use std::time::Duration;
 use meshnode_protocol::NodeId;
 use meshnode_protocol::ui::StatusPayload;
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -23,7 +25,7 @@ use tracing::Instrument;
 pub use report::{ShutdownOutcome, ShutdownReport, Trigger};
 
 use crate::config::UiToken;
-use crate::neighborhood::NeighborhoodHandle;
+use crate::neighborhood::{Connectivity, NeighborhoodHandle};
 use crate::stream_handler_pool::PoolHandle;
 
 /// How many messages may wait in the gateway's inbox.
@@ -58,6 +60,30 @@ pub enum GatewayMsg {
         trigger: Trigger,
         reply: Option<oneshot::Sender<ShutdownReport>>,
     },
+    /// The node's descriptor (its id and advertised address), or `None` once it is stopping.
+    Descriptor {
+        reply: oneshot::Sender<Result<Option<String>, GatewayError>>,
+    },
+    /// What `GET /metrics` shows, in every phase until the node ends.
+    Metrics {
+        reply: oneshot::Sender<Result<metrics::Snapshot, GatewayError>>,
+    },
+}
+
+/// Where the node is in its life, as the gateway publishes it for a service manager.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lifecycle {
+    Running,
+    /// A shutdown has started; it may take up to `deadline`.
+    ShuttingDown {
+        trigger: Trigger,
+        deadline: Duration,
+    },
+    /// The shutdown has been answered; the node ends within its grace.
+    Ended {
+        outcome: ShutdownOutcome,
+        elapsed: Duration,
+    },
 }
 
 /// Why the gateway could not answer.
@@ -73,9 +99,34 @@ pub enum GatewayError {
 #[derive(Debug, Clone)]
 pub struct GatewayHandle {
     tx: mpsc::Sender<GatewayMsg>,
+    lifecycle: watch::Receiver<Lifecycle>,
 }
 
 impl GatewayHandle {
+    /// The node's lifecycle as the gateway last published it; a receiver that never waits on
+    /// the gateway.
+    pub fn lifecycle(&self) -> watch::Receiver<Lifecycle> {
+        self.lifecycle.clone()
+    }
+
+    pub async fn descriptor(&self) -> Result<Option<String>, GatewayError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(GatewayMsg::Descriptor { reply })
+            .await
+            .map_err(|_| GatewayError::Stopped)?;
+        rx.await.unwrap_or(Err(GatewayError::Stopped))
+    }
+
+    pub async fn metrics(&self) -> Result<metrics::Snapshot, GatewayError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(GatewayMsg::Metrics { reply })
+            .await
+            .map_err(|_| GatewayError::Stopped)?;
+        rx.await.unwrap_or(Err(GatewayError::Stopped))
+    }
+
     pub async fn status(&self) -> Result<StatusPayload, GatewayError> {
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -141,8 +192,18 @@ pub fn spawn_guarded(
         info,
         deadline,
     } = config;
+    // The console's session key, before anything starts, so a failure leaves nothing running.
+    let session = match ui_token {
+        Some(_) => Some(console::Session::new(info.ui.port()).map_err(std::io::Error::other)?),
+        None => None,
+    };
     let (tx, rx) = mpsc::channel(GATEWAY_INBOX);
-    let handle = GatewayHandle { tx };
+    let lifecycle = watch::Sender::new(Lifecycle::Running);
+    let handle = GatewayHandle {
+        tx,
+        lifecycle: lifecycle.subscribe(),
+    };
+    let connectivity = neighborhood.connectivity();
     let ui = state::Ui {
         broadcasts: broadcast::channel(BROADCAST_BUFFER).0,
         clients: TaskTracker::new(),
@@ -161,17 +222,60 @@ pub fn spawn_guarded(
         deadline,
         listener_closed,
         exit,
+        lifecycle,
     });
     let node_span = info.node_id.short();
     let span = tracing::info_span!("ui_gateway", node = %node_span);
     tracker.spawn(task.run(rx, node.clone()).instrument(span));
+    let span = tracing::debug_span!("connection_change", node = %node_span);
+    tracker.spawn(
+        announce_connection_changes(connectivity.clone(), ui.broadcasts.clone(), node.clone())
+            .instrument(span),
+    );
     let app = http::AppState {
         gateway: handle.clone(),
         node,
         ui,
         token: ui_token,
+        session,
+        connectivity,
     };
     let span = tracing::info_span!("ui_server", node = %node_span, ui = %info.ui);
     tracker.spawn(http::serve(listener, app).instrument(span));
     Ok((handle, exit_rx))
+}
+
+/// Broadcasts `connectionChange` to every UI client each time the connection stage changes,
+/// until the node ends or the neighborhood does.
+async fn announce_connection_changes(
+    mut connectivity: watch::Receiver<Connectivity>,
+    broadcasts: broadcast::Sender<(Option<SocketAddr>, meshnode_protocol::ui::UiMessage)>,
+    node: CancellationToken,
+) {
+    use meshnode_protocol::ui::{ConnectionStatusPayload, UiMessage};
+    let mut stage = connectivity.borrow_and_update().stage;
+    loop {
+        tokio::select! {
+            biased;
+            () = node.cancelled() => break,
+            changed = connectivity.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+        }
+        let now = connectivity.borrow_and_update().stage;
+        if now == stage {
+            continue;
+        }
+        tracing::info!(
+            from = stage.as_str(),
+            to = now.as_str(),
+            "connection stage changed"
+        );
+        stage = now;
+        let message = UiMessage::broadcast("connectionChange", ConnectionStatusPayload { stage });
+        // No receiver (no UI client) is fine.
+        let _ = broadcasts.send((None, message));
+    }
 }

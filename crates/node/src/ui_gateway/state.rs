@@ -6,17 +6,18 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use meshnode_protocol::ui::{NodeState, Stats, StatusPayload, UiMessage};
+use meshnode_protocol::ui::{NodeState, Stats, StatusPayload, StreamDirection, UiMessage};
 use meshnode_shutdown::{DoneReport, Outcome};
 use serde_json::json;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, warn};
 
+use super::metrics::{ShutdownFigures, Snapshot};
 use super::report::{ShutdownOutcome, ShutdownReport, Trigger};
-use super::{GatewayError, GatewayMsg, NodeInfo, STATUS_TIMEOUT, UI_GRACE};
+use super::{GatewayError, GatewayMsg, Lifecycle, NodeInfo, STATUS_TIMEOUT, UI_GRACE};
 use crate::neighborhood::NeighborhoodHandle;
 use crate::stream_handler_pool::{PoolHandle, PoolMsg};
 
@@ -57,6 +58,8 @@ pub(super) struct Gateway {
     listener_closed: Option<oneshot::Receiver<()>>,
     /// Where the final report goes: to whoever waits for the node to end.
     exit: Option<oneshot::Sender<ShutdownReport>>,
+    /// Where the node is in its life, for a service manager.
+    lifecycle: watch::Sender<Lifecycle>,
     phase: Phase,
 }
 
@@ -89,6 +92,7 @@ pub(super) struct Parts {
     pub deadline: Duration,
     pub listener_closed: oneshot::Receiver<()>,
     pub exit: oneshot::Sender<ShutdownReport>,
+    pub lifecycle: watch::Sender<Lifecycle>,
 }
 
 impl Gateway {
@@ -102,6 +106,7 @@ impl Gateway {
             deadline: parts.deadline,
             listener_closed: Some(parts.listener_closed),
             exit: Some(parts.exit),
+            lifecycle: parts.lifecycle,
             phase: Phase::Running,
         }
     }
@@ -143,7 +148,81 @@ impl Gateway {
         match msg {
             GatewayMsg::Status { reply } => self.status(reply),
             GatewayMsg::Shutdown { trigger, reply } => self.shutdown(trigger, reply),
+            GatewayMsg::Descriptor { reply } => self.descriptor(reply),
+            GatewayMsg::Metrics { reply } => self.metrics(reply),
         }
+    }
+
+    /// The descriptor while the node runs (read from its own record, in a child task); `None`
+    /// once it is stopping: it has withdrawn, and nobody should dial it.
+    fn descriptor(&self, reply: oneshot::Sender<Result<Option<String>, GatewayError>>) {
+        if !matches!(self.phase, Phase::Running) {
+            let _ = reply.send(Ok(None));
+            return;
+        }
+        let neighborhood = self.neighborhood.clone();
+        let answer = async move {
+            let own = tokio::time::timeout(STATUS_TIMEOUT, neighborhood.own_record()).await;
+            let descriptor = match own {
+                Ok(Ok(own)) => Ok(Some(descriptor(&own.record.id, &own.record.addr))),
+                Ok(Err(_)) => Err(GatewayError::Stopped),
+                Err(_) => Err(GatewayError::NoAnswer("the neighborhood")),
+            };
+            let _ = reply.send(descriptor);
+        };
+        self.tracker
+            .spawn(answer.instrument(tracing::debug_span!("descriptor")));
+    }
+
+    /// What a scrape shows: gathered from the subsystems (in a child task) until the shutdown
+    /// is answered, then from the report.
+    fn metrics(&self, reply: oneshot::Sender<Result<Snapshot, GatewayError>>) {
+        let node_id = self.info.node_id.to_string();
+        let (state, shutdown) = match &self.phase {
+            Phase::Running => (NodeState::Running, None),
+            Phase::ShuttingDown(run) => {
+                let figures = ShutdownFigures {
+                    outcome: None,
+                    elapsed: run.started.elapsed(),
+                    deadline: self.deadline,
+                };
+                (NodeState::ShuttingDown, Some(figures))
+            }
+            Phase::Finishing { report, .. } => {
+                let snapshot = Snapshot {
+                    node_id,
+                    state: NodeState::ShuttingDown,
+                    status: None,
+                    final_stats: report.stats.clone(),
+                    shutdown: Some(ShutdownFigures {
+                        outcome: Some(report.outcome),
+                        elapsed: Duration::from_millis(report.elapsed_ms),
+                        deadline: self.deadline,
+                    }),
+                };
+                let _ = reply.send(Ok(snapshot));
+                return;
+            }
+        };
+        let gather = gather(
+            self.info,
+            state,
+            self.neighborhood.clone(),
+            self.pool.clone(),
+            STATUS_TIMEOUT,
+        );
+        let answer = async move {
+            let snapshot = gather.await.map(|status| Snapshot {
+                node_id,
+                state,
+                status: Some(status),
+                final_stats: None,
+                shutdown,
+            });
+            let _ = reply.send(snapshot);
+        };
+        self.tracker
+            .spawn(answer.instrument(tracing::debug_span!("metrics")));
     }
 
     fn shutdown(&mut self, trigger: Trigger, reply: Option<oneshot::Sender<ShutdownReport>>) {
@@ -191,6 +270,10 @@ impl Gateway {
                     _ => None,
                 };
                 let _ = self.ui.broadcasts.send((requester, broadcast));
+                self.lifecycle.send_replace(Lifecycle::ShuttingDown {
+                    trigger: trigger.clone(),
+                    deadline: self.deadline,
+                });
                 self.phase = Phase::ShuttingDown(Box::new(InProgress {
                     trigger,
                     started,
@@ -249,6 +332,10 @@ impl Gateway {
             ShutdownOutcome::Graceful => info!(report = %report.one_line(), "shutdown complete"),
             _ => warn!(report = %report.one_line(), "shutdown incomplete"),
         }
+        self.lifecycle.send_replace(Lifecycle::Ended {
+            outcome: report.outcome,
+            elapsed: Duration::from_millis(report.elapsed_ms),
+        });
         self.ui.release.cancel();
         self.ui.clients.close();
         // Answered UI clients may stay a little, but the node ends by deadline + grace, with
@@ -299,6 +386,22 @@ async fn gather(
         Ok((Ok(hood), Ok(pool))) => (hood, pool),
         Ok(_) => return Err(GatewayError::Stopped),
     };
+    let streams: std::collections::HashMap<String, StreamDirection> = pool
+        .admitted
+        .iter()
+        .map(|(peer, dialed)| {
+            let direction = if *dialed {
+                StreamDirection::Dialed
+            } else {
+                StreamDirection::Accepted
+            };
+            (peer.to_string(), direction)
+        })
+        .collect();
+    let mut neighbors = hood.neighbors;
+    for neighbor in &mut neighbors {
+        neighbor.stream = streams.get(&neighbor.node_id).copied();
+    }
     Ok(StatusPayload {
         node_id: info.node_id.to_string(),
         listen: info.listen.to_string(),
@@ -306,7 +409,7 @@ async fn gather(
         state,
         version: hood.version,
         software_version: env!("CARGO_PKG_VERSION").to_owned(),
-        neighbors: hood.neighbors,
+        neighbors,
         known_nodes: hood.known_nodes,
         stats: Stats {
             gossip_frames_sent: hood.counters.frames_sent,
@@ -345,4 +448,10 @@ async fn progress(phase: &mut Phase, clients: &TaskTracker) -> Progress {
             Progress::Released
         }
     }
+}
+
+/// A node's descriptor, as `descriptor` answers it: `meshnode://ID@HOST:PORT`, the node's id
+/// (64 hex digits) and the address its record advertises.
+pub(super) fn descriptor(id: &meshnode_protocol::NodeId, addr: &str) -> String {
+    format!("meshnode://{id}@{addr}")
 }

@@ -9,7 +9,8 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use meshnode_protocol::ui::{
-    MAX_UI_MESSAGE_LEN, UI_SUBPROTOCOL, UiMessage, UiRequest, codes, parse_request,
+    ConnectionStatusPayload, DescriptorPayload, MAX_UI_MESSAGE_LEN, UI_SUBPROTOCOL, UiMessage,
+    UiRequest, codes, parse_request,
 };
 use serde_json::Value;
 use tokio::sync::broadcast;
@@ -21,7 +22,7 @@ use super::listener::ClientAddr;
 use super::report::Trigger;
 
 /// Opcodes the gateway answers.
-pub const OPCODES: &[&str] = &["status", "shutdown"];
+pub const OPCODES: &[&str] = &["status", "shutdown", "descriptor", "connectionStatus"];
 
 pub(super) async fn upgrade(
     ws: WebSocketUpgrade,
@@ -159,6 +160,24 @@ impl ClientTask {
                 Err(e) => gateway_error("status", context_id, &e),
             },
             "shutdown" => self.shutdown(request).await,
+            "descriptor" => match self.app.gateway.descriptor().await {
+                Ok(node_descriptor_opt) => UiMessage::response(
+                    "descriptor",
+                    context_id,
+                    DescriptorPayload {
+                        node_descriptor_opt,
+                    },
+                ),
+                Err(e) => gateway_error("descriptor", context_id, &e),
+            },
+            "connectionStatus" => {
+                let stage = self.app.connectivity.borrow().stage;
+                UiMessage::response(
+                    "connectionStatus",
+                    context_id,
+                    ConnectionStatusPayload { stage },
+                )
+            }
             other => UiMessage::error(
                 other,
                 Some(context_id),

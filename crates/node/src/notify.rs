@@ -1,0 +1,301 @@
+//! systemd's readiness protocol (`Type=notify`): when the service manager set `NOTIFY_SOCKET`,
+//! the binary tells it `READY=1` once the node runs, `STOPPING=1` when a shutdown starts,
+//! `EXTEND_TIMEOUT_USEC` so that it waits out the node's deadline, and `STATUS=` lines a person
+//! reads in `systemctl status`. Without `NOTIFY_SOCKET` nothing is sent.
+//!
+//! The notifier only reads: the node's lifecycle and connectivity from `watch` channels, and,
+//! while a shutdown runs, the open stream count from the status (each ask bounded by the
+//! gateway's own timeout). It never holds the node up.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::ShutdownReport;
+use crate::neighborhood::Connectivity;
+use crate::node::NodeController;
+use crate::ui_gateway::{Lifecycle, ShutdownOutcome, UI_GRACE};
+
+/// The environment variable systemd sets to the socket it listens on.
+pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
+/// How often the open stream count is read while a shutdown runs.
+pub const STOPPING_POLL: Duration = Duration::from_millis(200);
+/// What the timeout extension adds to the shutdown deadline: the UI grace and a margin for the
+/// process's own exit (the same as the binary's watchdog after a signal).
+pub const EXTEND_MARGIN: Duration = Duration::from_secs(2);
+
+/// One thing to tell the service manager; [`Notice::lines`] gives its wire form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    Ready,
+    Stopping,
+    Status(String),
+    /// Wait this much longer, from now, before giving up on the service.
+    ExtendTimeout(Duration),
+}
+
+impl Notice {
+    /// The `KEY=VALUE` line of the protocol (one line; a status has no newline in it).
+    pub fn line(&self) -> String {
+        match self {
+            Notice::Ready => "READY=1".to_owned(),
+            Notice::Stopping => "STOPPING=1".to_owned(),
+            Notice::Status(text) => format!("STATUS={}", text.replace('\n', " ")),
+            Notice::ExtendTimeout(by) => {
+                format!("EXTEND_TIMEOUT_USEC={}", extend_usec(*by))
+            }
+        }
+    }
+}
+
+/// `by` in microseconds, within the protocol's 32 bits.
+fn extend_usec(by: Duration) -> u32 {
+    u32::try_from(by.as_micros()).unwrap_or(u32::MAX)
+}
+
+/// "4 neighbors", "1 neighbor".
+fn count(n: usize, one: &str) -> String {
+    if n == 1 {
+        format!("1 {one}")
+    } else {
+        format!("{n} {one}s")
+    }
+}
+
+/// The status line while the node runs.
+pub fn running(connectivity: &Connectivity) -> Notice {
+    Notice::Status(format!(
+        "running, {}",
+        count(connectivity.neighbors, "neighbor")
+    ))
+}
+
+/// What is sent when a shutdown starts: it may take `deadline`, and the node had `neighbors`.
+pub fn stopping(neighbors: usize, deadline: Duration) -> Vec<Notice> {
+    vec![
+        Notice::Stopping,
+        Notice::Status(format!("withdrawing from {}", count(neighbors, "neighbor"))),
+        Notice::ExtendTimeout(deadline + UI_GRACE + EXTEND_MARGIN),
+    ]
+}
+
+/// The status line while a shutdown waits for streams to close.
+pub fn waiting(streams: u64) -> Notice {
+    Notice::Status(format!(
+        "waiting for {}",
+        count(usize::try_from(streams).unwrap_or(usize::MAX), "stream")
+    ))
+}
+
+/// The last status line: how the shutdown ended.
+pub fn stopped(report: &ShutdownReport) -> Notice {
+    let verdict = match report.outcome {
+        ShutdownOutcome::Graceful => "graceful",
+        ShutdownOutcome::DeadlineExpired => "deadline expired",
+        ShutdownOutcome::Failed => "failed",
+    };
+    let mut text = format!(
+        "stopped: {verdict} after {} ms (deadline {} ms)",
+        report.elapsed_ms, report.deadline_ms
+    );
+    if !report.still_running.is_empty() {
+        text.push_str(&format!(
+            "; still running: {}",
+            report.still_running.join(", ")
+        ));
+    }
+    Notice::Status(text)
+}
+
+/// Sends `notices` in one datagram to `NOTIFY_SOCKET`, if it is set; a failure is logged at
+/// debug (the service manager may have gone) and otherwise ignored.
+pub fn send(notices: &[Notice]) {
+    if notices.is_empty() || std::env::var_os(NOTIFY_SOCKET).is_none() {
+        return;
+    }
+    for notice in notices {
+        debug!(notice = %notice.line(), "telling the service manager");
+    }
+    #[cfg(unix)]
+    {
+        let lines: Vec<String> = notices.iter().map(Notice::line).collect();
+        let states: Vec<sd_notify::NotifyState> = notices
+            .iter()
+            .zip(&lines)
+            .map(|(notice, line)| match notice {
+                Notice::Ready => sd_notify::NotifyState::Ready,
+                Notice::Stopping => sd_notify::NotifyState::Stopping,
+                Notice::ExtendTimeout(by) => {
+                    sd_notify::NotifyState::ExtendTimeoutUsec(extend_usec(*by))
+                }
+                Notice::Status(_) => {
+                    sd_notify::NotifyState::Status(line.strip_prefix("STATUS=").unwrap_or(line))
+                }
+            })
+            .collect();
+        if let Err(e) = sd_notify::notify(&states) {
+            debug!(error = %e, "cannot tell the service manager");
+        }
+    }
+}
+
+/// Whether the service manager asked to be told.
+pub fn wanted() -> bool {
+    std::env::var_os(NOTIFY_SOCKET).is_some()
+}
+
+/// Tells the service manager that the node runs, then follows it until `stop` is cancelled:
+/// neighbor counts while it runs, the shutdown's start and the streams it waits for. The
+/// caller sends [`stopped`] itself once the node has ended and this has returned, so that the
+/// last line is the last one sent.
+pub async fn follow(
+    mut lifecycle: tokio::sync::watch::Receiver<Lifecycle>,
+    mut connectivity: tokio::sync::watch::Receiver<Connectivity>,
+    controller: NodeController,
+    stop: CancellationToken,
+) {
+    let mut neighbors = connectivity.borrow_and_update().neighbors;
+    let mut stopping_since = matches!(
+        *lifecycle.borrow_and_update(),
+        Lifecycle::ShuttingDown { .. }
+    )
+    .then(tokio::time::Instant::now);
+    send(&[
+        Notice::Ready,
+        running(&Connectivity {
+            neighbors,
+            ..Connectivity::default()
+        }),
+    ]);
+    let mut streams_shown: Option<u64> = None;
+    let mut poll = tokio::time::interval(STOPPING_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        // The end first; then the lifecycle before the connectivity, so that the neighbor
+        // count a shutdown announces is the one from before the withdrawal emptied it.
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            changed = lifecycle.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let now = lifecycle.borrow_and_update().clone();
+                match now {
+                    Lifecycle::Running => {}
+                    Lifecycle::ShuttingDown { deadline, .. } => {
+                        if stopping_since.is_none() {
+                            stopping_since = Some(tokio::time::Instant::now());
+                            send(&stopping(neighbors, deadline));
+                        }
+                    }
+                    // The caller sends the outcome.
+                    Lifecycle::Ended { .. } => break,
+                }
+            }
+            changed = connectivity.changed(), if stopping_since.is_none() => {
+                if changed.is_err() {
+                    // The neighborhood ended: the lifecycle tells the rest.
+                    stopping_since = stopping_since.or(Some(tokio::time::Instant::now()));
+                    continue;
+                }
+                let now = connectivity.borrow_and_update().neighbors;
+                if now != neighbors {
+                    neighbors = now;
+                    send(&[running(&Connectivity { neighbors, ..Connectivity::default() })]);
+                }
+            }
+            _ = poll.tick(), if stopping_since.is_some() => {
+                let Ok(status) = controller.status().await else { continue };
+                let open = status.stats.streams_open;
+                if open > 0 && streams_shown != Some(open) {
+                    streams_shown = Some(open);
+                    send(&[waiting(open)]);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use meshnode_shutdown::{DoneReport, Outcome};
+
+    use super::*;
+    use crate::Trigger;
+
+    #[test]
+    fn notices_have_the_wire_form_systemd_reads() {
+        assert_eq!(Notice::Ready.line(), "READY=1");
+        assert_eq!(Notice::Stopping.line(), "STOPPING=1");
+        assert_eq!(
+            Notice::Status("a\nb".into()).line(),
+            "STATUS=a b",
+            "one line"
+        );
+        assert_eq!(
+            Notice::ExtendTimeout(Duration::from_millis(7500)).line(),
+            "EXTEND_TIMEOUT_USEC=7500000"
+        );
+        assert_eq!(
+            Notice::ExtendTimeout(Duration::from_secs(9000)).line(),
+            format!("EXTEND_TIMEOUT_USEC={}", u32::MAX)
+        );
+    }
+
+    #[test]
+    fn status_lines_read_like_a_sentence() {
+        let four = Connectivity {
+            neighbors: 4,
+            ..Connectivity::default()
+        };
+        assert_eq!(
+            running(&four),
+            Notice::Status("running, 4 neighbors".into())
+        );
+        let one = Connectivity {
+            neighbors: 1,
+            ..Connectivity::default()
+        };
+        assert_eq!(running(&one), Notice::Status("running, 1 neighbor".into()));
+        assert_eq!(waiting(1), Notice::Status("waiting for 1 stream".into()));
+        assert_eq!(waiting(3), Notice::Status("waiting for 3 streams".into()));
+        assert_eq!(
+            stopping(4, Duration::from_secs(5)),
+            vec![
+                Notice::Stopping,
+                Notice::Status("withdrawing from 4 neighbors".into()),
+                Notice::ExtendTimeout(Duration::from_secs(5) + UI_GRACE + EXTEND_MARGIN),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_last_line_says_how_the_shutdown_ended() {
+        let report = ShutdownReport {
+            node_id: "ab".repeat(32),
+            trigger: Trigger::Api,
+            requests: 1,
+            outcome: ShutdownOutcome::DeadlineExpired,
+            elapsed_ms: 1000,
+            deadline_ms: 1000,
+            subsystems: DoneReport {
+                subsystem: "stream_handler_pool".into(),
+                outcome: Outcome::Late,
+                elapsed: Duration::from_secs(1),
+                summary: String::new(),
+                children: Vec::new(),
+            },
+            still_running: vec!["stream 1".into()],
+            stats: None,
+        };
+        assert_eq!(
+            stopped(&report),
+            Notice::Status(
+                "stopped: deadline expired after 1000 ms (deadline 1000 ms); still running: stream 1"
+                    .into()
+            )
+        );
+    }
+}
