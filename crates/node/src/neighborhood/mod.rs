@@ -115,6 +115,8 @@ pub struct GossipCounters {
     pub frames_useless: u64,
     /// Neighbors disconnected for flooding useless gossip.
     pub peers_disconnected_for_flooding: u64,
+    /// Records of new ids refused because the database was full of reachable records.
+    pub records_refused: u64,
 }
 
 /// The neighborhood task has stopped and can no longer answer.

@@ -21,6 +21,8 @@ use crate::link::{ConnId, StreamHandle};
 /// Most messages handled before pending gossip is flushed, so that a burst of changes leaves
 /// as one gossip per neighbor while a steady stream of them still gets out promptly.
 const MAX_BATCH: usize = 256;
+/// How often the database is pruned of unreachable records past their grace.
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
 /// How often gossip held back for busy neighbors is tried again when nothing else happens.
 const BACKLOG_RETRY: Duration = Duration::from_millis(20);
 
@@ -53,6 +55,8 @@ pub(super) struct Neighborhood {
     pub(super) flush_at: Option<Instant>,
     /// When gossip held back for busy neighbors is next tried again.
     pub(super) retry_at: Option<Instant>,
+    /// When the database is next pruned (unreachable records past their grace dropped).
+    pub(super) prune_at: Instant,
     /// Set when the batch stored a record that lists nobody (a withdrawal): it is forwarded at
     /// the end of the batch, without waiting for the window.
     pub(super) urgent: bool,
@@ -62,6 +66,8 @@ pub(super) struct Neighborhood {
     pub(super) settle: Duration,
     /// When the own record, changed lazily, is due to be published.
     pub(super) settle_at: Option<Instant>,
+    /// How long an unreachable record is kept.
+    pub(super) tombstone_grace: Duration,
     /// For each immediate neighbor, the records it is known to have: those it sent here, by id,
     /// with their version and the first bytes of their signature. Such a record is not sent
     /// back to it.
@@ -96,6 +102,8 @@ impl Neighborhood {
         let own = identity.sign_verified(record)?;
         let mut db = NodeDb::new();
         db.merge(own.clone());
+        // The own record is reachable from the start, so never evicted.
+        db.prune(&own.id(), Instant::now(), super::database::TOMBSTONE_GRACE);
         Ok(Self {
             identity,
             clock,
@@ -111,9 +119,11 @@ impl Neighborhood {
             window: Duration::ZERO,
             flush_at: None,
             retry_at: None,
+            prune_at: Instant::now() + PRUNE_EVERY,
             urgent: false,
             settle: super::DEFAULT_GOSSIP_SETTLE,
             settle_at: None,
+            tombstone_grace: super::database::TOMBSTONE_GRACE,
             peer_has: HashMap::new(),
             withdrawn: false,
             status_replies: Vec::new(),
@@ -189,12 +199,34 @@ impl Neighborhood {
         debug!("stopped");
     }
 
+    /// Prunes the database (see [`NodeDb::prune`]) and forgets what it dropped everywhere else.
+    pub(super) fn prune(&mut self, now: Instant) {
+        let dropped = self.db.prune(&self.own.id(), now, self.tombstone_grace);
+        if !dropped.is_empty() {
+            debug!(
+                dropped = dropped.len(),
+                kept = self.db.len(),
+                "unreachable records past their grace dropped"
+            );
+        }
+        let db = &self.db;
+        self.learned_at.retain(|id, _| db.get(id).is_some());
+        for known in self.peer_has.values_mut() {
+            known.retain(|id, _| db.get(id).is_some());
+        }
+    }
+
     /// The earliest of the gossip deadlines: the window's end, the backlog's retry.
     fn next_due(&self) -> Option<Instant> {
-        [self.flush_at, self.retry_at, self.settle_at]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.flush_at,
+            self.retry_at,
+            self.settle_at,
+            Some(self.prune_at),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Runs the gossip whose deadline has passed, and schedules the next retry while gossip is
@@ -219,6 +251,10 @@ impl Neighborhood {
         }
         if flush {
             self.flush();
+        }
+        if self.prune_at <= now {
+            self.prune_at = now + PRUNE_EVERY;
+            self.prune(now);
         }
         if self.backlog.is_empty() {
             self.retry_at = None;
@@ -332,10 +368,15 @@ impl Neighborhood {
             }
             let (id, version) = (record.id(), record.version());
             let lists_me = record.record().neighbors.contains(&me);
-            if let Some(known) = self.peer_has.get_mut(&from) {
-                known.insert(id, (version, sig_prefix(record.signed())));
-            }
+            let sig = sig_prefix(record.signed());
             useful |= self.merge(record, Some(from)) == Merge::Accepted;
+            // What the sender has, for the records stored here (so this never outgrows the
+            // database by more than a prune's worth).
+            if self.db.get(&id).is_some()
+                && let Some(known) = self.peer_has.get_mut(&from)
+            {
+                known.insert(id, (version, sig));
+            }
             if !self.streams.contains_key(&id) {
                 continue;
             }
@@ -365,6 +406,10 @@ impl Neighborhood {
                 self.counters.records_accepted += 1;
                 self.learned_at.insert(id, Instant::now());
                 self.outbox.changed.insert(id, source.into_iter().collect());
+            }
+            Merge::Refused => {
+                self.counters.records_refused += 1;
+                debug!(id = %id.short(), "database full of reachable records; a new record is refused");
             }
             Merge::Stale => {
                 self.counters.records_stale += 1;
