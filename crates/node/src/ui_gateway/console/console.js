@@ -15,6 +15,8 @@
   const SHUTDOWN_TIMEOUT_MS = 60000;
   const RETRY_FIRST_MS = 1000;
   const RETRY_MAX_MS = 15000;
+  // Past this many nodes the graph labels only this node (the rest would overlap).
+  const MAX_LABELS = 24;
 
   const $ = (id) => document.getElementById(id);
   const SVG = "http://www.w3.org/2000/svg";
@@ -30,6 +32,8 @@
     // "connecting" | "login" | "running" | "shuttingDown" | "stopped" | "unreachable"
     phase: "connecting",
     goingDown: null,
+    // Set once this page has asked for the shutdown: no more polling.
+    asked: false,
     report: null,
     guarded: false,
   };
@@ -79,6 +83,18 @@
 
   // ---------- connection ----------
 
+  // fetch, given up after REQUEST_TIMEOUT_MS: a node that accepts but never answers (frozen,
+  // say) must not hold the page.
+  async function fetchWithin(url, options) {
+    const abort = new AbortController();
+    const timer = setTimeout(() => abort.abort(), REQUEST_TIMEOUT_MS);
+    try {
+      return await fetch(url, Object.assign({ signal: abort.signal, credentials: "same-origin" }, options));
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
   function wsUrl() {
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     return scheme + "//" + location.host + "/";
@@ -92,7 +108,7 @@
     setPhase("connecting");
     let response;
     try {
-      response = await fetch("/status", { credentials: "same-origin", cache: "no-store" });
+      response = await fetchWithin("/status", { cache: "no-store" });
     } catch (e) {
       unreachable();
       return;
@@ -129,7 +145,10 @@
       return;
     }
     st.ws = ws;
+    // A handshake that never finishes counts as a lost connection.
+    const opening = setTimeout(() => ws.close(), REQUEST_TIMEOUT_MS);
     ws.onopen = () => {
+      clearTimeout(opening);
       st.retryMs = RETRY_FIRST_MS;
       $("login").hidden = true;
       $("live").hidden = false;
@@ -137,7 +156,10 @@
       poll();
     };
     ws.onmessage = (event) => receive(event.data);
-    ws.onclose = () => closed(ws);
+    ws.onclose = () => {
+      clearTimeout(opening);
+      closed(ws);
+    };
     ws.onerror = () => { /* onclose follows */ };
   }
 
@@ -196,16 +218,20 @@
     }
   }
 
+  const polling = () => st.ws && !st.goingDown && !st.asked;
+
   async function poll() {
     st.pollTimer = null;
-    if (!st.ws || st.goingDown) return;
+    if (!polling()) return;
     try {
-      render(await request("status", {}, REQUEST_TIMEOUT_MS));
+      const status = await request("status", {}, REQUEST_TIMEOUT_MS);
+      if (polling()) render(status);
     } catch (e) {
-      if (!st.ws) return;
+      // Once the node is going down, a refused status is expected news, not an error.
+      if (!polling()) return;
       banner("warn", "Status failed: " + e.message);
     }
-    if (st.ws && !st.goingDown) st.pollTimer = setTimeout(poll, POLL_MS);
+    if (polling()) st.pollTimer = setTimeout(poll, POLL_MS);
   }
 
   function unreachable(why) {
@@ -233,7 +259,7 @@
   async function confirmStopped() {
     let answered = false;
     try {
-      const response = await fetch("/status", { credentials: "same-origin", cache: "no-store" });
+      const response = await fetchWithin("/status", { cache: "no-store" });
       answered = response.ok;
     } catch (e) {
       answered = false;
@@ -259,6 +285,7 @@
     const again = el("button", { type: "button", id: "check-again" }, "Check again");
     again.addEventListener("click", () => {
       st.goingDown = null;
+      st.asked = false;
       st.report = null;
       start();
     });
@@ -285,7 +312,7 @@
     const body = new URLSearchParams({ token: $("token").value });
     let response;
     try {
-      response = await fetch("/console/login", { method: "POST", body, credentials: "same-origin" });
+      response = await fetchWithin("/console/login", { method: "POST", body });
     } catch (e) {
       showLogin("The node did not answer.");
       return;
@@ -303,7 +330,7 @@
 
   async function logout() {
     try {
-      await fetch("/console/logout", { method: "POST", credentials: "same-origin" });
+      await fetchWithin("/console/logout", { method: "POST" });
     } catch (e) { /* the cookie dies with the node anyway */ }
     if (st.ws) {
       st.phase = "login";
@@ -323,6 +350,9 @@
   async function shutdown() {
     $("confirm").hidden = true;
     $("shutdown").disabled = true;
+    st.asked = true;
+    clearTimeout(st.pollTimer);
+    st.pollTimer = null;
     setPhase("shuttingDown", "shutting down");
     banner("warn", "Shutdown requested; waiting for the report.");
     try {
@@ -334,8 +364,10 @@
       banner("warn", "The node has shut down; checking that it stopped answering.");
       if (!st.ws) confirmStopped();
     } catch (e) {
+      st.asked = false;
       banner("stopped", "The shutdown request failed: " + e.message);
-      if (!st.ws && !st.goingDown) unreachable();
+      if (st.ws) poll();
+      else if (!st.goingDown) unreachable();
     }
   }
 
@@ -478,6 +510,8 @@
       }));
     }
     let gone = 0;
+    const labelled = order.length <= MAX_LABELS;
+    const radius = order.length <= MAX_LABELS ? 10 : 5;
     for (const id of order) {
       const p = place.get(id);
       const k = known.get(id);
@@ -486,12 +520,16 @@
       else if (!k) kind = "unknown";
       else if (!(k.neighbors || []).length) { kind = "gone"; gone++; }
       const g = svg("g", { class: kind, "data-node-id": id, "data-kind": kind });
-      g.append(svg("circle", { cx: p.x.toFixed(1), cy: p.y.toFixed(1), r: id === s.nodeId ? 14 : 10 }));
-      const label = svg("text", { x: p.x.toFixed(1), y: (p.y + (p.y < H / 2 ? -18 : 26)).toFixed(1), "text-anchor": "middle" });
-      label.textContent = short(id) + (id === s.nodeId ? " (this node)" : "");
+      g.append(svg("circle", { cx: p.x.toFixed(1), cy: p.y.toFixed(1), r: id === s.nodeId ? 14 : radius }));
+      // A large mesh keeps only this node's label; every node still has its tooltip.
+      if (labelled || id === s.nodeId) {
+        const label = svg("text", { x: p.x.toFixed(1), y: (p.y + (p.y < H / 2 ? -18 : 26)).toFixed(1), "text-anchor": "middle" });
+        label.textContent = short(id) + (id === s.nodeId ? " (this node)" : "");
+        g.append(label);
+      }
       const title = svg("title", {});
       title.textContent = id + (k ? " at " + k.addr + ", record version " + k.version : " (no record)");
-      g.append(label, title);
+      g.append(title);
       parts.push(g);
     }
     graph.replaceChildren(...parts);
