@@ -253,8 +253,14 @@ pub async fn follow(
                             notifier.send(stopping_notices(neighbors, deadline));
                         }
                     }
-                    // The caller sends the outcome.
-                    Lifecycle::Ended { .. } => break,
+                    // The caller sends the outcome; a shutdown that started and ended before
+                    // this task woke is still announced first.
+                    Lifecycle::Ended { deadline, .. } => {
+                        if !stopping {
+                            notifier.send(stopping_notices(neighbors, deadline));
+                        }
+                        break;
+                    }
                 }
             }
             changed = connectivity.changed(), if !stopping => {

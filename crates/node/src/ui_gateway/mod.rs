@@ -83,6 +83,7 @@ pub enum Lifecycle {
     Ended {
         outcome: ShutdownOutcome,
         elapsed: Duration,
+        deadline: Duration,
     },
 }
 
