@@ -598,7 +598,7 @@ async fn clients_that_disconnect_mid_request_change_nothing() {
     let mut leaver = TcpStream::connect(node.ui_addr()).await.expect("connects");
     tokio::io::AsyncWriteExt::write_all(
         &mut leaver,
-        b"POST /shutdown HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+        b"POST /shutdown HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n",
     )
     .await
     .expect("sent");

@@ -258,7 +258,7 @@ fn nothing_keeps_the_process_past_the_deadline_plus_the_grace() {
     let (mut requester, _half_sent) = runtime.block_on(async {
         use tokio::io::AsyncWriteExt;
         let mut raw = tokio::net::TcpStream::connect(ui).await.expect("connect");
-        raw.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\n")
+        raw.write_all(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n")
             .await
             .expect("write");
         let client = meshnode::client::UiClient::connect(ui)
@@ -387,7 +387,7 @@ fn a_hundred_shutdown_requests_from_websockets_http_and_sigterm_get_one_shutdown
         answers.push(runtime.spawn(async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let request =
-                "POST /shutdown HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+                "POST /shutdown HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
             stream.write_all(request.as_bytes()).await.expect("sent");
             let mut response = String::new();
             stream

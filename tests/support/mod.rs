@@ -2,6 +2,7 @@
 // Each test file uses a part of it.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod daemon;
 
 use std::collections::BTreeSet;

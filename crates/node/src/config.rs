@@ -8,7 +8,7 @@ use std::time::Duration;
 use meshnode_protocol::Identity;
 
 use crate::neighborhood::DEFAULT_GOSSIP_WINDOW;
-use crate::ui_gateway::DEFAULT_SHUTDOWN_DEADLINE;
+use crate::ui_gateway::{DEFAULT_SHUTDOWN_DEADLINE, WebPolicy};
 
 /// Everything [`crate::start`] needs. Build it with [`Config::new`] and adjust the fields.
 #[derive(Debug, Clone)]
@@ -26,6 +26,9 @@ pub struct Config {
     pub gossip_window: Duration,
     /// When set, every UI route wants `Authorization: Bearer TOKEN`.
     pub ui_token: Option<UiToken>,
+    /// The Host names and web origins the UI answers besides IP literals, `localhost` and its
+    /// own origin (a browser's request from any other site is refused).
+    pub ui_web: WebPolicy,
     /// The address put in the node's record for neighbors to dial, when it is not the bound
     /// listen address (a wildcard listen, NAT); see [`advertised_addr`].
     pub advertise: Option<Advertise>,
@@ -42,6 +45,7 @@ impl Config {
             shutdown_deadline: DEFAULT_SHUTDOWN_DEADLINE,
             gossip_window: DEFAULT_GOSSIP_WINDOW,
             ui_token: None,
+            ui_web: WebPolicy::strict(),
             advertise: None,
         }
     }

@@ -12,7 +12,7 @@ use meshnode::config::{
     Advertise, LogFormat, UiToken, advertised_addr, load_or_create_identity, parse_duration,
     parse_neighbor,
 };
-use meshnode::ui_gateway::UI_GRACE;
+use meshnode::ui_gateway::{AllowedHost, AllowedOrigin, UI_GRACE};
 use meshnode::{Config, ShutdownReport, client};
 use meshnode_protocol::Identity;
 use meshnode_protocol::ui::{DEFAULT_UI_PORT, StatusPayload, codes, short_id};
@@ -111,6 +111,17 @@ struct RunArgs {
     /// Meant for a UI beyond loopback; MASQ's `masq` sends no token.
     #[arg(long, value_name = "TOKEN", env = UI_TOKEN_ENV, hide_env_values = true, value_parser = UiTokenParser)]
     ui_token: Option<UiToken>,
+    /// Also answer UI requests whose Host header names NAME (repeatable). Against DNS
+    /// rebinding, the UI otherwise answers only IP addresses and `localhost` (HTTP 403 for any
+    /// other name); `*` allows any name, with a warning at start.
+    #[arg(long = "ui-allow-host", value_name = "NAME", value_parser = AllowedHost::parse)]
+    ui_allow_hosts: Vec<AllowedHost>,
+    /// Also serve web pages of ORIGIN, given as scheme://host[:port] (repeatable). A browser's
+    /// request from any page but the UI's own gets HTTP 403 (websockets included); `*` allows
+    /// every site, with a warning at start. Clients that send no Origin (masq, curl, meshnode)
+    /// are not concerned.
+    #[arg(long = "ui-allow-origin", value_name = "ORIGIN", value_parser = AllowedOrigin::parse)]
+    ui_allow_origins: Vec<AllowedOrigin>,
 }
 
 /// Parses `--ui-token` (or the environment variable) into a [`UiToken`]. Unlike clap's usual
@@ -213,6 +224,12 @@ async fn run(args: RunArgs) -> ExitCode {
     config.neighbors = args.neighbors;
     config.shutdown_deadline = args.shutdown_deadline;
     config.ui_token = args.ui_token;
+    for host in args.ui_allow_hosts {
+        config.ui_web.allow_host(host);
+    }
+    for origin in args.ui_allow_origins {
+        config.ui_web.allow_origin(origin);
+    }
     config.advertise = args.advertise;
     let node = match meshnode::start(config).await {
         Ok(node) => node,

@@ -69,6 +69,7 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         shutdown_deadline,
         gossip_window,
         ui_token,
+        ui_web,
         advertise,
     } = config;
     let listen_err = |source| StartError::Listen {
@@ -90,6 +91,12 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
     let advertised = advertised_addr(info.listen, advertise.as_ref())?;
     if let Some(warning) = UiExposure::of(info.ui, ui_token.is_some()).warning() {
         warn!(ui = %info.ui, "{warning}");
+    }
+    for warning in ui_web.warnings() {
+        warn!(ui = %info.ui, "{warning}");
+    }
+    if !ui_web.is_strict() {
+        info!(ui = %info.ui, allowed = %ui_web.describe(), "the UI also answers these web pages");
     }
 
     let cancel = CancellationToken::new();
@@ -115,9 +122,13 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         deadline: shutdown_deadline,
     };
     let guarded = ui_token.is_some();
+    let access = ui_gateway::UiAccess {
+        token: ui_token,
+        web: ui_web,
+    };
     let (gateway, exit) = ui_gateway::spawn_guarded(
         config,
-        ui_token,
+        access,
         neighborhood.clone(),
         pool.clone(),
         cancel.clone(),

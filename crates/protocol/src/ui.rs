@@ -33,6 +33,12 @@ pub mod codes {
     /// meshnode: the UI wants a token (`Authorization: Bearer TOKEN`) and the request had none
     /// or a wrong one; sent as the body of an HTTP 401.
     pub const UNAUTHORIZED: u64 = PREFIX | 0x1_0004;
+    /// meshnode: the request's `Host` is not an IP address, `localhost` or an allowed name (a
+    /// page on a rebound domain, say); sent as the body of an HTTP 403.
+    pub const HOST_NOT_ALLOWED: u64 = PREFIX | 0x1_0005;
+    /// meshnode: the request comes from a web page of another origin than the UI's own or an
+    /// allowed one; sent as the body of an HTTP 403.
+    pub const ORIGIN_NOT_ALLOWED: u64 = PREFIX | 0x1_0006;
 }
 
 /// One UI message in the MASQ envelope.

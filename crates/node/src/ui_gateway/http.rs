@@ -1,7 +1,9 @@
 //! The UI server: the MASQ websocket at `/`, `GET /status`, `GET /metrics` and
-//! `POST /shutdown`, all behind the UI token when the node has one.
+//! `POST /shutdown`, all behind the Host and Origin checks (see `web_policy`), then the UI
+//! token when the node has one.
 
 use std::future::IntoFuture;
+use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Request, State};
@@ -17,6 +19,7 @@ use super::console::{self, CookieCheck};
 use super::listener::{ClientAddr, ClosableListener};
 use super::report::Trigger;
 use super::state::Ui;
+use super::web_policy::{self, WebPolicy};
 use super::{GatewayError, GatewayHandle, metrics};
 use crate::config::UiToken;
 use crate::neighborhood::Connectivity;
@@ -32,13 +35,17 @@ pub(super) struct AppState {
     pub token: Option<UiToken>,
     /// The console's session, when the node has a token.
     pub session: Option<console::Session>,
+    /// Which Host names and web origins every request must come with.
+    pub web: Arc<WebPolicy>,
     /// The node's connectivity as the neighborhood last published it.
     pub connectivity: tokio::sync::watch::Receiver<Connectivity>,
 }
 
 pub(super) fn router(state: AppState) -> Router {
-    // `layer` (not `route_layer`) so that the token guards the fallback too: without it a
-    // client cannot even learn which paths exist, nor which methods they take.
+    // `layer` (not `route_layer`) so that the checks guard the fallback, and any route added
+    // above them, too: without it a client cannot even learn which paths exist, nor which
+    // methods they take. The last layer runs first: a web page from another site (or a rebound
+    // domain) is refused before the token is even looked at.
     Router::new()
         .route("/", get(console::root))
         .route("/status", get(status))
@@ -51,6 +58,10 @@ pub(super) fn router(state: AppState) -> Router {
                 session: state.session.clone(),
             },
             require_token,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.web.clone(),
+            web_policy::guard,
         ))
         .with_state(state)
 }

@@ -9,6 +9,9 @@ mod report;
 mod state;
 #[cfg(test)]
 mod tests;
+mod web_policy;
+#[cfg(test)]
+mod web_policy_tests;
 mod ws;
 
 use std::net::SocketAddr;
@@ -23,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub use report::{ShutdownOutcome, ShutdownReport, Trigger};
+pub use web_policy::{AllowedHost, AllowedOrigin, PolicyError, Refusal, WebPolicy};
 
 use crate::config::UiToken;
 use crate::neighborhood::{Connectivity, NeighborhoodHandle};
@@ -166,7 +170,16 @@ pub struct GatewayConfig {
     pub deadline: Duration,
 }
 
-/// Starts the gateway task and an open UI server (no token); see [`spawn_guarded`].
+/// Who may use the UI: the token every request must carry (if any), and the Host names and web
+/// origins it must come with.
+#[derive(Debug, Clone, Default)]
+pub struct UiAccess {
+    pub token: Option<UiToken>,
+    pub web: WebPolicy,
+}
+
+/// Starts the gateway task and a UI server with no token and the strict web policy; see
+/// [`spawn_guarded`].
 pub fn spawn(
     config: GatewayConfig,
     neighborhood: NeighborhoodHandle,
@@ -174,15 +187,23 @@ pub fn spawn(
     node: CancellationToken,
     tracker: &TaskTracker,
 ) -> std::io::Result<(GatewayHandle, oneshot::Receiver<ShutdownReport>)> {
-    spawn_guarded(config, None, neighborhood, pool, node, tracker)
+    spawn_guarded(
+        config,
+        UiAccess::default(),
+        neighborhood,
+        pool,
+        node,
+        tracker,
+    )
 }
 
-/// Starts the gateway task and the UI server; with a `ui_token`, every UI route wants it as
-/// `Authorization: Bearer TOKEN`. The receiver gets the final report when the node has ended;
-/// `node` is the node's root token, which the gateway cancels at the end.
+/// Starts the gateway task and the UI server. Every UI route checks the request's Host and
+/// Origin against `access.web` and, with a token, wants it as `Authorization: Bearer TOKEN`.
+/// The receiver gets the final report when the node has ended; `node` is the node's root
+/// token, which the gateway cancels at the end.
 pub fn spawn_guarded(
     config: GatewayConfig,
-    ui_token: Option<UiToken>,
+    access: UiAccess,
     neighborhood: NeighborhoodHandle,
     pool: PoolHandle,
     node: CancellationToken,
@@ -194,7 +215,7 @@ pub fn spawn_guarded(
         deadline,
     } = config;
     // The console's session key, before anything starts, so a failure leaves nothing running.
-    let session = match ui_token {
+    let session = match access.token {
         Some(_) => Some(console::Session::new(info.ui.port()).map_err(std::io::Error::other)?),
         None => None,
     };
@@ -237,8 +258,9 @@ pub fn spawn_guarded(
         gateway: handle.clone(),
         node,
         ui,
-        token: ui_token,
+        token: access.token,
         session,
+        web: std::sync::Arc::new(access.web),
         connectivity,
     };
     let span = tracing::info_span!("ui_server", node = %node_span, ui = %info.ui);

@@ -319,19 +319,32 @@ async fn with_a_token_the_page_is_public_and_the_login_cookie_stands_for_the_tok
     let status = get(ui, "/status", &[]).await;
     assert_eq!(status.status(), reqwest::StatusCode::UNAUTHORIZED);
 
-    // Wrong tokens, a malformed form, and another origin are refused without a cookie.
-    for (body, origin, want) in [
-        ("token=wrong", None, reqwest::StatusCode::UNAUTHORIZED),
+    // Wrong tokens, a malformed form, and another origin are refused without a cookie (another
+    // origin by the UI's Origin check, before the login sees it).
+    for (body, origin, want, code) in [
+        (
+            "token=wrong",
+            None,
+            reqwest::StatusCode::UNAUTHORIZED,
+            codes::UNAUTHORIZED,
+        ),
         (
             "token=correct-horse",
             None,
             reqwest::StatusCode::UNAUTHORIZED,
+            codes::UNAUTHORIZED,
         ),
-        ("nothing=here", None, reqwest::StatusCode::BAD_REQUEST),
+        (
+            "nothing=here",
+            None,
+            reqwest::StatusCode::BAD_REQUEST,
+            codes::UNAUTHORIZED,
+        ),
         (
             "token=correct-horse-battery-staple",
             Some("http://evil.example"),
             reqwest::StatusCode::FORBIDDEN,
+            codes::ORIGIN_NOT_ALLOWED,
         ),
     ] {
         let headers: Vec<(&str, &str)> = origin.map(|o| ("origin", o)).into_iter().collect();
@@ -341,7 +354,7 @@ async fn with_a_token_the_page_is_public_and_the_login_cookie_stands_for_the_tok
         let envelope: UiMessage = within("the body", response.json())
             .await
             .expect("an error envelope");
-        assert_eq!(envelope.error.expect("an error").code, codes::UNAUTHORIZED);
+        assert_eq!(envelope.error.expect("an error").code, code, "{body}");
     }
 
     // The right token, percent-encoded as a browser's form would send it, from the page.
@@ -359,14 +372,15 @@ async fn with_a_token_the_page_is_public_and_the_login_cookie_stands_for_the_tok
     // The cookie opens the HTTP routes and the websocket, as the token does.
     let status = get(ui, "/status", &[("cookie", &cookie)]).await;
     assert_eq!(status.status(), reqwest::StatusCode::OK);
-    // ...but not from a page of another origin (cookies ignore ports).
+    // ...but not from a page of another origin (cookies ignore ports): the Origin check
+    // refuses it before the cookie is looked at.
     let foreign = get(
         ui,
         "/status",
         &[("cookie", &cookie), ("origin", "http://127.0.0.1:1")],
     )
     .await;
-    assert_eq!(foreign.status(), reqwest::StatusCode::UNAUTHORIZED);
+    assert_eq!(foreign.status(), reqwest::StatusCode::FORBIDDEN);
     let stale = get(ui, "/status", &[("cookie", "meshnode_session_1=00")]).await;
     assert_eq!(stale.status(), reqwest::StatusCode::UNAUTHORIZED);
 
