@@ -60,7 +60,7 @@ pub(super) fn router(state: AppState) -> Router {
             require_token,
         ))
         .layer(middleware::from_fn_with_state(
-            state.web.clone(),
+            Arc::new(web_policy::Guard::new(state.web.clone())),
             web_policy::guard,
         ))
         .with_state(state)

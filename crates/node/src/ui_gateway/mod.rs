@@ -26,7 +26,9 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub use report::{ShutdownOutcome, ShutdownReport, Trigger};
-pub use web_policy::{AllowedHost, AllowedOrigin, PolicyError, Refusal, WebPolicy};
+pub use web_policy::{
+    AllowedHost, AllowedOrigin, PolicyError, REFUSALS_LOGGED_PER_SECOND, Refusal, WebPolicy,
+};
 
 use crate::config::UiToken;
 use crate::neighborhood::{Connectivity, NeighborhoodHandle};

@@ -15,18 +15,24 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use meshnode_protocol::ui::{UiMessage, codes};
+use tokio::time::Instant;
 use tracing::warn;
 
 use super::listener::ClientAddr;
 
 /// Longest header value quoted back in a refusal or a log line.
 const QUOTED_MAX: usize = 120;
+/// Most refusals logged per second: a page that retries in a loop must not flood the log. The
+/// others are counted, and the count is logged with the next refusal that is.
+pub const REFUSALS_LOGGED_PER_SECOND: u64 = 20;
 
 /// Which `Host` names and which web origins the UI answers, beyond its own.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -258,12 +264,67 @@ impl Refusal {
     }
 }
 
+/// The middleware's state: the policy, and how many refusals may still be logged.
+#[derive(Debug)]
+pub(super) struct Guard {
+    policy: Arc<WebPolicy>,
+    log: LogBudget,
+}
+
+impl Guard {
+    pub(super) fn new(policy: Arc<WebPolicy>) -> Self {
+        Self {
+            policy,
+            log: LogBudget::new(REFUSALS_LOGGED_PER_SECOND),
+        }
+    }
+}
+
+/// At most `per_second` log lines in each second since start; the rest are counted.
+#[derive(Debug)]
+struct LogBudget {
+    per_second: u64,
+    start: Instant,
+    second: AtomicU64,
+    logged: AtomicU64,
+    unlogged: AtomicU64,
+}
+
+impl LogBudget {
+    fn new(per_second: u64) -> Self {
+        Self {
+            per_second,
+            start: Instant::now(),
+            second: AtomicU64::new(0),
+            logged: AtomicU64::new(0),
+            unlogged: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)` if this refusal may be logged, `n` the refusals left unlogged since the last
+    /// one that was; `None` if it may not (it is counted). Concurrent refusals may overshoot
+    /// the budget by a few: it bounds a flood, it is no exact meter.
+    fn admit(&self) -> Option<u64> {
+        let now = self.start.elapsed().as_secs();
+        if self.second.swap(now, Ordering::Relaxed) != now {
+            self.logged.store(0, Ordering::Relaxed);
+        }
+        if self.logged.fetch_add(1, Ordering::Relaxed) < self.per_second {
+            Some(self.unlogged.swap(0, Ordering::Relaxed))
+        } else {
+            self.unlogged.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
 /// The middleware: every request passes the policy before the token check and any route.
 pub(super) async fn guard(
-    State(policy): State<std::sync::Arc<WebPolicy>>,
+    State(guard): State<Arc<Guard>>,
     request: Request,
     next: Next,
 ) -> Response {
+    let policy = &guard.policy;
     let headers = request.headers();
     // An absolute target (`POST http://host/shutdown`) names the host the request is for, and
     // then outranks Host (RFC 9112, 3.2.2); both must pass.
@@ -290,6 +351,16 @@ pub(super) async fn guard(
     let Err(refusal) = verdict else {
         return next.run(request).await;
     };
+    let Some(unlogged) = guard.log.admit() else {
+        return forbidden(request.uri().path(), &refusal);
+    };
+    if unlogged > 0 {
+        warn!(
+            unlogged,
+            "more UI requests were refused for their Host or Origin than are logged \
+             ({REFUSALS_LOGGED_PER_SECOND} a second)"
+        );
+    }
     let client = request
         .extensions()
         .get::<ConnectInfo<ClientAddr>>()
@@ -760,6 +831,23 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_are_logged_at_most_so_many_a_second_and_the_rest_are_counted() {
+        let budget = LogBudget::new(3);
+        let first: Vec<Option<u64>> = (0..5).map(|_| budget.admit()).collect();
+        assert_eq!(first, [Some(0), Some(0), Some(0), None, None]);
+        tokio::time::advance(std::time::Duration::from_millis(999)).await;
+        assert_eq!(budget.admit(), None);
+        // The next second: the first line logged carries the count of those that were not.
+        tokio::time::advance(std::time::Duration::from_millis(1)).await;
+        assert_eq!(budget.admit(), Some(3));
+        assert_eq!(budget.admit(), Some(0));
+        assert_eq!(budget.admit(), Some(0));
+        assert_eq!(budget.admit(), None);
+        tokio::time::advance(std::time::Duration::from_secs(60)).await;
+        assert_eq!(budget.admit(), Some(1));
     }
 
     #[test]
