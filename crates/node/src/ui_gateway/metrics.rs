@@ -61,6 +61,11 @@ pub const STATS_METRICS: &[StatMetric] = &[
         "Gossip frames sent to neighbors.",
     ),
     counter(
+        "gossipBytesSent",
+        "gossip_bytes_sent",
+        "Bytes of the gossip frame bodies sent to neighbors.",
+    ),
+    counter(
         "gossipFramesReceived",
         "gossip_frames_received",
         "Gossip frames received from neighbors.",
@@ -104,6 +109,11 @@ pub const STATS_METRICS: &[StatMetric] = &[
         "peersDisconnectedForAbuse",
         "peers_disconnected_for_abuse",
         "Neighbors disconnected for sending garbage or flooding useless gossip.",
+    ),
+    counter(
+        "gossipBytesSent",
+        "gossip_bytes_sent",
+        "Bytes of gossip frame bodies queued to neighbors (the length prefix excluded).",
     ),
     StatMetric {
         field: "streamsOpen",
