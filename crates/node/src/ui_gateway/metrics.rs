@@ -110,11 +110,6 @@ pub const STATS_METRICS: &[StatMetric] = &[
         "peers_disconnected_for_abuse",
         "Neighbors disconnected for sending garbage or flooding useless gossip.",
     ),
-    counter(
-        "gossipBytesSent",
-        "gossip_bytes_sent",
-        "Bytes of gossip frame bodies queued to neighbors (the length prefix excluded).",
-    ),
     StatMetric {
         field: "streamsOpen",
         name: "streams_open",
