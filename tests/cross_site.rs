@@ -450,12 +450,29 @@ async fn a_real_browser_drives_the_ui_from_an_allowed_origin_and_no_other() {
         .expect("the script runs");
     let refused: Vec<String> = serde_json::from_value(seen.clone()).expect("events");
     assert!(!refused.contains(&"open".to_owned()), "{seen}");
+    let read = browser
+        .eval(&format!(
+            "fetch('http://127.0.0.1:{port}/status').then(r => r.json()).then(j => j.nodeId, e => e.name)"
+        ))
+        .await
+        .expect("the script runs");
+    assert_eq!(read, "TypeError", "a foreign page cannot read the status");
 
-    // The allowed origin speaks to the UI and shuts the node down.
+    // The allowed origin reads the status, speaks to the UI and shuts the node down.
     browser
         .goto(&format!("{console}/"))
         .await
         .expect("the page opens");
+    let read = browser
+        .eval(&format!(
+            "fetch('http://127.0.0.1:{port}/status').then(r => r.json()).then(j => j.nodeId, e => e.name)"
+        ))
+        .await
+        .expect("the script runs");
+    assert!(
+        read.as_str().is_some_and(|id| id.len() == 64),
+        "the allowed page reads the status: {read}"
+    );
     let seen = browser
         .eval(&format!("socket('ws://127.0.0.1:{port}/', 'shutdown')"))
         .await
