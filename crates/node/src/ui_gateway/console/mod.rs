@@ -68,6 +68,7 @@ pub(super) async fn root(
     request: Request,
 ) -> Response {
     if wants_page(request.headers()) {
+        debug!(client = %client.0.0, "console page served");
         return page();
     }
     let (mut parts, _body) = request.into_parts();
