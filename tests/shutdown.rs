@@ -119,10 +119,11 @@ async fn five_nodes_one_leaves_through_its_websocket_and_the_rest_learn_at_once(
             },
         )
         .await;
-        // Each of them was a neighbor of the departed node: one change of its own, no more,
-        // even after the departed node's stream closed. (A status asked now is answered after
-        // the neighborhood has handled that end.)
-        assert_eq!(status(node).await.version, version + 1);
+        // Each of them was a neighbor of the departed node: its own record changed (versions
+        // follow the wall clock; the exact count of changes is pinned in paused time by
+        // `shutdown_tests`). A status asked now is answered after the neighborhood has handled
+        // the stream's end.
+        assert!(status(node).await.version > version);
     }
     for node in nodes {
         let report = within("shutdown", node.shutdown()).await.expect("answered");

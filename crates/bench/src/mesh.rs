@@ -24,12 +24,20 @@ const POLL: Duration = Duration::from_millis(50);
 /// One departure, graceful or not.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Departure {
-    /// From the request (or the crash) until the last remaining node's database showed it.
+    /// From the request (or the crash) until the last remaining node's database showed that no
+    /// full neighborship with the departed node is left: for a graceful departure, its
+    /// withdrawal stored; for a crash, every former neighbor's record without it.
     pub learned_ms: f64,
     /// Gossip frames sent by every node, the departing one included, from then until quiet.
     pub frames: u64,
+    /// Bytes of those frames' bodies.
+    pub bytes: u64,
     /// Links of the mesh before the departure.
     pub edges: usize,
+    /// Graceful only: the frames and bytes of the former neighbors' own records, published
+    /// lazily once the settling delay has passed (coalesced into one flood), until quiet.
+    pub settled_frames: u64,
+    pub settled_bytes: u64,
 }
 
 /// One round: a fresh mesh, a graceful departure, then a crash.
@@ -37,6 +45,8 @@ pub struct Departure {
 pub struct Round {
     pub graceful: Departure,
     pub crash: Departure,
+    /// From the last node started until every node knew the whole mesh.
+    pub converged_ms: f64,
 }
 
 /// Every round of one mesh size.
@@ -49,6 +59,12 @@ pub struct Summary {
     pub crash_learned_ms: Spread,
     pub graceful_frames_per_edge: Spread,
     pub crash_frames_per_edge: Spread,
+    pub graceful_bytes_per_edge: Spread,
+    pub crash_bytes_per_edge: Spread,
+    pub settled_frames_per_edge: Spread,
+    pub settled_bytes_per_edge: Spread,
+    /// How long each fresh mesh took to converge (set-up excluded), in ms.
+    pub converged_ms: Spread,
 }
 
 pub async fn summary(
@@ -56,12 +72,14 @@ pub async fn summary(
     degree: usize,
     rounds: usize,
     window: Duration,
+    settle: Duration,
 ) -> Result<Summary, String> {
     let mut all = Vec::new();
     for r in 0..rounds {
-        all.push(round(nodes, degree, 0x5eed_0000 + r as u64, window).await?);
+        all.push(round(nodes, degree, 0x5eed_0000 + r as u64, window, settle).await?);
     }
     let per_edge = |d: &Departure| d.frames as f64 / d.edges as f64;
+    let bytes_per_edge = |d: &Departure| d.bytes as f64 / d.edges as f64;
     Ok(Summary {
         nodes,
         degree,
@@ -69,6 +87,21 @@ pub async fn summary(
         crash_learned_ms: Spread::of(all.iter().map(|r| r.crash.learned_ms).collect()),
         graceful_frames_per_edge: Spread::of(all.iter().map(|r| per_edge(&r.graceful)).collect()),
         crash_frames_per_edge: Spread::of(all.iter().map(|r| per_edge(&r.crash)).collect()),
+        graceful_bytes_per_edge: Spread::of(
+            all.iter().map(|r| bytes_per_edge(&r.graceful)).collect(),
+        ),
+        crash_bytes_per_edge: Spread::of(all.iter().map(|r| bytes_per_edge(&r.crash)).collect()),
+        settled_frames_per_edge: Spread::of(
+            all.iter()
+                .map(|r| r.graceful.settled_frames as f64 / r.graceful.edges as f64)
+                .collect(),
+        ),
+        settled_bytes_per_edge: Spread::of(
+            all.iter()
+                .map(|r| r.graceful.settled_bytes as f64 / r.graceful.edges as f64)
+                .collect(),
+        ),
+        converged_ms: Spread::of(all.iter().map(|r| r.converged_ms).collect()),
         rounds: all,
     })
 }
@@ -137,18 +170,37 @@ async fn until(
     }
 }
 
-/// Waits until no node's gossip counter moves for a while; returns the sum of them.
-async fn quiet(nodes: &[Node]) -> Result<u64, String> {
+/// Gossip frames and bytes sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Sent {
+    frames: u64,
+    bytes: u64,
+}
+
+impl Sent {
+    fn since(self, before: Sent) -> Sent {
+        Sent {
+            frames: self.frames.saturating_sub(before.frames),
+            bytes: self.bytes.saturating_sub(before.bytes),
+        }
+    }
+}
+
+/// Waits until no node's gossip counters move for a while; returns the sum of them.
+async fn quiet(nodes: &[Node]) -> Result<Sent, String> {
     let mut last = None;
     let deadline = Instant::now() + SETTLE_TIMEOUT;
     loop {
-        let sent: Vec<u64> = statuses(nodes)
+        let sent: Vec<(u64, u64)> = statuses(nodes)
             .await?
             .iter()
-            .map(|s| s.stats.gossip_frames_sent)
+            .map(|s| (s.stats.gossip_frames_sent, s.stats.gossip_bytes_sent))
             .collect();
         if last.as_ref() == Some(&sent) {
-            return Ok(sent.iter().sum());
+            return Ok(Sent {
+                frames: sent.iter().map(|s| s.0).sum(),
+                bytes: sent.iter().map(|s| s.1).sum(),
+            });
         }
         if Instant::now() > deadline {
             return Err("gossip did not settle".into());
@@ -162,12 +214,19 @@ fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-pub async fn round(n: usize, k: usize, seed: u64, window: Duration) -> Result<Round, String> {
+pub async fn round(
+    n: usize,
+    k: usize,
+    seed: u64,
+    window: Duration,
+    settle: Duration,
+) -> Result<Round, String> {
     let edges = graph(n, k, seed);
     let mut nodes: Vec<Node> = Vec::with_capacity(n);
     for i in 0..n {
         let mut config = Config::new(Identity::generate().map_err(|e| e.to_string())?);
         config.gossip_window = window;
+        config.gossip_settle = settle;
         config.neighbors = edges
             .iter()
             .filter(|(dialer, _)| *dialer == i)
@@ -178,7 +237,8 @@ pub async fn round(n: usize, k: usize, seed: u64, window: Duration) -> Result<Ro
     let degree: Vec<usize> = (0..n)
         .map(|i| edges.iter().filter(|(a, b)| *a == i || *b == i).count())
         .collect();
-    until(&nodes, "the mesh to converge", |all| {
+    let started = Instant::now();
+    let (_, converged) = until(&nodes, "the mesh to converge", |all| {
         all.iter().zip(&degree).all(|(s, d)| {
             s.neighbors.len() == *d
                 && s.neighbors.iter().all(|x| x.full)
@@ -200,8 +260,7 @@ pub async fn round(n: usize, k: usize, seed: u64, window: Duration) -> Result<Ro
     let before = quiet(&nodes).await?;
     let departing = nodes.remove(leaving);
     let departed = departing.id().to_string();
-    let mut changed = neighbor_ids(&departing).await?;
-    changed.push(departing.id());
+    let changed = vec![departing.id()];
     let controller = departing.controller();
     let start = Instant::now();
     let asked = tokio::spawn(async move { controller.shutdown().await });
@@ -212,11 +271,31 @@ pub async fn round(n: usize, k: usize, seed: u64, window: Duration) -> Result<Ro
     let learned = last_learned(&nodes, &changed).await?;
     let report = departing.wait().await;
     let _ = asked.await;
-    let after = quiet(&nodes).await? + report.stats.map_or(0, |s| s.gossip_frames_sent);
+    let mut after = quiet(&nodes).await?;
+    if let Some(stats) = &report.stats {
+        after.frames += stats.gossip_frames_sent;
+        after.bytes += stats.gossip_bytes_sent;
+    }
+    let flood = after.since(before);
+    // The former neighbors' own records, published lazily after the settling delay: counted
+    // apart, once every node has them (no record lists the departed node any more).
+    until(&nodes, "the former neighbors' settled records", |all| {
+        all.iter().all(|s| forgotten(s, &departed))
+    })
+    .await?;
+    let mut settled = quiet(&nodes).await?;
+    if let Some(stats) = &report.stats {
+        settled.frames += stats.gossip_frames_sent;
+        settled.bytes += stats.gossip_bytes_sent;
+    }
+    let settled = settled.since(after);
     let graceful = Departure {
         learned_ms: millis(learned.duration_since(start)),
-        frames: after.saturating_sub(before),
+        frames: flood.frames,
+        bytes: flood.bytes,
         edges: edges.len(),
+        settled_frames: settled.frames,
+        settled_bytes: settled.bytes,
     };
 
     // A crash of the best-connected remaining node whose loss leaves the mesh connected (news
@@ -253,14 +332,21 @@ pub async fn round(n: usize, k: usize, seed: u64, window: Duration) -> Result<Ro
     })
     .await?;
     let learned = last_learned(&nodes, &changed).await?;
-    let after = quiet(&nodes).await?;
+    let spent = quiet(&nodes).await?.since(before);
     let crash = Departure {
         learned_ms: millis(learned.duration_since(start)),
-        frames: after.saturating_sub(before),
+        frames: spent.frames,
+        bytes: spent.bytes,
         edges: edges_now,
+        settled_frames: 0,
+        settled_bytes: 0,
     };
     join_all(nodes.into_iter().map(Node::stop)).await;
-    Ok(Round { graceful, crash })
+    Ok(Round {
+        graceful,
+        crash,
+        converged_ms: millis(converged.duration_since(started)),
+    })
 }
 
 /// Whether the graph stays connected without node `removed`.
@@ -313,12 +399,12 @@ async fn last_learned(nodes: &[Node], changed: &[NodeId]) -> Result<Instant, Str
     last.ok_or_else(|| "nobody learned anything".to_owned())
 }
 
-/// `departed` withdrew, as `s` sees it: its record lists nobody and nobody lists it.
+/// `departed` withdrew, as `s` sees it: its record lists nobody, so no full neighborship with
+/// it is left (a link is full only while both records list it).
 fn withdrawn(s: &StatusPayload, departed: &str) -> bool {
     s.known_nodes
         .iter()
         .any(|k| k.node_id == departed && k.neighbors.is_empty())
-        && forgotten(s, departed)
 }
 
 /// No record in `s`'s database, but the crashed node's own, lists `gone`.

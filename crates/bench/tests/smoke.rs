@@ -20,6 +20,7 @@ fn every_scenario_runs_at_a_tiny_size_and_writes_its_figures() {
             "3",
         ])
         .args(["--rounds", "1", "--memory-neighbors", "4"])
+        .args(["--gossip-settle-ms", "100"])
         .arg("--json")
         .arg(&json)
         .arg("--svg")
@@ -54,6 +55,11 @@ fn every_scenario_runs_at_a_tiny_size_and_writes_its_figures() {
     let round = &figures["mesh"]["rounds"][0];
     assert!(round["graceful"]["frames"].as_u64().expect("frames") > 0);
     assert!(round["crash"]["frames"].as_u64().expect("frames") > 0);
+    assert!(round["graceful"]["bytes"].as_u64().expect("bytes") > 0);
+    assert!(round["crash"]["bytes"].as_u64().expect("bytes") > 0);
+    // The former neighbors' records settled: counted apart, or within the flood when the
+    // settling delay is shorter than the wait for quiet (as here); either way a number.
+    assert!(round["graceful"]["settled_frames"].as_u64().is_some());
     assert_eq!(figures["memory"]["neighbors"], 4);
     assert!(figures["memory"]["rss_after_kib"].as_u64().expect("rss") > 0);
     assert!(figures["failed"].as_array().expect("failures").is_empty());

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use meshnode_protocol::Identity;
 
-use crate::neighborhood::DEFAULT_GOSSIP_WINDOW;
+use crate::neighborhood::{DEFAULT_GOSSIP_SETTLE, DEFAULT_GOSSIP_WINDOW};
 use crate::ui_gateway::{DEFAULT_SHUTDOWN_DEADLINE, WebPolicy};
 
 /// Everything [`crate::start`] needs. Build it with [`Config::new`] and adjust the fields.
@@ -24,6 +24,9 @@ pub struct Config {
     pub shutdown_deadline: Duration,
     /// How long gossip is gathered before it is sent (zero: at the end of every batch).
     pub gossip_window: Duration,
+    /// How long a change of the own record that needs no haste (dropping a neighbor that
+    /// withdrew) waits before it is published, coalescing many.
+    pub gossip_settle: Duration,
     /// When set, every UI route wants `Authorization: Bearer TOKEN`.
     pub ui_token: Option<UiToken>,
     /// The Host names and web origins the UI answers besides IP literals, `localhost` and its
@@ -44,6 +47,7 @@ impl Config {
             identity,
             shutdown_deadline: DEFAULT_SHUTDOWN_DEADLINE,
             gossip_window: DEFAULT_GOSSIP_WINDOW,
+            gossip_settle: DEFAULT_GOSSIP_SETTLE,
             ui_token: None,
             ui_web: WebPolicy::strict(),
             advertise: None,

@@ -68,6 +68,7 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         identity,
         shutdown_deadline,
         gossip_window,
+        gossip_settle,
         ui_token,
         ui_web,
         advertise,
@@ -104,7 +105,10 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
     let neighborhood = neighborhood::spawn_with(
         identity,
         advertised.clone(),
-        gossip_window,
+        neighborhood::GossipTiming {
+            window: gossip_window,
+            settle: gossip_settle,
+        },
         cancel.child_token(),
         &tracker,
     )?;

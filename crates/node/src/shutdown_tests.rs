@@ -68,6 +68,7 @@ async fn every_neighbor_gets_exactly_one_withdrawal_gossip_then_eof() {
     let peers = neighbors(&node, 10..14).await;
     let version = node.status().await.expect("status").version;
     let readers = read_to_end(peers);
+    let mut withdrawn_at = Vec::new();
 
     let started = tokio::time::Instant::now();
     let report = within("the shutdown", node.shutdown())
@@ -105,16 +106,16 @@ async fn every_neighbor_gets_exactly_one_withdrawal_gossip_then_eof() {
             "the withdrawal carries only the node's record"
         );
         assert_eq!(last[0].id(), me);
-        assert_eq!(
-            last[0].version(),
-            version + 1,
-            "one version bump for all neighbors"
-        );
+        // Versions follow the wall clock: one bump is any higher version, the same for all.
+        assert!(last[0].version() > version, "a newer version");
+        withdrawn_at.push(last[0].version());
         assert!(last[0].record.neighbors.is_empty());
         last[0].verify().expect("signed by the node");
         let withdrawals = frames.iter().filter(|f| is_withdrawal(f, me)).count();
         assert_eq!(withdrawals, 1, "exactly one withdrawal gossip, then EOF");
     }
+    withdrawn_at.dedup();
+    assert_eq!(withdrawn_at.len(), 1, "one version bump for all neighbors");
     let ended = within("the node ends", node.wait()).await;
     assert_eq!(ended, report);
 }
@@ -322,6 +323,7 @@ async fn a_neighbor_that_withdraws_is_dropped_in_one_gossip_round_and_its_eof_ch
     let mut peers = neighbors(&node, 10..13).await;
     let mut departing = peers.remove(0);
     let version = node.status().await.expect("status").version;
+    let mut bumped = 0;
 
     // The departing neighbor's own record, newer, listing nobody: its withdrawal.
     let withdrawal = record(&departing.identity, 2, &[]);
@@ -334,7 +336,8 @@ async fn a_neighbor_that_withdraws_is_dropped_in_one_gossip_round_and_its_eof_ch
         loop {
             let status = node.status().await.expect("status");
             if status.neighbors.len() == 2 {
-                assert_eq!(status.version, version + 1, "one bump for the departure");
+                assert!(status.version > version, "a bump for the departure");
+                bumped = status.version;
                 break;
             }
         }
@@ -351,7 +354,7 @@ async fn a_neighbor_that_withdraws_is_dropped_in_one_gossip_round_and_its_eof_ch
     // A stream stops counting as open only after its end was handed to the neighborhood, so a
     // status asked now is answered after the neighborhood has handled that end.
     let status = node.status().await.expect("status");
-    assert_eq!(status.version, version + 1, "the EOF changed nothing");
+    assert_eq!(status.version, bumped, "the EOF changed nothing");
 
     let readers = read_to_end(peers);
     let report = within("the shutdown", node.shutdown())
@@ -367,18 +370,15 @@ async fn a_neighbor_that_withdraws_is_dropped_in_one_gossip_round_and_its_eof_ch
             2,
             "the departure, then this node's own withdrawal: {frames:?}"
         );
-        let departure = &frames[0];
-        assert!(
-            departure.contains(&withdrawal),
-            "the departure is passed on"
+        // The withdrawal is passed on alone and at once; the node's own record that drops the
+        // departed neighbor waits for the settling delay, which the shutdown cut short.
+        assert_eq!(
+            frames[0],
+            vec![withdrawal.clone()],
+            "the departure is passed on alone"
         );
-        let own = departure
-            .iter()
-            .find(|r| r.id() == me)
-            .expect("the node's new record");
-        assert_eq!(own.version(), version + 1);
-        assert!(!own.record.neighbors.contains(&withdrawal.id()));
         assert!(is_withdrawal(&frames[1], me));
+        assert!(frames[1][0].version() > bumped);
     }
     within("the node ends", node.wait()).await;
 }

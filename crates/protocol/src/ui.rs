@@ -278,6 +278,9 @@ pub struct DescriptorPayload {
 #[serde(rename_all = "camelCase")]
 pub struct Stats {
     pub gossip_frames_sent: u64,
+    /// Bytes of the gossip frames' bodies queued to neighbors (the length prefix excluded).
+    #[serde(default)]
+    pub gossip_bytes_sent: u64,
     pub gossip_frames_received: u64,
     /// Records that changed the database.
     pub records_accepted: u64,

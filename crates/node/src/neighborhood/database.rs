@@ -1,10 +1,28 @@
-//! The neighborhood database: the newest verified record of every node this node has heard of.
-//! Owned by the neighborhood task alone.
+//! The neighborhood database: the newest verified record of every node this node has heard of,
+//! bounded. Owned by the neighborhood task alone.
+//!
+//! Bounds. The database keeps every record it can reach from the node's own over full
+//! neighborships (both records list each other). A record it cannot reach (a withdrawn node, a
+//! key nobody lists back) is kept as a tombstone for a grace period, then dropped by
+//! [`NodeDb::prune`]. On top of that there is a hard cap on records and on bytes: a new record
+//! that would pass it first evicts records that were not reachable at the last prune (or came
+//! since), oldest stored first; records reachable at the last prune (and the node's own) are
+//! never evicted: if nothing else is left, the new record is refused. So a flood of records
+//! from fresh keys can only displace other unreachable records, never the mesh the node is in.
 
 use std::cmp::Ordering;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::Duration;
 
 use meshnode_protocol::{NodeId, VerifiedRecord};
+use tokio::time::Instant;
+
+/// Most records the database holds.
+pub const MAX_RECORDS: usize = 20_000;
+/// Most bytes of records the database holds (as [`record_bytes`] counts them).
+pub const MAX_BYTES: usize = 64 * 1024 * 1024;
+/// How long an unreachable record is kept after it was first seen unreachable.
+pub const TOMBSTONE_GRACE: Duration = Duration::from_secs(60);
 
 /// What a merge did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,11 +31,39 @@ pub enum Merge {
     Accepted,
     /// The stored record is this one or supersedes it; nothing changed.
     Stale,
+    /// A record of a new id, at the cap with nothing left to evict: not stored.
+    Refused,
 }
 
-#[derive(Debug, Default)]
+/// The bytes a record is counted for: its signed layout and signature.
+pub fn record_bytes(record: &VerifiedRecord) -> usize {
+    // Domain tag (19) + id (32) + version (8) + two lengths (8) + signature (64).
+    131 + record.record().addr.len() + 32 * record.record().neighbors.len()
+}
+
+#[derive(Debug)]
 pub struct NodeDb {
     records: BTreeMap<NodeId, VerifiedRecord>,
+    /// The sum of [`record_bytes`] over the records.
+    bytes: usize,
+    max_records: usize,
+    max_bytes: usize,
+    /// Records that may be evicted (not reachable at the last prune, or stored since), by the
+    /// order they were stored in: the oldest goes first.
+    evictable: BTreeMap<u64, NodeId>,
+    /// Each evictable record's key in `evictable`.
+    evictable_seq: HashMap<NodeId, u64>,
+    next_seq: u64,
+    /// When each record was first seen unreachable by a prune (tombstones).
+    unreachable_since: HashMap<NodeId, Instant>,
+    /// Records dropped (evicted at the cap or past the grace) since start.
+    dropped: u64,
+}
+
+impl Default for NodeDb {
+    fn default() -> Self {
+        Self::with_caps(MAX_RECORDS, MAX_BYTES)
+    }
 }
 
 impl NodeDb {
@@ -25,18 +71,141 @@ impl NodeDb {
         Self::default()
     }
 
+    /// A database that holds at most `max_records` records and `max_bytes` bytes of them.
+    pub fn with_caps(max_records: usize, max_bytes: usize) -> Self {
+        Self {
+            records: BTreeMap::new(),
+            bytes: 0,
+            max_records: max_records.max(1),
+            max_bytes,
+            evictable: BTreeMap::new(),
+            evictable_seq: HashMap::new(),
+            next_seq: 0,
+            unreachable_since: HashMap::new(),
+            dropped: 0,
+        }
+    }
+
     /// Stores `record` if it supersedes the stored record of its id (see [`supersedes`]).
-    /// The database is a join of everything merged into it: the same records merged in any
-    /// order, any number of times, leave the same database. Only verified records get here, so
-    /// only a record's owner can change it.
+    /// Under the caps the database is a join of everything merged into it: the same records
+    /// merged in any order, any number of times, leave the same database. Only verified
+    /// records get here, so only a record's owner can change it. At a cap, records that are
+    /// not known reachable are evicted first, oldest first; a new record that would need a
+    /// reachable one evicted is refused.
     pub fn merge(&mut self, record: VerifiedRecord) -> Merge {
-        match self.records.get(&record.id()) {
-            Some(stored) if !supersedes(&record, stored) => Merge::Stale,
-            _ => {
-                self.records.insert(record.id(), record);
-                Merge::Accepted
+        let id = record.id();
+        let size = record_bytes(&record);
+        let old_size = match self.records.get(&id) {
+            Some(stored) if !supersedes(&record, stored) => return Merge::Stale,
+            Some(stored) => Some(record_bytes(stored)),
+            None => None,
+        };
+        let new_len = self.records.len() + usize::from(old_size.is_none());
+        let mut new_bytes = self.bytes - old_size.unwrap_or(0) + size;
+        let mut evict = Vec::new();
+        let mut candidates = self.evictable.values().filter(|e| **e != id);
+        let mut len = new_len;
+        while len > self.max_records || new_bytes > self.max_bytes {
+            let Some(victim) = candidates.next() else {
+                return Merge::Refused;
+            };
+            if let Some(r) = self.records.get(victim) {
+                new_bytes -= record_bytes(r);
+            }
+            len -= 1;
+            evict.push(*victim);
+        }
+        for victim in evict {
+            self.remove(&victim);
+        }
+        if let Some(old) = self.records.insert(id, record) {
+            self.bytes -= record_bytes(&old);
+        }
+        self.bytes += size;
+        // A changed record that was evictable is news again: it goes to the back of the order.
+        // A record reachable at the last prune stays protected across its changes.
+        let was_evictable = match self.evictable_seq.remove(&id) {
+            Some(seq) => self.evictable.remove(&seq).is_some(),
+            None => false,
+        };
+        if old_size.is_none() || was_evictable {
+            self.mark_evictable(id);
+        }
+        Merge::Accepted
+    }
+
+    fn mark_evictable(&mut self, id: NodeId) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.evictable.insert(seq, id);
+        self.evictable_seq.insert(id, seq);
+    }
+
+    fn remove(&mut self, id: &NodeId) -> bool {
+        let Some(old) = self.records.remove(id) else {
+            return false;
+        };
+        self.bytes -= record_bytes(&old);
+        if let Some(seq) = self.evictable_seq.remove(id) {
+            self.evictable.remove(&seq);
+        }
+        self.unreachable_since.remove(id);
+        self.dropped += 1;
+        true
+    }
+
+    /// Finds what `me` reaches over full neighborships; marks the rest unreachable from `now`
+    /// (if not already), drops those unreachable for longer than `grace`, and makes the rest
+    /// evictable at the cap. Returns the ids dropped.
+    pub fn prune(&mut self, me: &NodeId, now: Instant, grace: Duration) -> Vec<NodeId> {
+        let reachable = self.reachable_from(me);
+        let mut dropped = Vec::new();
+        let ids: Vec<NodeId> = self.records.keys().copied().collect();
+        for id in ids {
+            if reachable.contains(&id) {
+                self.unreachable_since.remove(&id);
+                if let Some(seq) = self.evictable_seq.remove(&id) {
+                    self.evictable.remove(&seq);
+                }
+                continue;
+            }
+            let since = *self.unreachable_since.entry(id).or_insert(now);
+            if now.duration_since(since) >= grace {
+                self.remove(&id);
+                dropped.push(id);
+            } else if !self.evictable_seq.contains_key(&id) {
+                self.mark_evictable(id);
             }
         }
+        dropped
+    }
+
+    /// The ids reachable from `me` over full neighborships, `me` included.
+    pub fn reachable_from(&self, me: &NodeId) -> HashSet<NodeId> {
+        let mut seen = HashSet::from([*me]);
+        let mut frontier = VecDeque::from([*me]);
+        while let Some(x) = frontier.pop_front() {
+            let Some(record) = self.records.get(&x) else {
+                continue;
+            };
+            for y in &record.record().neighbors {
+                if !seen.contains(y) && self.lists(y, &x) {
+                    seen.insert(*y);
+                    frontier.push_back(*y);
+                }
+            }
+        }
+        seen
+    }
+
+    /// Bytes of the stored records, as [`record_bytes`] counts them.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Records dropped since start: evicted at a cap or past their grace.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
     }
 
     pub fn get(&self, id: &NodeId) -> Option<&VerifiedRecord> {
@@ -80,6 +249,8 @@ fn rank(a: &VerifiedRecord, b: &VerifiedRecord) -> Ordering {
         .then_with(|| a.record().signing_bytes().cmp(&b.record().signing_bytes()))
 }
 
+#[cfg(test)]
+mod cap_props;
 #[cfg(test)]
 mod props;
 

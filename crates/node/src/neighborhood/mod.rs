@@ -6,6 +6,8 @@
 mod budget;
 pub mod connectivity;
 mod database;
+#[cfg(test)]
+mod departure_props;
 mod outbox;
 mod state;
 #[cfg(test)]
@@ -35,6 +37,10 @@ pub const NEIGHBORHOOD_INBOX: usize = 1024;
 /// How long the neighborhood gathers changes before it gossips them, so that news arriving
 /// from several neighbors at about the same time leaves as one round.
 pub const DEFAULT_GOSSIP_WINDOW: Duration = Duration::from_millis(10);
+/// How long a change of the own record that needs no haste (dropping a neighbor that withdrew:
+/// its withdrawal already shows the link is gone) waits before it is published, so that the
+/// changes of many departures leave as one record, or with the next change of any other kind.
+pub const DEFAULT_GOSSIP_SETTLE: Duration = Duration::from_secs(5);
 /// Gossip frames that change nothing here (only records already stored, or older ones) a
 /// neighbor may send in a burst before it is disconnected for flooding.
 pub const USELESS_GOSSIP_BURST: f64 = 1024.0;
@@ -98,6 +104,8 @@ pub struct NeighborhoodStatus {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GossipCounters {
     pub frames_sent: u64,
+    /// Bytes of those frames' bodies.
+    pub bytes_sent: u64,
     pub frames_received: u64,
     /// Times gossip for a neighbor was held back because its send queue was busy.
     pub deferred: u64,
@@ -107,6 +115,8 @@ pub struct GossipCounters {
     pub frames_useless: u64,
     /// Neighbors disconnected for flooding useless gossip.
     pub peers_disconnected_for_flooding: u64,
+    /// Records of new ids refused because the database was full of reachable records.
+    pub records_refused: u64,
 }
 
 /// The neighborhood task has stopped and can no longer answer.
@@ -168,6 +178,26 @@ impl NeighborhoodHandle {
     }
 }
 
+/// When gossip leaves: the window that gathers changes, and the settling delay of lazy changes
+/// of the own record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GossipTiming {
+    /// How long changes are gathered before they are sent (zero: at the end of every batch).
+    /// Withdrawals never wait for it.
+    pub window: Duration,
+    /// How long a change of the own record that needs no haste waits to be published.
+    pub settle: Duration,
+}
+
+impl Default for GossipTiming {
+    fn default() -> Self {
+        Self {
+            window: DEFAULT_GOSSIP_WINDOW,
+            settle: DEFAULT_GOSSIP_SETTLE,
+        }
+    }
+}
+
 /// Starts the neighborhood task for `identity`, which accepts neighbors on `addr`.
 pub fn spawn(
     identity: Identity,
@@ -175,21 +205,41 @@ pub fn spawn(
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<NeighborhoodHandle, RecordError> {
-    spawn_with(identity, addr, DEFAULT_GOSSIP_WINDOW, cancel, tracker)
+    spawn_with(identity, addr, GossipTiming::default(), cancel, tracker)
 }
 
-/// [`spawn`] with a gossip window of one's own (zero sends at the end of every batch).
+/// [`spawn`] with gossip timing of one's own.
 pub fn spawn_with(
     identity: Identity,
     addr: String,
-    gossip_window: Duration,
+    timing: GossipTiming,
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<NeighborhoodHandle, RecordError> {
     let (tx, rx) = mpsc::channel(NEIGHBORHOOD_INBOX);
     let span = tracing::info_span!("neighborhood", node = %identity.id().short());
-    let task = state::Neighborhood::new(identity, addr)?.with_window(gossip_window);
+    let task = state::Neighborhood::with_clock(identity, addr, state::VersionClock::Wall)?
+        .with_window(timing.window)
+        .with_settle(timing.settle);
     let connectivity = task.connectivity();
     tracker.spawn(task.run(rx, cancel).instrument(span));
+    Ok(NeighborhoodHandle { tx, connectivity })
+}
+
+/// [`spawn_with`], with versions counted from 1 (for tests that pin them).
+#[cfg(test)]
+pub(crate) fn spawn_counting(
+    identity: Identity,
+    addr: String,
+    timing: GossipTiming,
+    cancel: CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<NeighborhoodHandle, RecordError> {
+    let (tx, rx) = mpsc::channel(NEIGHBORHOOD_INBOX);
+    let task = state::Neighborhood::new(identity, addr)?
+        .with_window(timing.window)
+        .with_settle(timing.settle);
+    let connectivity = task.connectivity();
+    tracker.spawn(task.run(rx, cancel));
     Ok(NeighborhoodHandle { tx, connectivity })
 }

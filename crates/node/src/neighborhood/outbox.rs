@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use bytes::Bytes;
 use meshnode_protocol::{Frame, NodeId, VerifiedRecord};
 
-use super::state::Neighborhood;
+use super::state::{Neighborhood, sig_prefix};
 use crate::link::QueueError;
 
 /// Gossip owed at the end of the current batch.
@@ -21,6 +21,20 @@ pub(super) struct Outbox {
 }
 
 impl Neighborhood {
+    /// Whether `peer` is known to have the stored record of `id` (it sent it here).
+    fn peer_knows(&self, peer: &NodeId, id: &NodeId) -> bool {
+        let Some(stored) = self.db.get(id) else {
+            return false;
+        };
+        self.peer_has
+            .get(peer)
+            .and_then(|known| known.get(id))
+            .is_some_and(|&(version, sig)| {
+                version > stored.version()
+                    || (version == stored.version() && sig == sig_prefix(stored.signed()))
+            })
+    }
+
     pub(super) fn owes_gossip(&self) -> bool {
         !self.withdrawn && (!self.outbox.changed.is_empty() || !self.outbox.full_sync.is_empty())
     }
@@ -31,6 +45,7 @@ impl Neighborhood {
     /// drained. Each distinct set of records is encoded once.
     pub(super) fn flush(&mut self) {
         let outbox = std::mem::take(&mut self.outbox);
+        self.urgent = false;
         if self.withdrawn {
             self.backlog.clear();
             return;
@@ -56,7 +71,7 @@ impl Neighborhood {
                 outbox
                     .changed
                     .iter()
-                    .filter(|(_, have)| !have.contains(peer))
+                    .filter(|(id, have)| !have.contains(peer) && !self.peer_knows(peer, id))
                     .map(|(id, _)| *id)
                     .collect()
             };
@@ -84,6 +99,7 @@ impl Neighborhood {
                 match stream.try_send(body.clone()) {
                     Ok(()) => {
                         self.counters.frames_sent += 1;
+                        self.counters.bytes_sent += body.len() as u64;
                         sent = *mark;
                     }
                     // Filled up mid-way: the records not sent yet are owed, and only those (a

@@ -21,11 +21,15 @@ use crate::link::{ConnId, StreamHandle};
 /// Most messages handled before pending gossip is flushed, so that a burst of changes leaves
 /// as one gossip per neighbor while a steady stream of them still gets out promptly.
 const MAX_BATCH: usize = 256;
+/// How often the database is pruned of unreachable records past their grace.
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
 /// How often gossip held back for busy neighbors is tried again when nothing else happens.
 const BACKLOG_RETRY: Duration = Duration::from_millis(20);
 
 pub(super) struct Neighborhood {
     pub(super) identity: Identity,
+    /// Where the own record's versions come from.
+    pub(super) clock: VersionClock,
     pub(super) db: NodeDb,
     pub(super) own: VerifiedRecord,
     /// The streams to each immediate neighbor that have connected and not yet disconnected,
@@ -51,6 +55,23 @@ pub(super) struct Neighborhood {
     pub(super) flush_at: Option<Instant>,
     /// When gossip held back for busy neighbors is next tried again.
     pub(super) retry_at: Option<Instant>,
+    /// When the database is next pruned (unreachable records past their grace dropped).
+    pub(super) prune_at: Instant,
+    /// Set when the batch stored a record that lists nobody (a withdrawal): it is forwarded at
+    /// the end of the batch, without waiting for the window.
+    pub(super) urgent: bool,
+    /// How long a change of the own record that needs no haste (dropping a neighbor that
+    /// withdrew, which its withdrawal already shows to everyone) waits to be published, so that
+    /// many coalesce into one record; any other change publishes it at once.
+    pub(super) settle: Duration,
+    /// When the own record, changed lazily, is due to be published.
+    pub(super) settle_at: Option<Instant>,
+    /// How long an unreachable record is kept.
+    pub(super) tombstone_grace: Duration,
+    /// For each immediate neighbor, the records it is known to have: those it sent here, by id,
+    /// with their version and the first bytes of their signature. Such a record is not sent
+    /// back to it.
+    pub(super) peer_has: HashMap<NodeId, HashMap<NodeId, (u64, u64)>>,
     /// Status requests of the current batch, answered after its gossip is counted.
     pub(super) status_replies: Vec<oneshot::Sender<NeighborhoodStatus>>,
     /// Each immediate neighbor's budget of gossip frames that change nothing here.
@@ -61,18 +82,31 @@ pub(super) struct Neighborhood {
 }
 
 impl Neighborhood {
+    /// A neighborhood whose versions count up from 1, for tests that pin them.
+    #[cfg(test)]
     pub(super) fn new(identity: Identity, addr: String) -> Result<Self, RecordError> {
+        Self::with_clock(identity, addr, VersionClock::Counter)
+    }
+
+    pub(super) fn with_clock(
+        identity: Identity,
+        addr: String,
+        clock: VersionClock,
+    ) -> Result<Self, RecordError> {
         let record = NodeRecord {
             id: identity.id(),
             addr,
-            version: 1,
+            version: clock.next(1),
             neighbors: BTreeSet::new(),
         };
         let own = identity.sign_verified(record)?;
         let mut db = NodeDb::new();
         db.merge(own.clone());
+        // The own record is reachable from the start, so never evicted.
+        db.prune(&own.id(), Instant::now(), super::database::TOMBSTONE_GRACE);
         Ok(Self {
             identity,
+            clock,
             db,
             own,
             streams: HashMap::new(),
@@ -85,6 +119,12 @@ impl Neighborhood {
             window: Duration::ZERO,
             flush_at: None,
             retry_at: None,
+            prune_at: Instant::now() + PRUNE_EVERY,
+            urgent: false,
+            settle: super::DEFAULT_GOSSIP_SETTLE,
+            settle_at: None,
+            tombstone_grace: super::database::TOMBSTONE_GRACE,
+            peer_has: HashMap::new(),
             withdrawn: false,
             status_replies: Vec::new(),
             useless: HashMap::new(),
@@ -109,6 +149,11 @@ impl Neighborhood {
 
     pub(super) fn with_window(mut self, window: Duration) -> Self {
         self.window = window;
+        self
+    }
+
+    pub(super) fn with_settle(mut self, settle: Duration) -> Self {
+        self.settle = settle;
         self
     }
 
@@ -141,7 +186,7 @@ impl Neighborhood {
                     Err(_) => break,
                 }
             }
-            if self.window.is_zero() {
+            if self.window.is_zero() || self.urgent {
                 self.flush();
             } else if self.flush_at.is_none() && self.owes_gossip() {
                 self.flush_at = Some(Instant::now() + self.window);
@@ -154,12 +199,34 @@ impl Neighborhood {
         debug!("stopped");
     }
 
+    /// Prunes the database (see [`NodeDb::prune`]) and forgets what it dropped everywhere else.
+    pub(super) fn prune(&mut self, now: Instant) {
+        let dropped = self.db.prune(&self.own.id(), now, self.tombstone_grace);
+        if !dropped.is_empty() {
+            debug!(
+                dropped = dropped.len(),
+                kept = self.db.len(),
+                "unreachable records past their grace dropped"
+            );
+        }
+        let db = &self.db;
+        self.learned_at.retain(|id, _| db.get(id).is_some());
+        for known in self.peer_has.values_mut() {
+            known.retain(|id, _| db.get(id).is_some());
+        }
+    }
+
     /// The earliest of the gossip deadlines: the window's end, the backlog's retry.
     fn next_due(&self) -> Option<Instant> {
-        match (self.flush_at, self.retry_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.flush_at,
+            self.retry_at,
+            self.settle_at,
+            Some(self.prune_at),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Runs the gossip whose deadline has passed, and schedules the next retry while gossip is
@@ -175,8 +242,19 @@ impl Neighborhood {
             self.retry_at = None;
             flush = true;
         }
+        if self.settle_at.is_some_and(|at| at <= now) {
+            self.settle_at = None;
+            if !self.withdrawn {
+                self.outbox.changed.insert(self.own.id(), BTreeSet::new());
+                flush = true;
+            }
+        }
         if flush {
             self.flush();
+        }
+        if self.prune_at <= now {
+            self.prune_at = now + PRUNE_EVERY;
+            self.prune(now);
         }
         if self.backlog.is_empty() {
             self.retry_at = None;
@@ -234,6 +312,7 @@ impl Neighborhood {
         self.merge(record, Some(peer));
         // A replaced stream was closed by the pool; its disconnect removes only itself.
         self.streams.entry(peer).or_default().push(stream);
+        self.peer_has.entry(peer).or_default();
         self.outbox.full_sync.insert(peer);
         self.change_own(|neighbors| neighbors.insert(peer));
     }
@@ -250,6 +329,7 @@ impl Neighborhood {
             self.streams.remove(&peer);
             self.departed.remove(&peer);
             self.listed_since.remove(&peer);
+            self.peer_has.remove(&peer);
             self.backlog.remove(&peer);
             self.useless.remove(&peer);
             self.outbox.full_sync.remove(&peer);
@@ -288,7 +368,15 @@ impl Neighborhood {
             }
             let (id, version) = (record.id(), record.version());
             let lists_me = record.record().neighbors.contains(&me);
+            let sig = sig_prefix(record.signed());
             useful |= self.merge(record, Some(from)) == Merge::Accepted;
+            // What the sender has, for the records stored here (so this never outgrows the
+            // database by more than a prune's worth).
+            if self.db.get(&id).is_some()
+                && let Some(known) = self.peer_has.get_mut(&from)
+            {
+                known.insert(id, (version, sig));
+            }
             if !self.streams.contains_key(&id) {
                 continue;
             }
@@ -308,12 +396,20 @@ impl Neighborhood {
 
     pub(super) fn merge(&mut self, record: VerifiedRecord, source: Option<NodeId>) -> Merge {
         let (id, signature) = (record.id(), record.signed().signature);
+        let lists_nobody = record.record().neighbors.is_empty();
         let merged = self.db.merge(record);
         match merged {
             Merge::Accepted => {
+                // A withdrawal (or a node with no neighbors yet: small either way) is
+                // forwarded at once: it is what tells the mesh that every link to it is gone.
+                self.urgent |= lists_nobody;
                 self.counters.records_accepted += 1;
                 self.learned_at.insert(id, Instant::now());
                 self.outbox.changed.insert(id, source.into_iter().collect());
+            }
+            Merge::Refused => {
+                self.counters.records_refused += 1;
+                debug!(id = %id.short(), "database full of reachable records; a new record is refused");
             }
             Merge::Stale => {
                 self.counters.records_stale += 1;
@@ -340,22 +436,48 @@ impl Neighborhood {
         if !edit(&mut record.neighbors) {
             return false;
         }
-        record.version += 1;
-        self.install_own(record)
+        record.version = self.clock.next(record.version + 1);
+        self.install_own(record, Publish::Now)
+    }
+
+    /// [`Self::change_own`] for a change that needs no haste: the new record is published
+    /// with the next change of the own record, or after the settling delay, whichever is first.
+    pub(super) fn change_own_lazily(
+        &mut self,
+        edit: impl FnOnce(&mut BTreeSet<NodeId>) -> bool,
+    ) -> bool {
+        let mut record = self.own.record().clone();
+        if !edit(&mut record.neighbors) {
+            return false;
+        }
+        record.version = self.clock.next(record.version + 1);
+        self.install_own(record, Publish::Lazily)
     }
 
     pub(super) fn bump_own_above(&mut self, floor: u64) {
         let mut record = self.own.record().clone();
-        record.version = floor + 1;
-        self.install_own(record);
+        record.version = self.clock.next(floor.saturating_add(1));
+        self.install_own(record, Publish::Now);
     }
 
-    pub(super) fn install_own(&mut self, record: NodeRecord) -> bool {
+    pub(super) fn install_own(&mut self, record: NodeRecord, publish: Publish) -> bool {
         match self.identity.sign_verified(record) {
             Ok(own) => {
                 self.own = own;
                 self.db.merge(self.own.clone());
-                self.outbox.changed.insert(self.own.id(), BTreeSet::new());
+                match publish {
+                    Publish::Now => {
+                        // The newest record goes out now, whatever lazy change it carries.
+                        self.outbox.changed.insert(self.own.id(), BTreeSet::new());
+                        self.settle_at = None;
+                    }
+                    Publish::Lazily => {
+                        if !self.outbox.changed.contains_key(&self.own.id()) {
+                            self.settle_at
+                                .get_or_insert_with(|| Instant::now() + self.settle);
+                        }
+                    }
+                }
                 true
             }
             Err(e) => {
@@ -403,6 +525,55 @@ impl Neighborhood {
             counters: self.counters,
         }
     }
+}
+
+/// Where the own record's versions come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum VersionClock {
+    /// Each version is the greater of the previous one + 1 and the wall clock in milliseconds
+    /// since the Unix epoch: versions survive a restart without being stored or trusted from
+    /// peers, so a replayed record of an earlier life of the key is stale (unless that life
+    /// changed its record more often than once a millisecond, or the clock went back: then
+    /// the node outbids the replay when it hears of it, as before).
+    Wall,
+    /// Previous + 1, from 1: for tests that pin versions.
+    #[cfg(test)]
+    Counter,
+}
+
+impl VersionClock {
+    /// The version to use, given the least one allowed.
+    pub(super) fn next(self, floor: u64) -> u64 {
+        match self {
+            Self::Wall => floor.max(wall_clock_ms()),
+            #[cfg(test)]
+            Self::Counter => floor,
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch; 0 if the clock is before it.
+pub(super) fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// When a change of the own record is published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Publish {
+    /// With this batch's gossip.
+    Now,
+    /// With the next change, or after the settling delay.
+    Lazily,
+}
+
+/// The first eight bytes of a record's signature: with its version, enough to tell two
+/// records of one id apart (two records at one version differ in their signatures).
+pub(super) fn sig_prefix(record: &meshnode_protocol::SignedRecord) -> u64 {
+    let mut prefix = [0u8; 8];
+    prefix.copy_from_slice(&record.signature[..8]);
+    u64::from_be_bytes(prefix)
 }
 
 /// Resolves at `at`; never when there is nothing due.

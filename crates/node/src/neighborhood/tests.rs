@@ -53,6 +53,8 @@ struct Neighbor {
     stream: StreamHandle,
     queue: mpsc::Receiver<Bytes>,
     killed: CancellationToken,
+    /// Bytes of every body taken from the queue so far.
+    bytes: u64,
 }
 
 impl Neighbor {
@@ -68,6 +70,7 @@ impl Neighbor {
             stream,
             queue,
             killed,
+            bytes: 0,
         }
     }
 
@@ -105,6 +108,7 @@ impl Neighbor {
     fn queued(&mut self) -> Vec<Vec<SignedRecord>> {
         let mut frames = Vec::new();
         while let Ok(body) = self.queue.try_recv() {
+            self.bytes += body.len() as u64;
             match Frame::decode(&body).expect("the neighborhood queues valid frames") {
                 Frame::Gossip { records } => {
                     for r in &records {
@@ -144,10 +148,13 @@ impl Running {
         let identity = identity(seed);
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let handle = super::spawn_with(
+        let handle = super::spawn_counting(
             identity.clone(),
             ADDR.into(),
-            Duration::ZERO,
+            super::GossipTiming {
+                window: Duration::ZERO,
+                settle: super::DEFAULT_GOSSIP_SETTLE,
+            },
             cancel.clone(),
             &tracker,
         )
@@ -263,6 +270,7 @@ async fn a_new_neighbor_gets_the_whole_database_and_is_listed_in_a_bumped_own_re
         status.counters,
         GossipCounters {
             frames_sent: 3,
+            bytes_sent: a.bytes + b.bytes,
             records_accepted: 2,
             ..GossipCounters::default()
         }
@@ -296,6 +304,7 @@ async fn a_changed_record_goes_to_the_other_neighbors_only_and_a_stale_one_goes_
             frames_received: base.frames_received + 1,
             records_accepted: base.records_accepted + 1,
             frames_sent: base.frames_sent + 2,
+            bytes_sent: a.bytes + b.bytes + c.bytes,
             ..base
         }
     );
@@ -322,6 +331,7 @@ async fn a_changed_record_goes_to_the_other_neighbors_only_and_a_stale_one_goes_
             records_stale: base.records_stale + 2,
             frames_useless: base.frames_useless + 2,
             frames_sent: base.frames_sent + 2,
+            bytes_sent: a.bytes + b.bytes + c.bytes,
             ..base
         }
     );
@@ -396,6 +406,7 @@ fn changes_handled_in_one_batch_leave_as_one_gossip_frame_per_neighbor() {
         status.counters,
         GossipCounters {
             frames_sent: 6,
+            bytes_sent: a.bytes + b.bytes + c.bytes,
             frames_received: 5,
             records_accepted: 8,
             ..GossipCounters::default()
@@ -726,28 +737,100 @@ fn withdraw_reply() -> meshnode_shutdown::DoneReply {
     meshnode_shutdown::channel("neighborhood").0
 }
 
-#[test]
-fn a_withdrawal_relayed_before_the_neighbors_own_frame_still_costs_one_round() {
+/// A departure is one flood: the withdrawal is forwarded at once (no window) to the neighbors
+/// that do not have it, and the own record that drops the departed neighbor is not a second
+/// flood: it waits for the settling delay (or the next change), and many such drops coalesce.
+#[tokio::test(start_paused = true)]
+async fn a_withdrawal_relayed_before_the_neighbors_own_frame_is_forwarded_alone_and_the_own_change_settles()
+ {
     let me = identity(1);
-    let mut hood = Neighborhood::new(me.clone(), ADDR.into()).expect("own record");
-    let (mut p, q, mut r) = with_full_neighbor_p(&mut hood, &me);
+    let mut hood = Neighborhood::new(me.clone(), ADDR.into())
+        .expect("own record")
+        .with_window(Duration::from_millis(10));
+    let (mut p, mut q, mut r) = with_full_neighbor_p(&mut hood, &me);
+    let mut s = Neighbor::new(13, 4);
+    hood.handle(s.connected(1, &[]));
+    hood.flush();
+    hood.handle(s.gossip(vec![record(&s.identity, 2, &[me.id()])]));
+    hood.flush();
+    for n in [&mut p, &mut q, &mut r, &mut s] {
+        n.queued();
+    }
+    let version = hood.status().version;
     let withdrawal = record(&p.identity, 3, &[]);
     // Q relays P's withdrawal before P's own frame gets here.
     hood.handle(q.gossip(vec![withdrawal.clone()]));
+    assert!(hood.urgent, "a withdrawal does not wait for the window");
     hood.flush();
-    let round = r.one_frame();
+    for n in [&mut r, &mut s] {
+        assert_eq!(
+            summary(&n.one_frame()),
+            BTreeSet::from([(p.id(), 3)]),
+            "the withdrawal alone"
+        );
+    }
+    q.nothing_queued();
+    let status = hood.status();
     assert!(
-        round
-            .iter()
-            .any(|rec| rec.id() == me.id() && !rec.record.neighbors.contains(&p.id()))
+        !hood_lists(&mut hood, p.id()),
+        "the half-neighborship is dropped at once"
     );
+    assert_eq!(status.version, version + 1);
     // P's own copy, then P's EOF: nothing more.
     hood.handle(p.gossip(vec![withdrawal]));
     hood.flush();
     hood.handle(p.disconnected());
     hood.flush();
-    r.nothing_queued();
-    p.nothing_queued();
+    // S withdraws too, within the settling delay: its drop coalesces with P's.
+    hood.handle(s.gossip(vec![record(&s.identity, 3, &[])]));
+    hood.flush();
+    assert_eq!(summary(&r.one_frame()), BTreeSet::from([(s.id(), 3)]));
+    assert_eq!(summary(&q.one_frame()), BTreeSet::from([(s.id(), 3)]));
+    hood.handle(s.disconnected());
+    hood.flush();
+    hood.run_due();
+    for n in [&mut p, &mut q, &mut r, &mut s] {
+        n.nothing_queued();
+    }
+    // After the settling delay the own record leaves once, without P and S.
+    tokio::time::advance(super::DEFAULT_GOSSIP_SETTLE).await;
+    hood.run_due();
+    let left = ids(&[q.id(), r.id()]);
+    for n in [&mut q, &mut r] {
+        let frame = n.one_frame();
+        assert_eq!(frame.len(), 1);
+        assert_eq!(frame[0].id(), me.id());
+        assert_eq!(frame[0].record.neighbors, left);
+    }
+    assert_eq!(
+        hood.status().version,
+        version + 2,
+        "one change per departure"
+    );
+}
+
+/// A lazy change of the own record goes out with the next change of any other kind.
+#[tokio::test(start_paused = true)]
+async fn a_settling_own_change_leaves_with_the_next_change() {
+    let me = identity(1);
+    let mut hood = Neighborhood::new(me.clone(), ADDR.into()).expect("own record");
+    let (p, mut q, mut r) = with_full_neighbor_p(&mut hood, &me);
+    hood.handle(p.gossip(vec![record(&p.identity, 3, &[])]));
+    hood.flush();
+    q.queued();
+    r.queued();
+    // R's stream ends (a crash, say): that change is published at once, and carries P's drop.
+    hood.handle(r.disconnected());
+    hood.flush();
+    let frame = q.one_frame();
+    let own = frame
+        .iter()
+        .find(|x| x.id() == me.id())
+        .expect("own record");
+    assert_eq!(own.record.neighbors, ids(&[q.id()]));
+    tokio::time::advance(super::DEFAULT_GOSSIP_SETTLE).await;
+    hood.run_due();
+    q.nothing_queued();
 }
 
 #[test]
@@ -964,4 +1047,38 @@ async fn gossip_that_is_due_leaves_while_the_inbox_never_empties() {
     within("the neighborhood stops", task)
         .await
         .expect("no panic");
+}
+
+/// Versions follow the wall clock (the greater of previous + 1 and the time in ms), so a
+/// record of an earlier life of the key, replayed to a node that restarted, is merely stale:
+/// nothing to outbid, and nothing is stored from a peer to get there.
+#[test]
+fn versions_survive_a_restart_so_a_replayed_earlier_life_is_stale() {
+    use super::state::{VersionClock, wall_clock_ms};
+    let me = identity(1);
+    // An earlier life of the key that ended a second ago, after many changes.
+    let earlier = record(
+        &me,
+        wall_clock_ms().saturating_sub(1_000),
+        &[identity(9).id()],
+    );
+    let before = wall_clock_ms();
+    let mut hood =
+        Neighborhood::with_clock(me.clone(), ADDR.into(), VersionClock::Wall).expect("own record");
+    let first = hood.status().version;
+    assert!(first >= before && first > earlier.version());
+    let mut p = Neighbor::new(10, 1);
+    hood.handle(p.connected(1, &[]));
+    hood.flush();
+    p.queued();
+    let second = hood.status().version;
+    assert!(second > first, "every change raises the version");
+    hood.handle(p.gossip(vec![earlier]));
+    hood.flush();
+    let status = hood.status();
+    assert_eq!(status.version, second, "a stale earlier life is not outbid");
+    assert_eq!(status.counters.records_stale, 1);
+    p.nothing_queued();
+    // The counter clock is previous + 1, from 1.
+    assert_eq!(VersionClock::Counter.next(7), 7);
 }

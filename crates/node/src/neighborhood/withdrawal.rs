@@ -42,6 +42,7 @@ impl Neighborhood {
             if queued {
                 notified += 1;
                 self.counters.frames_sent += bodies.len() as u64;
+                self.counters.bytes_sent += bodies.iter().map(|b| b.len() as u64).sum::<u64>();
             } else {
                 gone.push(stream.peer().short());
             }
@@ -91,7 +92,10 @@ impl Neighborhood {
         if streams.is_empty() || !self.departed.insert(peer) {
             return;
         }
-        if self.change_own(|neighbors| neighbors.remove(&peer)) {
+        // Its withdrawal, forwarded at once, already tells everyone that every link to it is
+        // gone (a link is full only while both records list it): the own record that drops it
+        // is published lazily, not as a second flood.
+        if self.change_own_lazily(|neighbors| neighbors.remove(&peer)) {
             info!(peer = %peer.short(), "neighbor withdrew from the network; half-neighborship removed");
         }
     }

@@ -93,9 +93,14 @@ impl Rig {
         let me = identity(seed);
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let neighborhood =
-            crate::neighborhood::spawn(me.clone(), ADDR.into(), cancel.child_token(), &tracker)
-                .expect("the node's first record is valid");
+        let neighborhood = crate::neighborhood::spawn_counting(
+            me.clone(),
+            ADDR.into(),
+            crate::neighborhood::GossipTiming::default(),
+            cancel.child_token(),
+            &tracker,
+        )
+        .expect("the node's first record is valid");
         let (tx, rx) = mpsc::channel(POOL_INBOX);
         let pool = PoolHandle { tx };
         let shared = Shared {
@@ -627,9 +632,14 @@ async fn a_stream_killed_before_it_hears_it_was_admitted_ends_as_a_duplicate() {
 
 /// A pool that is not running: the test hands it messages itself.
 async fn idle_pool(me: &Identity, tracker: &TaskTracker, cancel: &CancellationToken) -> Pool {
-    let neighborhood =
-        crate::neighborhood::spawn(me.clone(), ADDR.into(), cancel.child_token(), tracker)
-            .expect("the node's first record is valid");
+    let neighborhood = crate::neighborhood::spawn_counting(
+        me.clone(),
+        ADDR.into(),
+        crate::neighborhood::GossipTiming::default(),
+        cancel.child_token(),
+        tracker,
+    )
+    .expect("the node's first record is valid");
     let (tx, _rx) = mpsc::channel(1);
     let shared = Shared {
         me: me.id(),

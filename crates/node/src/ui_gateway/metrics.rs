@@ -61,6 +61,11 @@ pub const STATS_METRICS: &[StatMetric] = &[
         "Gossip frames sent to neighbors.",
     ),
     counter(
+        "gossipBytesSent",
+        "gossip_bytes_sent",
+        "Bytes of the gossip frame bodies sent to neighbors.",
+    ),
+    counter(
         "gossipFramesReceived",
         "gossip_frames_received",
         "Gossip frames received from neighbors.",

@@ -413,6 +413,7 @@ async fn gather(
         known_nodes: hood.known_nodes,
         stats: Stats {
             gossip_frames_sent: hood.counters.frames_sent,
+            gossip_bytes_sent: hood.counters.bytes_sent,
             gossip_frames_received: hood.counters.frames_received,
             records_accepted: hood.counters.records_accepted,
             records_stale: hood.counters.records_stale,
