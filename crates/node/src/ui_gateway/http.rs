@@ -94,7 +94,8 @@ async fn require_token(State(guard): State<Guard>, request: Request, next: Next)
     let refusal = match (presented(headers), cookie) {
         (Some(presented), _) if token.matches(presented) => return next.run(request).await,
         (None, CookieCheck::Valid) => return next.run(request).await,
-        (Some(_), _) | (None, CookieCheck::Wrong) => Refusal::Wrong,
+        (Some(_), _) => Refusal::Wrong,
+        (None, CookieCheck::Wrong) => Refusal::StaleSession,
         (None, CookieCheck::Absent) => Refusal::Missing,
     };
     let client = request
@@ -106,6 +107,13 @@ async fn require_token(State(guard): State<Guard>, request: Request, next: Next)
     match refusal {
         Refusal::Missing => debug!(%client, path, "UI request without the token refused"),
         Refusal::Wrong => warn!(%client, path, "UI request with a wrong token refused"),
+        // A browser keeps the cookie of an earlier run of the node (or another origin's page
+        // sent it): routine, and the page asks for the token again.
+        Refusal::StaleSession => debug!(
+            %client,
+            path,
+            "UI request with a console session cookie not of this run refused"
+        ),
     }
     unauthorized(path, refusal)
 }
@@ -117,6 +125,8 @@ enum Refusal {
     Missing,
     /// A bearer token that is not the node's.
     Wrong,
+    /// No bearer token, and a console session cookie that is not this run's.
+    StaleSession,
 }
 
 /// The credentials of an `Authorization: Bearer TOKEN` header (the scheme in any case), if any.
@@ -144,10 +154,13 @@ fn unauthorized(path: &str, refusal: Refusal) -> Response {
     let message = match refusal {
         Refusal::Missing => "this node's UI wants a token: send Authorization: Bearer TOKEN",
         Refusal::Wrong => "the UI token is wrong",
+        Refusal::StaleSession => {
+            "the console session is not this node's (it may have restarted): log in again"
+        }
     };
     let challenge = match refusal {
         Refusal::Missing => HeaderValue::from_static(r#"Bearer realm="meshnode""#),
-        Refusal::Wrong => {
+        Refusal::Wrong | Refusal::StaleSession => {
             HeaderValue::from_static(r#"Bearer realm="meshnode", error="invalid_token""#)
         }
     };

@@ -381,8 +381,19 @@ async fn with_a_token_the_page_is_public_and_the_login_cookie_stands_for_the_tok
     )
     .await;
     assert_eq!(foreign.status(), reqwest::StatusCode::FORBIDDEN);
-    let stale = get(ui, "/status", &[("cookie", "meshnode_session_1=00")]).await;
+    let other_port = get(ui, "/status", &[("cookie", "meshnode_session_1=00")]).await;
+    assert_eq!(other_port.status(), reqwest::StatusCode::UNAUTHORIZED);
+    // A cookie of an earlier run: refused, with a message that says so.
+    let name = cookie.split('=').next().expect("a name");
+    let stale = format!("{name}={}", "0".repeat(64));
+    let stale = get(ui, "/status", &[("cookie", &stale)]).await;
     assert_eq!(stale.status(), reqwest::StatusCode::UNAUTHORIZED);
+    let envelope: UiMessage = within("the body", stale.json())
+        .await
+        .expect("an error envelope");
+    let error = envelope.error.expect("an error");
+    assert_eq!(error.code, codes::UNAUTHORIZED);
+    assert!(error.message.contains("log in again"), "{}", error.message);
 
     let mut request = format!("ws://{ui}/").into_client_request().expect("a URL");
     let headers = request.headers_mut();
