@@ -159,7 +159,16 @@ async fn until(
 ) -> Result<(Vec<StatusPayload>, Instant), String> {
     let deadline = Instant::now() + SETTLE_TIMEOUT;
     loop {
-        let all = statuses(nodes).await?;
+        // A big mesh on 2 cores may be too busy to answer every status in time: that poll is
+        // tried again, until the deadline.
+        let all = match statuses(nodes).await {
+            Ok(all) => all,
+            Err(_) if Instant::now() <= deadline => {
+                tokio::time::sleep(POLL).await;
+                continue;
+            }
+            Err(e) => return Err(format!("waiting for {what}: {e}")),
+        };
         if done(&all) {
             return Ok((all, Instant::now()));
         }
@@ -191,8 +200,15 @@ async fn quiet(nodes: &[Node]) -> Result<Sent, String> {
     let mut last = None;
     let deadline = Instant::now() + SETTLE_TIMEOUT;
     loop {
-        let sent: Vec<(u64, u64)> = statuses(nodes)
-            .await?
+        let all = match statuses(nodes).await {
+            Ok(all) => all,
+            Err(_) if Instant::now() <= deadline => {
+                tokio::time::sleep(POLL).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let sent: Vec<(u64, u64)> = all
             .iter()
             .map(|s| (s.stats.gossip_frames_sent, s.stats.gossip_bytes_sent))
             .collect();
