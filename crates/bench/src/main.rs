@@ -3,6 +3,7 @@
 
 mod memory;
 mod mesh;
+mod operations;
 mod peer;
 mod plot;
 mod shutdown;
@@ -48,6 +49,12 @@ struct Args {
     /// Neighbors for the memory scenario.
     #[arg(long, default_value_t = 1000)]
     memory_neighbors: usize,
+    /// Database sizes for judging the connection stage (operations scenario).
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+    ops_records: Vec<usize>,
+    /// `GET /metrics` requests timed (operations scenario).
+    #[arg(long, default_value_t = 200)]
+    ops_scrapes: usize,
     /// Write every figure as JSON here.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
@@ -62,6 +69,7 @@ enum Scenario {
     Shutdown,
     Mesh,
     Memory,
+    Operations,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -70,6 +78,7 @@ struct Results {
     shutdown: Vec<shutdown::Point>,
     mesh: Option<mesh::Summary>,
     memory: Option<memory::Memory>,
+    operations: Option<operations::Operations>,
     /// Points that could not be measured, and why.
     failed: Vec<String>,
 }
@@ -243,6 +252,23 @@ async fn run(args: &Args) -> Result<(), String> {
             ms(s.crash_bytes_per_edge.median)
         );
         results.mesh = Some(s);
+    }
+    if wants(Scenario::Operations) {
+        println!(
+            "\n== operations: judging the connection stage (after every neighborhood batch), and GET /metrics"
+        );
+        let o = operations::measure(&args.ops_records, args.ops_scrapes).await?;
+        println!("{:>8}  {:>30}", "records", "connection stage (µs)");
+        for p in &o.connectivity {
+            println!("{:>8}  {:>30}", p.records, p.judge_us.cell());
+        }
+        println!(
+            "GET /metrics, a new connection each, {} scrapes: {} ms, {} bytes",
+            args.ops_scrapes,
+            o.scrape_ms.cell(),
+            o.scrape_bytes
+        );
+        results.operations = Some(o);
     }
     if wants(Scenario::Memory) {
         println!(

@@ -20,6 +20,7 @@ fn every_scenario_runs_at_a_tiny_size_and_writes_its_figures() {
             "3",
         ])
         .args(["--rounds", "1", "--memory-neighbors", "4"])
+        .args(["--ops-records", "20", "--ops-scrapes", "3"])
         .args(["--gossip-settle-ms", "100"])
         .arg("--json")
         .arg(&json)
@@ -33,7 +34,7 @@ fn every_scenario_runs_at_a_tiny_size_and_writes_its_figures() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for heading in ["== shutdown", "== mesh", "== memory"] {
+    for heading in ["== shutdown", "== mesh", "== memory", "== operations"] {
         assert!(stdout.contains(heading), "{heading} missing:\n{stdout}");
     }
 
@@ -62,6 +63,16 @@ fn every_scenario_runs_at_a_tiny_size_and_writes_its_figures() {
     assert!(round["graceful"]["settled_frames"].as_u64().is_some());
     assert_eq!(figures["memory"]["neighbors"], 4);
     assert!(figures["memory"]["rss_after_kib"].as_u64().expect("rss") > 0);
+    let ops = &figures["operations"];
+    assert_eq!(ops["connectivity"][0]["records"], 20);
+    assert!(ops["scrape_bytes"].as_u64().expect("bytes") > 0);
+    assert_eq!(
+        ops["scrape_ms"]["samples"]
+            .as_array()
+            .expect("samples")
+            .len(),
+        3
+    );
     assert!(figures["failed"].as_array().expect("failures").is_empty());
     let plot = std::fs::read_to_string(&svg).expect("SVG written");
     assert!(plot.contains("<svg"), "an SVG");

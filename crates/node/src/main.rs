@@ -24,6 +24,8 @@ const DEFAULT_UI: &str = "127.0.0.1:5333";
 const UI_TOKEN_ENV: &str = "MESHNODE_UI_TOKEN";
 /// How long `meshnode shutdown` waits for the node's answer (as MASQ's `masq` does).
 const SHUTDOWN_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest the exit waits for the last notices to systemd.
+const NOTIFY_FLUSH: Duration = Duration::from_secs(1);
 /// How long `meshnode shutdown` waits for its probe of the UI port.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
 
@@ -237,23 +239,32 @@ async fn run(args: RunArgs) -> ExitCode {
 
     let controller = node.controller();
     // systemd's Type=notify, when it asked: READY now, then the node's progress.
-    let notifier = meshnode::notify::wanted().then(|| {
+    let notifier = meshnode::notify::Notifier::start().map(|(notifier, drained)| {
         let stop = tokio_util::sync::CancellationToken::new();
         let follow = meshnode::notify::follow(
+            notifier.clone(),
             node.lifecycle(),
             node.connectivity(),
             controller.clone(),
             stop.clone(),
         );
-        (stop, tokio::spawn(follow))
+        (notifier, drained, stop, tokio::spawn(follow))
     });
     let code = wait_for_the_end(node, controller, signals, args.shutdown_deadline).await;
-    if let Some((stop, follow)) = notifier {
+    if let Some((notifier, drained, stop, mut follow)) = notifier {
         stop.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(1), follow).await;
-        if let Ok(report) = &code {
-            meshnode::notify::send(&[meshnode::notify::stopped(report)]);
+        if tokio::time::timeout(NOTIFY_FLUSH, &mut follow)
+            .await
+            .is_err()
+        {
+            follow.abort();
         }
+        if let Ok(report) = &code {
+            notifier.send(vec![meshnode::notify::stopped(report)]);
+        }
+        drop(notifier);
+        // The follower's copy goes with its task; the last line is out before the exit.
+        tokio::task::block_in_place(|| drained.wait(NOTIFY_FLUSH));
     }
     match code {
         Ok(report) => ExitCode::from(report.exit_code()),

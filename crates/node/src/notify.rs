@@ -72,7 +72,7 @@ pub fn running(connectivity: &Connectivity) -> Notice {
 }
 
 /// What is sent when a shutdown starts: it may take `deadline`, and the node had `neighbors`.
-pub fn stopping(neighbors: usize, deadline: Duration) -> Vec<Notice> {
+pub fn stopping_notices(neighbors: usize, deadline: Duration) -> Vec<Notice> {
     vec![
         Notice::Stopping,
         Notice::Status(format!("withdrawing from {}", count(neighbors, "neighbor"))),
@@ -108,15 +108,76 @@ pub fn stopped(report: &ShutdownReport) -> Notice {
     Notice::Status(text)
 }
 
-/// Sends `notices` in one datagram to `NOTIFY_SOCKET`, if it is set; a failure is logged at
-/// debug (the service manager may have gone) and otherwise ignored.
-pub fn send(notices: &[Notice]) {
-    if notices.is_empty() || std::env::var_os(NOTIFY_SOCKET).is_none() {
-        return;
+/// Sends notices to `NOTIFY_SOCKET` in order, from a thread of its own: a Unix datagram send
+/// blocks while the receiver's queue is full, and a service manager that stopped reading must
+/// not stall the node's runtime. At most [`NOTIFY_QUEUE`] batches wait; past that a batch is
+/// dropped (and logged at debug). Cloneable; see [`Notifier::start`].
+#[derive(Debug, Clone)]
+pub struct Notifier {
+    tx: std::sync::mpsc::SyncSender<Vec<Notice>>,
+}
+
+/// Batches of notices that may wait for the sending thread.
+pub const NOTIFY_QUEUE: usize = 64;
+
+/// Resolves when every [`Notifier`] is dropped and the thread has sent what was queued.
+#[derive(Debug)]
+pub struct Drained {
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+impl Drained {
+    /// Waits until everything queued was sent, at most `within` (a blocking wait: call it once
+    /// the node has ended, as the last thing before the exit).
+    pub fn wait(self, within: Duration) {
+        if self.done.recv_timeout(within).is_err() {
+            debug!("the service manager was not told everything before the exit");
+        }
     }
-    for notice in notices {
-        debug!(notice = %notice.line(), "telling the service manager");
+}
+
+impl Notifier {
+    /// A notifier, when the service manager asked for notices (`NOTIFY_SOCKET` is set).
+    pub fn start() -> Option<(Notifier, Drained)> {
+        if !wanted() {
+            return None;
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Notice>>(NOTIFY_QUEUE);
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("sd-notify".into())
+            .spawn(move || {
+                for notices in rx {
+                    deliver(&notices);
+                }
+                let _ = done_tx.send(());
+            });
+        match thread {
+            Ok(_) => Some((Notifier { tx }, Drained { done })),
+            Err(e) => {
+                debug!(error = %e, "cannot start the thread that tells the service manager");
+                None
+            }
+        }
     }
+
+    /// Queues `notices`, to go in one datagram; never waits.
+    pub fn send(&self, notices: Vec<Notice>) {
+        if notices.is_empty() {
+            return;
+        }
+        for notice in &notices {
+            debug!(notice = %notice.line(), "telling the service manager");
+        }
+        if self.tx.try_send(notices).is_err() {
+            debug!("the service manager is not reading; a notice was dropped");
+        }
+    }
+}
+
+/// Sends `notices` in one datagram to `NOTIFY_SOCKET`; a failure is logged at debug (the
+/// service manager may have gone) and otherwise ignored.
+fn deliver(notices: &[Notice]) {
     #[cfg(unix)]
     {
         let lines: Vec<String> = notices.iter().map(Notice::line).collect();
@@ -138,6 +199,8 @@ pub fn send(notices: &[Notice]) {
             debug!(error = %e, "cannot tell the service manager");
         }
     }
+    #[cfg(not(unix))]
+    let _ = notices;
 }
 
 /// Whether the service manager asked to be told.
@@ -150,24 +213,24 @@ pub fn wanted() -> bool {
 /// caller sends [`stopped`] itself once the node has ended and this has returned, so that the
 /// last line is the last one sent.
 pub async fn follow(
+    notifier: Notifier,
     mut lifecycle: tokio::sync::watch::Receiver<Lifecycle>,
     mut connectivity: tokio::sync::watch::Receiver<Connectivity>,
     controller: NodeController,
     stop: CancellationToken,
 ) {
     let mut neighbors = connectivity.borrow_and_update().neighbors;
-    let mut stopping_since = matches!(
+    let mut stopping = matches!(
         *lifecycle.borrow_and_update(),
         Lifecycle::ShuttingDown { .. }
-    )
-    .then(tokio::time::Instant::now);
-    send(&[
-        Notice::Ready,
+    );
+    let shown = |neighbors| {
         running(&Connectivity {
             neighbors,
             ..Connectivity::default()
-        }),
-    ]);
+        })
+    };
+    notifier.send(vec![Notice::Ready, shown(neighbors)]);
     let mut streams_shown: Option<u64> = None;
     let mut poll = tokio::time::interval(STOPPING_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -185,33 +248,45 @@ pub async fn follow(
                 match now {
                     Lifecycle::Running => {}
                     Lifecycle::ShuttingDown { deadline, .. } => {
-                        if stopping_since.is_none() {
-                            stopping_since = Some(tokio::time::Instant::now());
-                            send(&stopping(neighbors, deadline));
+                        if !stopping {
+                            stopping = true;
+                            notifier.send(stopping_notices(neighbors, deadline));
                         }
                     }
-                    // The caller sends the outcome.
-                    Lifecycle::Ended { .. } => break,
+                    // The caller sends the outcome; a shutdown that started and ended before
+                    // this task woke is still announced first.
+                    Lifecycle::Ended { deadline, .. } => {
+                        if !stopping {
+                            notifier.send(stopping_notices(neighbors, deadline));
+                        }
+                        break;
+                    }
                 }
             }
-            changed = connectivity.changed(), if stopping_since.is_none() => {
+            changed = connectivity.changed(), if !stopping => {
                 if changed.is_err() {
                     // The neighborhood ended: the lifecycle tells the rest.
-                    stopping_since = stopping_since.or(Some(tokio::time::Instant::now()));
+                    stopping = true;
                     continue;
                 }
                 let now = connectivity.borrow_and_update().neighbors;
                 if now != neighbors {
                     neighbors = now;
-                    send(&[running(&Connectivity { neighbors, ..Connectivity::default() })]);
+                    notifier.send(vec![shown(neighbors)]);
                 }
             }
-            _ = poll.tick(), if stopping_since.is_some() => {
-                let Ok(status) = controller.status().await else { continue };
+            _ = poll.tick(), if stopping => {
+                // The ask is bounded by the gateway's status timeout, and the end still wins.
+                let status = tokio::select! {
+                    biased;
+                    () = stop.cancelled() => break,
+                    status = controller.status() => status,
+                };
+                let Ok(status) = status else { continue };
                 let open = status.stats.streams_open;
                 if open > 0 && streams_shown != Some(open) {
                     streams_shown = Some(open);
-                    send(&[waiting(open)]);
+                    notifier.send(vec![waiting(open)]);
                 }
             }
         }
@@ -262,7 +337,7 @@ mod tests {
         assert_eq!(waiting(1), Notice::Status("waiting for 1 stream".into()));
         assert_eq!(waiting(3), Notice::Status("waiting for 3 streams".into()));
         assert_eq!(
-            stopping(4, Duration::from_secs(5)),
+            stopping_notices(4, Duration::from_secs(5)),
             vec![
                 Notice::Stopping,
                 Notice::Status("withdrawing from 4 neighbors".into()),

@@ -89,6 +89,7 @@ pub enum Lifecycle {
     Ended {
         outcome: ShutdownOutcome,
         elapsed: Duration,
+        deadline: Duration,
     },
 }
 

@@ -335,6 +335,7 @@ impl Gateway {
         self.lifecycle.send_replace(Lifecycle::Ended {
             outcome: report.outcome,
             elapsed: Duration::from_millis(report.elapsed_ms),
+            deadline: self.deadline,
         });
         self.ui.release.cancel();
         self.ui.clients.close();
