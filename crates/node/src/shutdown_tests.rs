@@ -505,6 +505,42 @@ async fn real_pool(neighborhood: NeighborhoodHandle, tracker: &TaskTracker) -> P
     )
 }
 
+/// The pool answers a little before the gateway's deadline, but a loaded machine can delay that
+/// answer past it. The gateway's report then still names the streams the pool said it was
+/// waiting for.
+#[tokio::test(start_paused = true)]
+async fn a_pool_whose_answer_misses_the_deadline_still_has_its_streams_named() {
+    const STREAM: &str = "stream to 0a0b0c0d (c7)";
+    let (tx, mut rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Some(msg) = rx.recv().await {
+            match msg {
+                PoolMsg::Counters { reply } => {
+                    let _ = reply.send(PoolCounters::default());
+                }
+                PoolMsg::Shutdown { reply, waiting, .. } => {
+                    waiting.send_replace(vec![STREAM.to_owned()]);
+                    held.push((reply, waiting));
+                }
+                _ => {}
+            }
+        }
+    });
+    let (hood_tx, _hood_rx) = mpsc::channel(16);
+    let rig = Rig::new(
+        NeighborhoodHandle::from_sender(hood_tx),
+        PoolHandle::from_sender(tx),
+    )
+    .await;
+    let (report, took) = rig.shutdown().await;
+    assert_eq!(report.outcome, ShutdownOutcome::DeadlineExpired);
+    assert_eq!(took, DEFAULT_SHUTDOWN_DEADLINE);
+    assert_eq!(report.subsystems.outcome, Outcome::Late);
+    assert_eq!(report.still_running, vec!["stream_handler_pool", STREAM]);
+    assert!(report.render().contains(STREAM), "{}", report.render());
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_pool_that_never_answers_ends_the_shutdown_at_exactly_the_deadline_and_is_named() {
     let (hood_tx, _hood_rx) = mpsc::channel(16);

@@ -17,7 +17,7 @@ use meshnode_protocol::{NodeId, VerifyCache};
 use meshnode_shutdown::DoneReply;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -128,8 +128,15 @@ pub enum PoolMsg {
     /// Withdraw from the network and close every stream: stop intake, have the neighborhood
     /// gossip the withdrawal, close each stream after it, wait for the streams to end, then
     /// answer `reply` with the neighborhood's done nested in the pool's. By `deadline` it
-    /// answers whatever happens, with a late report for each part still out.
-    Shutdown { reply: DoneReply, deadline: Instant },
+    /// answers whatever happens, with a late report for each part still out. `waiting` is
+    /// kept current with the names of the streams it still waits for, so that a report the
+    /// gateway must write without the pool's answer (a loaded machine can delay that answer
+    /// past the gateway's own deadline) still names them.
+    Shutdown {
+        reply: DoneReply,
+        deadline: Instant,
+        waiting: watch::Sender<Vec<String>>,
+    },
     /// Panics the task, as a bug would.
     #[cfg(test)]
     Crash,

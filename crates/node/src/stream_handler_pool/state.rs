@@ -7,7 +7,7 @@ use std::pin::Pin;
 use meshnode_protocol::NodeId;
 use meshnode_shutdown::{DoneReply, DoneReport};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, warn};
 
@@ -26,6 +26,8 @@ pub(super) struct Pool {
     /// Dialers waiting for a neighbor's stream to end before they dial it again.
     waiters: HashMap<NodeId, Vec<oneshot::Sender<()>>>,
     phase: Phase,
+    /// During a shutdown, the names of the streams still waited for, for the gateway.
+    waiting: Option<watch::Sender<Vec<String>>>,
 }
 
 /// Where the pool is in a shutdown.
@@ -61,6 +63,7 @@ impl Pool {
             admitted: HashMap::new(),
             waiters: HashMap::new(),
             phase: Phase::Running,
+            waiting: None,
         }
     }
 
@@ -142,7 +145,14 @@ impl Pool {
                 let _ = reply.send(counters);
             }
             PoolMsg::Adopt { stream } => self.adopt(stream),
-            PoolMsg::Shutdown { reply, deadline } => self.shutdown(reply, deadline),
+            PoolMsg::Shutdown {
+                reply,
+                deadline,
+                waiting,
+            } => {
+                self.waiting = Some(waiting);
+                self.shutdown(reply, deadline);
+            }
             #[cfg(test)]
             PoolMsg::Crash => panic!("the stream handler pool crashed, as asked by a test"),
         }
@@ -162,6 +172,7 @@ impl Pool {
         if let Phase::Closing { streams, .. } = &mut self.phase {
             streams.remove(&conn);
         }
+        self.publish_waiting();
         self.finish_if_closed();
     }
 
@@ -267,7 +278,18 @@ impl Pool {
             streams,
             total,
         };
+        self.publish_waiting();
         self.finish_if_closed();
+    }
+
+    /// Tells the gateway which streams the shutdown still waits for, by name, sorted.
+    fn publish_waiting(&self) {
+        let (Some(waiting), Phase::Closing { streams, .. }) = (&self.waiting, &self.phase) else {
+            return;
+        };
+        let mut names: Vec<String> = streams.values().cloned().collect();
+        names.sort();
+        waiting.send_replace(names);
     }
 
     fn finish_if_closed(&mut self) {

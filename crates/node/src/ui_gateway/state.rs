@@ -81,6 +81,8 @@ struct InProgress {
     requesters: Vec<oneshot::Sender<ShutdownReport>>,
     /// The pool's done reply, or `Late` at the deadline.
     wait: Pin<Box<dyn Future<Output = DoneReport> + Send>>,
+    /// The streams the pool still waits for, as it last said.
+    waiting: watch::Receiver<Vec<String>>,
 }
 
 pub(super) struct Parts {
@@ -249,12 +251,16 @@ impl Gateway {
                 // The pool answers by a deadline of its own, a little earlier, so that its
                 // report (naming whatever it still waits for) arrives before this one passes.
                 let pool_deadline = deadline - pool_margin(self.deadline);
+                // If its report comes too late even so (the machine is loaded), this one still
+                // names the streams it waited for, from what the pool said along the way.
+                let (waiting_tx, waiting) = watch::channel(Vec::new());
                 // The pool's inbox may be busy: send from a child so this loop never waits.
                 let pool = self.pool.clone();
                 let send = async move {
                     let msg = PoolMsg::Shutdown {
                         reply: pool_reply,
                         deadline: pool_deadline,
+                        waiting: waiting_tx,
                     };
                     if pool.send(msg).await.is_err() {
                         debug!("the pool is gone; its reply vanished");
@@ -281,16 +287,33 @@ impl Gateway {
                     requests: 1,
                     requesters: reply.into_iter().collect(),
                     wait: Box::pin(pool_wait.wait_until(deadline)),
+                    waiting,
                 }));
             }
         }
     }
 
     /// The tree is in (or the deadline passed): close the UI listener, then answer everyone.
-    async fn answer(&mut self, tree: DoneReport) {
+    async fn answer(&mut self, mut tree: DoneReport) {
         let Phase::ShuttingDown(run) = std::mem::replace(&mut self.phase, Phase::Running) else {
             return;
         };
+        // The pool did not answer by the deadline: name the streams it last said it waited
+        // for, as its own report would have.
+        if tree.outcome == Outcome::Late && tree.children.is_empty() {
+            tree.children = run
+                .waiting
+                .borrow()
+                .iter()
+                .map(|name| {
+                    DoneReport::late(
+                        name.clone(),
+                        tree.elapsed,
+                        "the neighbor had not hung up by the deadline",
+                    )
+                })
+                .collect();
+        }
         let elapsed_ms = run.started.elapsed().as_millis() as u64;
         // The final counters, if the subsystems answer in time; never past the deadline.
         let left = run.deadline.saturating_duration_since(Instant::now());
