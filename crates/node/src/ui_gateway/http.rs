@@ -24,6 +24,10 @@ use super::{GatewayError, GatewayHandle, metrics};
 use crate::config::UiToken;
 use crate::neighborhood::Connectivity;
 
+/// After the node ends, how long the UI server may still write answers already made. Part of
+/// the teardown reserve (`state::TEARDOWN_RESERVE`), so the node still ends by deadline + grace.
+const HTTP_DRAIN: std::time::Duration = std::time::Duration::from_millis(100);
+
 #[derive(Debug, Clone)]
 pub(super) struct AppState {
     pub gateway: GatewayHandle,
@@ -170,19 +174,25 @@ fn unauthorized(path: &str, refusal: Refusal) -> Response {
 }
 
 /// Serves the UI until the node ends. The gateway closes the listening socket earlier, when it
-/// answers a shutdown; connections already open are served until the node ends, and then
-/// dropped without waiting for them (a client that never finishes its request cannot hold the
+/// answers a shutdown. When the node ends, answers already made (the report of a
+/// `POST /shutdown`, say) are still written, for at most [`HTTP_DRAIN`]; then every connection
+/// is dropped without waiting more (a client that never finishes its request cannot hold the
 /// node up).
 pub(super) async fn serve(listener: ClosableListener, app: AppState) {
     let end = app.node.clone();
     let service = router(app).into_make_service_with_connect_info::<ClientAddr>();
-    tokio::select! {
-        served = axum::serve(listener, service).into_future() => {
-            if let Err(e) = served {
-                error!(error = %e, "UI server failed");
-            }
-        }
-        () = end.cancelled() => {}
+    let server = axum::serve(listener, service)
+        .with_graceful_shutdown(end.clone().cancelled_owned())
+        .into_future();
+    tokio::pin!(server);
+    let served = tokio::select! {
+        served = &mut server => Some(served),
+        () = end.cancelled() => tokio::time::timeout(HTTP_DRAIN, &mut server).await.ok(),
+    };
+    match served {
+        Some(Err(e)) => error!(error = %e, "UI server failed"),
+        Some(Ok(())) => {}
+        None => debug!("UI connections still open when the node ended; dropped"),
     }
     debug!("UI server stopped");
 }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use meshnode_protocol::ui::{UiMessage, codes};
@@ -349,7 +349,19 @@ pub(super) async fn guard(
         (None, []) => policy.check(None, &origins),
     };
     let Err(refusal) = verdict else {
-        return next.run(request).await;
+        // An Origin that passed is the UI's own or an allowed one: the browser may read the
+        // answers (a loopback spelling other than the page's is cross-origin to the browser).
+        let Some(origin) = headers.get(header::ORIGIN).cloned() else {
+            return next.run(request).await;
+        };
+        if request.method() == Method::OPTIONS
+            && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+        {
+            return preflight(origin);
+        }
+        let mut response = next.run(request).await;
+        allow_reading(response.headers_mut(), origin);
+        return response;
     };
     let Some(unlogged) = guard.log.admit() else {
         return forbidden(request.uri().path(), &refusal);
@@ -380,6 +392,38 @@ pub(super) async fn guard(
         _ => warn!(%client, path, %host, %origin, "UI request from a foreign web origin refused"),
     }
     forbidden(path, &refusal)
+}
+
+/// How long a browser may keep a preflight's answer, in seconds.
+const PREFLIGHT_MAX_AGE: &str = "600";
+
+/// The answer to a CORS preflight from a page that passed the checks: it may send `GET` and
+/// `POST` with `Authorization` and `Content-Type`. It comes before the token check, since a
+/// preflight never carries credentials, and says nothing about the token.
+fn preflight(origin: HeaderValue) -> Response {
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    let headers = response.headers_mut();
+    allow_reading(headers, origin);
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("authorization, content-type"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static(PREFLIGHT_MAX_AGE),
+    );
+    response
+}
+
+/// Lets the page of `origin` read the answer (no cookies: the UI's own page needs none across
+/// origins), and tells caches that the answer depends on the Origin.
+fn allow_reading(headers: &mut axum::http::HeaderMap, origin: HeaderValue) {
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    headers.append(header::VARY, HeaderValue::from_static("origin"));
 }
 
 /// HTTP 403 with a MASQ error envelope as its body: opcode `status` or `shutdown` on those

@@ -449,3 +449,93 @@ async fn the_token_and_the_web_policy_both_apply() {
     assert_eq!(answer.status, 101, "{answer:?}");
     assert!(within("stop", node.stop()).await);
 }
+
+#[tokio::test]
+async fn pages_that_pass_may_read_the_answers_and_preflights_are_answered_before_the_token() {
+    let mut config = config(6);
+    config.ui_token = Some(UiToken::new(TOKEN).expect("a valid token"));
+    config
+        .ui_web
+        .allow_origin(AllowedOrigin::parse("http://console.example:8080").expect("an origin"));
+    let node = start(config).await;
+    let ui = node.ui_addr();
+    let here = format!("127.0.0.1:{}", ui.port());
+    let bearer = format!("Authorization: Bearer {TOKEN}");
+    let allowed = "http://console.example:8080";
+    let lower = |answer: &Answer| answer.head.to_ascii_lowercase();
+
+    // A preflight from an allowed page: answered at once, no token needed, nothing revealed.
+    let answer = send_raw(
+        ui,
+        &request(
+            "OPTIONS /shutdown",
+            Some(&here),
+            Some(allowed),
+            &[
+                "Access-Control-Request-Method: POST",
+                "Access-Control-Request-Headers: authorization",
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(answer.status, 204, "{answer:?}");
+    let head = lower(&answer);
+    for want in [
+        "access-control-allow-origin: http://console.example:8080",
+        "access-control-allow-methods: get, post",
+        "access-control-allow-headers: authorization, content-type",
+        "vary: origin",
+    ] {
+        assert!(head.contains(want), "{want} not in {head}");
+    }
+    assert!(!head.contains("access-control-allow-credentials"), "{head}");
+
+    // The answers themselves, the token's refusal included, are readable by that page.
+    for (extra, status) in [(vec![bearer.as_str()], 200), (vec![], 401)] {
+        let answer = send_raw(
+            ui,
+            &request("GET /status", Some(&here), Some(allowed), &extra),
+        )
+        .await;
+        assert_eq!(answer.status, status, "{answer:?}");
+        assert!(
+            lower(&answer).contains("access-control-allow-origin: http://console.example:8080"),
+            "{answer:?}"
+        );
+    }
+    // The UI's own page under another loopback spelling, too.
+    let own = format!("http://localhost:{}", ui.port());
+    let answer = send_raw(
+        ui,
+        &request("GET /status", Some(&here), Some(&own), &[&bearer]),
+    )
+    .await;
+    assert!(
+        lower(&answer).contains(&format!("access-control-allow-origin: {own}")),
+        "{answer:?}"
+    );
+
+    // A foreign page gets no preflight and no header; a native client no header either.
+    let answer = send_raw(
+        ui,
+        &request(
+            "OPTIONS /status",
+            Some(&here),
+            Some("http://evil.example"),
+            &["Access-Control-Request-Method: GET"],
+        ),
+    )
+    .await;
+    answer.assert_forbidden("status", codes::ORIGIN_NOT_ALLOWED, "a foreign preflight");
+    assert!(
+        !lower(&answer).contains("access-control-allow-origin"),
+        "{answer:?}"
+    );
+    let answer = send_raw(ui, &request("GET /status", Some(&here), None, &[&bearer])).await;
+    assert_eq!(answer.status, 200);
+    assert!(
+        !lower(&answer).contains("access-control-allow-origin"),
+        "{answer:?}"
+    );
+    assert!(within("stop", node.stop()).await);
+}
