@@ -143,6 +143,30 @@ fn meshnode_shutdown_shuts_a_node_down_and_reports() {
 }
 
 #[test]
+fn meshnode_shutdown_into_a_closed_pipe_still_shuts_the_node_down_and_exits_0() {
+    // `meshnode shutdown | head -0`: the reader is gone before the first line is written.
+    let mut node = Daemon::start(&[]);
+    let ui = node.ui.to_string();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_meshnode"))
+        .args(["shutdown", "--ui", &ui])
+        .env_remove("MESHNODE_UI_TOKEN")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("meshnode runs");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("meshnode ends");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(node.wait_exit().code(), Some(0));
+}
+
+#[test]
 fn post_shutdown_answers_with_the_report_and_the_process_exits_0() {
     let mut daemon = Daemon::start(&[]);
     let ui = daemon.ui;

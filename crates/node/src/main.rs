@@ -373,12 +373,14 @@ impl Signals {
 }
 
 async fn shutdown(ui: SocketAddr, token: Option<UiToken>) -> ExitCode {
-    println!("asking the node at {ui} to shut down");
+    say(format_args!("asking the node at {ui} to shut down\n"));
     let mut client = match client::UiClient::connect_with(ui, token.as_ref()).await {
         Ok(client) => client,
         Err(e) => return fail(&e.to_string()),
     };
-    println!("waiting while it withdraws from the network");
+    say(format_args!(
+        "waiting while it withdraws from the network\n"
+    ));
     let answer = client
         .request_within(
             "shutdown",
@@ -401,17 +403,25 @@ async fn shutdown(ui: SocketAddr, token: Option<UiToken>) -> ExitCode {
         }
         Err(e) => return fail(&e.to_string()),
     };
-    print!("{}", report.render());
+    say(format_args!("{}", report.render()));
     // As `masq shutdown` does: a node that has shut down refuses new connections on its UI.
     let probe = tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(ui)).await;
     match probe {
         Ok(Ok(_)) => {
-            println!("the node still answers on {ui}");
+            say(format_args!("the node still answers on {ui}\n"));
             return ExitCode::FAILURE;
         }
-        _ => println!("the node stopped answering on {ui}"),
+        _ => say(format_args!("the node stopped answering on {ui}\n")),
     }
     ExitCode::from(report.exit_code())
+}
+
+/// Writes to standard output for a person. A closed pipe (`meshnode shutdown | head`) is not an
+/// error worth a panic: the command still does its work and exits with its own code.
+fn say(text: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_fmt(text).and_then(|()| out.flush());
 }
 
 async fn demo(nodes: usize, console: bool) -> ExitCode {
@@ -422,13 +432,15 @@ async fn demo(nodes: usize, console: bool) -> ExitCode {
                 std::future::pending::<()>().await;
             }
         };
-        return match meshnode::demo::console(nodes, |text| println!("{text}"), ctrl_c).await {
+        return match meshnode::demo::console(nodes, |text| say(format_args!("{text}\n")), ctrl_c)
+            .await
+        {
             Ok(reports) if reports.iter().all(|r| r.exit_code() == 0) => ExitCode::SUCCESS,
             Ok(_) => fail("a node did not shut down gracefully"),
             Err(e) => fail(&e.to_string()),
         };
     }
-    match meshnode::demo::run(nodes, |text| println!("{text}")).await {
+    match meshnode::demo::run(nodes, |text| say(format_args!("{text}\n"))).await {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => fail(&e.to_string()),
     }
@@ -437,7 +449,7 @@ async fn demo(nodes: usize, console: bool) -> ExitCode {
 async fn status(ui: SocketAddr, token: Option<UiToken>) -> ExitCode {
     match client::status_with(ui, token.as_ref()).await {
         Ok(status) => {
-            print!("{}", render_status(&status));
+            say(format_args!("{}", render_status(&status)));
             ExitCode::SUCCESS
         }
         Err(e) => {
