@@ -239,7 +239,22 @@ pub async fn follow(
         // count a shutdown announces is the one from before the withdrawal emptied it.
         tokio::select! {
             biased;
-            () = stop.cancelled() => break,
+            () = stop.cancelled() => {
+                // The node may have ended before this task saw its shutdown start (a busy
+                // machine, a quick shutdown): announce it still, so that STOPPING=1 always
+                // comes before the last status line.
+                if !stopping {
+                    let deadline = match &*lifecycle.borrow_and_update() {
+                        Lifecycle::Running => None,
+                        Lifecycle::ShuttingDown { deadline, .. }
+                        | Lifecycle::Ended { deadline, .. } => Some(*deadline),
+                    };
+                    if let Some(deadline) = deadline {
+                        notifier.send(stopping_notices(neighbors, deadline));
+                    }
+                }
+                break;
+            }
             changed = lifecycle.changed() => {
                 if changed.is_err() {
                     break;
