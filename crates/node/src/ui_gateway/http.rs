@@ -230,9 +230,48 @@ async fn shutdown(
     ConnectInfo(ClientAddr(client)): ConnectInfo<ClientAddr>,
     State(app): State<AppState>,
 ) -> Response {
-    match app.gateway.shutdown(Trigger::Http { client }).await {
+    // The requester is an answered UI client, as an answered websocket is: the gateway, once
+    // it has answered, waits (within the grace) until this answer is written out, so a node
+    // with no other client left cannot end before its report reaches the requester.
+    let answering = app.ui.clients.token();
+    let response = match app.gateway.shutdown(Trigger::Http { client }).await {
         Ok(report) => axum::Json(report).into_response(),
         Err(e) => error_response("shutdown", &e),
+    };
+    let (parts, body) = response.into_parts();
+    Response::from_parts(
+        parts,
+        axum::body::Body::new(HeldBody {
+            body,
+            _answering: answering,
+        }),
+    )
+}
+
+/// A response body that keeps the gateway waiting until the server has sent all of it and
+/// dropped it. Size and frames are the inner body's, so `Content-Length` stays.
+struct HeldBody {
+    body: axum::body::Body,
+    _answering: tokio_util::task::task_tracker::TaskTrackerToken,
+}
+
+impl http_body::Body for HeldBody {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
