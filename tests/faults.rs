@@ -350,13 +350,7 @@ fn bad_inputs(mallory: &Identity) -> Vec<BadInput> {
         },
         BadInput {
             what: "a hello out of turn",
-            wire: framed(
-                &Frame::Hello {
-                    record: news(98),
-                }
-                .encode()
-                .expect("encodes"),
-            ),
+            wire: framed(&Frame::Hello { record: news(98) }.encode().expect("encodes")),
             counter: malformed,
         },
         BadInput {

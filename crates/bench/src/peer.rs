@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use meshnode::link::{LocalLink, handshake, next_inbound};
-use meshnode_protocol::{Frame, Identity, Inbound, NodeId, NodeRecord, SignedRecord, gossip_records};
+use meshnode_protocol::{
+    Frame, Identity, Inbound, NodeId, NodeRecord, SignedRecord, gossip_records,
+};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -60,8 +62,8 @@ pub async fn run(
         neighbors: Default::default(),
     });
     let hello = Frame::Hello { record }
-    .encode()
-    .map_err(|e| e.to_string())?;
+        .encode()
+        .map_err(|e| e.to_string())?;
     writer
         .send_frame(&hello)
         .await

@@ -10,7 +10,7 @@
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::fmt;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{BuildHasher, Hash};
 use std::str::FromStr;
 use std::sync::Mutex;
 
@@ -484,11 +484,7 @@ impl VerifyCache {
     /// [`WireRecord::into_verified`], skipping the signature check for a record seen before.
     pub fn verify(&self, record: impl Into<WireRecord>) -> Result<VerifiedRecord, RecordError> {
         let record = record.into();
-        let key = {
-            let mut h = self.hasher.build_hasher();
-            record.wire.hash(&mut h);
-            h.finish()
-        };
+        let key = self.hasher.hash_one(&record.wire);
         if self.lock().0.contains(&key) {
             return Ok(VerifiedRecord(record));
         }

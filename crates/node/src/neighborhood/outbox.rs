@@ -90,10 +90,7 @@ impl Neighborhood {
             let db = &self.db;
             let key: Vec<NodeId> = ids.into_iter().collect();
             let bodies = encoded.entry(key.clone()).or_insert_with_key(|ids| {
-                Frame::gossip_bodies_marked(
-                    ids.iter().filter_map(|id| db.get(id)),
-                )
-                .0
+                Frame::gossip_bodies_marked(ids.iter().filter_map(|id| db.get(id))).0
             });
             let mut sent = 0;
             for (body, mark) in bodies.iter() {

@@ -3,7 +3,9 @@
 
 use bytes::Bytes;
 use futures::StreamExt;
-use meshnode_protocol::{Frame, FrameError, Inbound, RecordError, VerifiedRecord, WireFrame, WireRecord};
+use meshnode_protocol::{
+    Frame, FrameError, Inbound, RecordError, VerifiedRecord, WireFrame, WireRecord,
+};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::FramedRead;

@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use bytes::Bytes;
-use meshnode_protocol::{
-    Frame, Identity, Inbound, MAX_FRAME_LEN, NodeRecord, SignedRecord,
-};
+use meshnode_protocol::{Frame, Identity, Inbound, MAX_FRAME_LEN, NodeRecord, SignedRecord};
 use tokio::io::{AsyncReadExt, DuplexStream, ReadHalf, WriteHalf};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -581,7 +579,8 @@ async fn bad_frames_are_counted_and_tolerated_until_max_strikes_then_the_peer_is
     let mut forged = signed(&y, 1);
     forged.record.version = 2;
     // A gossip frame that claims a record it does not hold.
-    a.send_body(Bytes::from_static(&[2, 0, 0, 0, 1, 7, 7, 7])).await;
+    a.send_body(Bytes::from_static(&[2, 0, 0, 0, 1, 7, 7, 7]))
+        .await;
     let hello = a.hello();
     a.send(&hello).await;
     a.send_oversized(true).await;
