@@ -314,6 +314,8 @@ mod tests {
 
     use super::*;
     use crate::Trigger;
+    use crate::test_support::{identity, within};
+    use crate::ui_gateway::DEFAULT_SHUTDOWN_DEADLINE;
 
     #[test]
     fn notices_have_the_wire_form_systemd_reads() {
@@ -359,6 +361,42 @@ mod tests {
                 Notice::ExtendTimeout(Duration::from_secs(5) + UI_GRACE + EXTEND_MARGIN),
             ]
         );
+    }
+
+    /// The node's whole shutdown happens while the follower is not running (a busy machine, a
+    /// quick shutdown): the follower, woken by its stop, still announces the shutdown before
+    /// it ends, so `STOPPING=1` comes before the caller's last status line.
+    #[tokio::test]
+    async fn stopping_is_announced_when_the_node_ended_before_the_follower_saw_its_shutdown() {
+        let node = within("start", crate::start(crate::Config::new(identity(31))))
+            .await
+            .expect("the node starts");
+        let (tx, rx) = std::sync::mpsc::sync_channel(NOTIFY_QUEUE);
+        let stop = CancellationToken::new();
+        let follower = follow(
+            Notifier { tx },
+            node.lifecycle(),
+            node.connectivity(),
+            node.controller(),
+            stop.clone(),
+        );
+        tokio::pin!(follower);
+        assert!(
+            futures::poll!(&mut follower).is_pending(),
+            "the follower waits for news"
+        );
+        let report = within("the shutdown", node.shutdown())
+            .await
+            .expect("answered");
+        assert_eq!(report.outcome, ShutdownOutcome::Graceful);
+        within("the node ends", node.wait()).await;
+        stop.cancel();
+        within("the follower ends", follower).await;
+
+        let sent: Vec<Notice> = rx.try_iter().flatten().collect();
+        let mut expected = vec![Notice::Ready, Notice::Status("running, 0 neighbors".into())];
+        expected.extend(stopping_notices(0, DEFAULT_SHUTDOWN_DEADLINE));
+        assert_eq!(sent, expected);
     }
 
     #[test]

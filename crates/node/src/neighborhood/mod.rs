@@ -9,6 +9,8 @@ mod database;
 #[cfg(test)]
 mod departure_props;
 mod outbox;
+#[cfg(test)]
+mod props_support;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -216,14 +218,14 @@ pub fn spawn_with(
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<NeighborhoodHandle, RecordError> {
-    let (tx, rx) = mpsc::channel(NEIGHBORHOOD_INBOX);
-    let span = tracing::info_span!("neighborhood", node = %identity.id().short());
-    let task = state::Neighborhood::with_clock(identity, addr, state::VersionClock::Wall)?
-        .with_window(timing.window)
-        .with_settle(timing.settle);
-    let connectivity = task.connectivity();
-    tracker.spawn(task.run(rx, cancel).instrument(span));
-    Ok(NeighborhoodHandle { tx, connectivity })
+    spawn_clocked(
+        identity,
+        addr,
+        state::VersionClock::Wall,
+        timing,
+        cancel,
+        tracker,
+    )
 }
 
 /// [`spawn_with`], with versions counted from 1 (for tests that pin them).
@@ -235,11 +237,31 @@ pub(crate) fn spawn_counting(
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<NeighborhoodHandle, RecordError> {
+    spawn_clocked(
+        identity,
+        addr,
+        state::VersionClock::Counter,
+        timing,
+        cancel,
+        tracker,
+    )
+}
+
+/// [`spawn_with`], with the clock that numbers the node's own record versions.
+fn spawn_clocked(
+    identity: Identity,
+    addr: String,
+    clock: state::VersionClock,
+    timing: GossipTiming,
+    cancel: CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<NeighborhoodHandle, RecordError> {
     let (tx, rx) = mpsc::channel(NEIGHBORHOOD_INBOX);
-    let task = state::Neighborhood::new(identity, addr)?
+    let span = tracing::info_span!("neighborhood", node = %identity.id().short());
+    let task = state::Neighborhood::with_clock(identity, addr, clock)?
         .with_window(timing.window)
         .with_settle(timing.settle);
     let connectivity = task.connectivity();
-    tracker.spawn(task.run(rx, cancel));
+    tracker.spawn(task.run(rx, cancel).instrument(span));
     Ok(NeighborhoodHandle { tx, connectivity })
 }
