@@ -220,10 +220,6 @@ pub async fn follow(
     stop: CancellationToken,
 ) {
     let mut neighbors = connectivity.borrow_and_update().neighbors;
-    let mut stopping = matches!(
-        *lifecycle.borrow_and_update(),
-        Lifecycle::ShuttingDown { .. }
-    );
     let shown = |neighbors| {
         running(&Connectivity {
             neighbors,
@@ -231,6 +227,13 @@ pub async fn follow(
         })
     };
     notifier.send(vec![Notice::Ready, shown(neighbors)]);
+    // A shutdown that started before this task first ran is announced at once; one that has
+    // also ended is announced as the task ends (the lifecycle does not change again).
+    let mut stopping = false;
+    if let Lifecycle::ShuttingDown { deadline, .. } = &*lifecycle.borrow_and_update() {
+        stopping = true;
+        notifier.send(stopping_notices(neighbors, *deadline));
+    }
     let mut streams_shown: Option<u64> = None;
     let mut poll = tokio::time::interval(STOPPING_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -397,6 +400,46 @@ mod tests {
         let mut expected = vec![Notice::Ready, Notice::Status("running, 0 neighbors".into())];
         expected.extend(stopping_notices(0, DEFAULT_SHUTDOWN_DEADLINE));
         assert_eq!(sent, expected);
+    }
+
+    /// The shutdown started before the follower first ran (a signal at once after the start):
+    /// the follower announces it at once, after `READY=1`.
+    #[tokio::test]
+    async fn stopping_is_announced_when_the_shutdown_started_before_the_follower_first_ran() {
+        let node = within("start", crate::start(crate::Config::new(identity(32))))
+            .await
+            .expect("the node starts");
+        let deadline = Duration::from_secs(7);
+        let (_lifecycle, lifecycle) = tokio::sync::watch::channel(Lifecycle::ShuttingDown {
+            trigger: Trigger::Api,
+            deadline,
+        });
+        let (_connectivity, connectivity) = tokio::sync::watch::channel(Connectivity {
+            neighbors: 2,
+            ..Connectivity::default()
+        });
+        let (tx, rx) = std::sync::mpsc::sync_channel(NOTIFY_QUEUE);
+        let stop = CancellationToken::new();
+        let follower = follow(
+            Notifier { tx },
+            lifecycle,
+            connectivity,
+            node.controller(),
+            stop.clone(),
+        );
+        tokio::pin!(follower);
+        assert!(
+            futures::poll!(&mut follower).is_pending(),
+            "the follower waits for news"
+        );
+        stop.cancel();
+        within("the follower ends", follower).await;
+
+        let sent: Vec<Notice> = rx.try_iter().flatten().collect();
+        let mut expected = vec![Notice::Ready, Notice::Status("running, 2 neighbors".into())];
+        expected.extend(stopping_notices(2, deadline));
+        assert_eq!(sent, expected);
+        assert!(node.stop().await, "the node stops");
     }
 
     #[test]
