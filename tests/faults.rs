@@ -293,6 +293,23 @@ fn bad_inputs(mallory: &Identity) -> Vec<BadInput> {
         neighbors: BTreeSet::new(),
     });
     for_another.record.id = victim.id();
+    let valid = gossip(news(97)).to_vec();
+    let mut overcounted = valid.clone();
+    overcounted[1..5].copy_from_slice(&2u32.to_be_bytes());
+    // Two neighbors in descending order: the record's neighbor count is the 4 bytes after its
+    // id, version, addr length and addr; the neighbors follow it.
+    let two = mallory.sign(NodeRecord {
+        id: mallory.id(),
+        addr: "127.0.0.1:9".into(),
+        version: 3,
+        neighbors: BTreeSet::from([victim.id(), Identity::from_seed([96; 32]).id()]),
+    });
+    let mut unordered = gossip(two).to_vec();
+    let first = 5 + 32 + 8 + 4 + "127.0.0.1:9".len() + 4;
+    let (a, b) = (first, first + 32);
+    let mut swapped = unordered[a..b + 32].to_vec();
+    swapped.rotate_left(32);
+    unordered[a..b + 32].copy_from_slice(&swapped);
     vec![
         BadInput {
             what: "a zero length prefix",
@@ -300,30 +317,28 @@ fn bad_inputs(mallory: &Identity) -> Vec<BadInput> {
             counter: malformed,
         },
         BadInput {
-            what: "invalid JSON",
-            wire: framed(br#"{"type":"gossip","records":[{"#),
+            what: "an invalid body (a gossip frame cut inside its record)",
+            wire: framed(&valid[..valid.len() - 1]),
             counter: malformed,
         },
         BadInput {
-            what: "JSON of the wrong types",
-            wire: framed(br#"{"type":"gossip","records":"all of them"}"#),
+            what: "a body of the wrong shape (a record count the bytes cannot hold)",
+            wire: framed(&overcounted),
+            counter: malformed,
+        },
+        BadInput {
+            what: "a record with its neighbors out of order",
+            wire: framed(&unordered),
             counter: malformed,
         },
         BadInput {
             what: "an unknown frame type",
-            wire: framed(br#"{"type":"takeover"}"#),
+            wire: framed(&[0x7f, 1, 2, 3]),
             counter: malformed,
         },
         BadInput {
             what: "a hello out of turn",
-            wire: framed(
-                &Frame::Hello {
-                    protocol: meshnode_protocol::PROTOCOL_VERSION,
-                    record: news(98),
-                }
-                .encode()
-                .expect("encodes"),
-            ),
+            wire: framed(&Frame::Hello { record: news(98) }.encode().expect("encodes")),
             counter: malformed,
         },
         BadInput {

@@ -220,7 +220,7 @@ impl FakePeer {
     pub async fn hello_only(stream: TcpStream, identity: Identity) -> Self {
         let (read, write) = stream.into_split();
         let local = test_link(identity.clone());
-        let (link, reader, writer) =
+        let (_, reader, writer) =
             within("the link handshake", handshake(read, write, true, &local))
                 .await
                 .expect("the link handshake succeeds");
@@ -230,7 +230,6 @@ impl FakePeer {
             identity,
         };
         let hello = Frame::Hello {
-            protocol: u32::from(link.version),
             record: peer.record_at(1, "127.0.0.1:9"),
         };
         peer.send(&hello).await;

@@ -19,7 +19,7 @@ mod tie_break_tests;
 mod withdrawal;
 
 use meshnode_protocol::ui::{KnownNode, NeighborStatus};
-use meshnode_protocol::{Identity, NodeId, RecordError, SignedRecord, VerifiedRecord};
+use meshnode_protocol::{Identity, NodeId, RecordError, VerifiedRecord};
 use meshnode_shutdown::DoneReply;
 use std::time::Duration;
 
@@ -66,9 +66,9 @@ pub enum NeighborhoodMsg {
     },
     /// The stream `conn` to `peer` has ended.
     NeighborDisconnected { conn: ConnId, peer: NodeId },
-    /// This node's current signed record, for a handshake.
+    /// This node's current signed record (with its wire bytes), for a handshake.
     OwnRecord {
-        reply: oneshot::Sender<SignedRecord>,
+        reply: oneshot::Sender<VerifiedRecord>,
     },
     /// What the status payload shows of the neighborhood, answered after the current batch's
     /// gossip has gone out.
@@ -158,7 +158,7 @@ impl NeighborhoodHandle {
         self.tx.closed().await;
     }
 
-    pub async fn own_record(&self) -> Result<SignedRecord, NeighborhoodGone> {
+    pub async fn own_record(&self) -> Result<VerifiedRecord, NeighborhoodGone> {
         let (reply, rx) = oneshot::channel();
         self.send(NeighborhoodMsg::OwnRecord { reply }).await?;
         rx.await.map_err(|_| NeighborhoodGone)

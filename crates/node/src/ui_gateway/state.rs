@@ -166,7 +166,7 @@ impl Gateway {
         let answer = async move {
             let own = tokio::time::timeout(STATUS_TIMEOUT, neighborhood.own_record()).await;
             let descriptor = match own {
-                Ok(Ok(own)) => Ok(Some(descriptor(&own.record.id, &own.record.addr))),
+                Ok(Ok(own)) => Ok(Some(descriptor(&own.id(), &own.record().addr))),
                 Ok(Err(_)) => Err(GatewayError::Stopped),
                 Err(_) => Err(GatewayError::NoAnswer("the neighborhood")),
             };
