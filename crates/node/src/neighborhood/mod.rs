@@ -10,6 +10,8 @@ mod database;
 mod departure_props;
 mod outbox;
 mod pace;
+#[cfg(test)]
+mod props_support;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -18,7 +20,7 @@ mod tie_break_tests;
 mod withdrawal;
 
 use meshnode_protocol::ui::{KnownNode, NeighborStatus};
-use meshnode_protocol::{Identity, NodeId, RecordError, SignedRecord, VerifiedRecord};
+use meshnode_protocol::{Identity, NodeId, RecordError, VerifiedRecord};
 use meshnode_shutdown::DoneReply;
 use std::time::Duration;
 
@@ -74,9 +76,9 @@ pub enum NeighborhoodMsg {
     },
     /// The stream `conn` to `peer` has ended.
     NeighborDisconnected { conn: ConnId, peer: NodeId },
-    /// This node's current signed record, for a handshake.
+    /// This node's current signed record (with its wire bytes), for a handshake.
     OwnRecord {
-        reply: oneshot::Sender<SignedRecord>,
+        reply: oneshot::Sender<VerifiedRecord>,
     },
     /// What the status payload shows of the neighborhood, answered after the current batch's
     /// gossip has gone out.
@@ -166,7 +168,7 @@ impl NeighborhoodHandle {
         self.tx.closed().await;
     }
 
-    pub async fn own_record(&self) -> Result<SignedRecord, NeighborhoodGone> {
+    pub async fn own_record(&self) -> Result<VerifiedRecord, NeighborhoodGone> {
         let (reply, rx) = oneshot::channel();
         self.send(NeighborhoodMsg::OwnRecord { reply }).await?;
         rx.await.map_err(|_| NeighborhoodGone)
@@ -226,14 +228,14 @@ pub fn spawn_with(
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<NeighborhoodHandle, RecordError> {
-    let (tx, rx) = mpsc::channel(NEIGHBORHOOD_INBOX);
-    let span = tracing::info_span!("neighborhood", node = %identity.id().short());
-    let task = state::Neighborhood::with_clock(identity, addr, state::VersionClock::Wall)?
-        .with_window(timing.window)
-        .with_settle(timing.settle);
-    let connectivity = task.connectivity();
-    tracker.spawn(task.run(rx, cancel).instrument(span));
-    Ok(NeighborhoodHandle { tx, connectivity })
+    spawn_clocked(
+        identity,
+        addr,
+        state::VersionClock::Wall,
+        timing,
+        cancel,
+        tracker,
+    )
 }
 
 /// [`spawn_with`], with versions counted from 1 (for tests that pin them).
@@ -245,11 +247,31 @@ pub(crate) fn spawn_counting(
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<NeighborhoodHandle, RecordError> {
+    spawn_clocked(
+        identity,
+        addr,
+        state::VersionClock::Counter,
+        timing,
+        cancel,
+        tracker,
+    )
+}
+
+/// [`spawn_with`], with the clock that numbers the node's own record versions.
+fn spawn_clocked(
+    identity: Identity,
+    addr: String,
+    clock: state::VersionClock,
+    timing: GossipTiming,
+    cancel: CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<NeighborhoodHandle, RecordError> {
     let (tx, rx) = mpsc::channel(NEIGHBORHOOD_INBOX);
-    let task = state::Neighborhood::new(identity, addr)?
+    let span = tracing::info_span!("neighborhood", node = %identity.id().short());
+    let task = state::Neighborhood::with_clock(identity, addr, clock)?
         .with_window(timing.window)
         .with_settle(timing.settle);
     let connectivity = task.connectivity();
-    tracker.spawn(task.run(rx, cancel));
+    tracker.spawn(task.run(rx, cancel).instrument(span));
     Ok(NeighborhoodHandle { tx, connectivity })
 }

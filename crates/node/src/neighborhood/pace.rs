@@ -9,7 +9,6 @@
 
 use tokio::time::Instant;
 
-use super::database::record_bytes;
 use super::state::Neighborhood;
 use super::{OWN_RECORD_BURST, OWN_RECORD_RATE};
 
@@ -76,12 +75,12 @@ impl Neighborhood {
         true
     }
 
-    /// Charges a publish of the own record to `neighbors` neighbors to the budget.
+    /// Charges a publish of the own record (its wire bytes) to `neighbors` neighbors to the budget.
     pub(super) fn charge_own(&mut self, neighbors: usize, now: Instant) {
         if neighbors > 0 {
             self.own_held = false;
             self.own_budget
-                .spend(record_bytes(&self.own).saturating_mul(neighbors), now);
+                .spend(self.own.wire().len().saturating_mul(neighbors), now);
         }
     }
 }

@@ -203,6 +203,7 @@ impl Running {
         within("the neighborhood answers", self.handle.own_record())
             .await
             .expect("the neighborhood is running")
+            .into_signed()
     }
 
     /// Cancels the task and checks that it ends.
@@ -1150,7 +1151,7 @@ async fn a_large_own_record_is_published_within_its_byte_budget_and_changes_coal
         );
     }
     frames(&mut first);
-    let cost = super::database::record_bytes(&published) * old.len();
+    let cost = published.wire().len() * old.len();
     assert!(
         cost > super::OWN_RECORD_BURST,
         "the test needs a publish larger than the burst"
