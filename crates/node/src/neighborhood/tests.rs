@@ -349,6 +349,39 @@ async fn a_changed_record_goes_to_the_other_neighbors_only_and_a_stale_one_goes_
     hood.stop().await;
 }
 
+/// A record is forwarded as the bytes it came in: the neighborhood packs frames from the
+/// stored wire bytes, two neighbors get the same body, and no JSON is anywhere on the wire.
+#[tokio::test(start_paused = true)]
+async fn a_forwarded_record_leaves_byte_for_byte_as_it_came() {
+    let hood = Running::spawn(1);
+    let mut a = Neighbor::new(10, 1);
+    let mut b = Neighbor::new(11, 2);
+    let mut c = Neighbor::new(12, 3);
+    for n in [&a, &b, &c] {
+        hood.send(n.connected(1, &[])).await;
+    }
+    hood.status().await;
+    for n in [&mut a, &mut b, &mut c] {
+        n.queued();
+    }
+    let x = identity(20);
+    let wire = record(&x, 2, &[a.id(), b.id()]).wire().clone();
+    let received = meshnode_protocol::WireRecord::decode(&wire)
+        .expect("well formed")
+        .into_verified()
+        .expect("verifies");
+    hood.send(a.gossip(vec![received])).await;
+    hood.status().await;
+    let mut expected = vec![2, 0, 0, 0, 1];
+    expected.extend_from_slice(&wire);
+    for n in [&mut b, &mut c] {
+        let body = n.queue.try_recv().expect("one frame");
+        assert_eq!(&body[..], &expected[..]);
+    }
+    a.nothing_queued();
+    hood.stop().await;
+}
+
 #[test]
 fn changes_handled_in_one_batch_leave_as_one_gossip_frame_per_neighbor() {
     let me = identity(1);
