@@ -111,6 +111,7 @@ pub async fn node_once(n: usize) -> Result<NodeRun, String> {
     let (addr, id) = (node.listen_addr(), node.id());
 
     let listed = peer::Listed::new(n);
+    let setup_start = Instant::now();
     let setup = async {
         let mut peers = Vec::with_capacity(n);
         for wave in (0..n).collect::<Vec<_>>().chunks(CONNECT_WAVE) {
@@ -148,6 +149,14 @@ pub async fn node_once(n: usize) -> Result<NodeRun, String> {
                 .stats
                 .gossip_frames_sent;
             if last == Some(sent) {
+                let stats = node.status().await.map_err(|e| e.to_string())?.stats;
+                eprintln!(
+                    "  set-up of {n} neighbors: {:.2} s, {} gossip frames, {:.1} MB of gossip sent by the node, {} handshakes failed",
+                    setup_start.elapsed().as_secs_f64(),
+                    stats.gossip_frames_sent,
+                    stats.gossip_bytes_sent as f64 / 1e6,
+                    stats.handshakes_failed
+                );
                 return Ok::<_, String>((peers, sent));
             }
             last = Some(sent);
