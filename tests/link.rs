@@ -8,30 +8,12 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use meshnode::{Config, Node};
-use meshnode_protocol::ui::{Stats, StatusPayload};
-use meshnode_protocol::{Identity, NodeId};
+use meshnode_protocol::Identity;
+use meshnode_protocol::ui::Stats;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use support::{eventually, within};
-
-async fn node(seed: u8, neighbors: &[SocketAddr]) -> Node {
-    let mut config = Config::new(Identity::from_seed([seed; 32]));
-    config.neighbors = neighbors.iter().map(ToString::to_string).collect();
-    within("start", meshnode::start(config))
-        .await
-        .expect("the node starts")
-}
-
-async fn status(node: &Node) -> StatusPayload {
-    within("status", node.status()).await.expect("status")
-}
-
-async fn lists(node: &Node, peer: NodeId) -> bool {
-    let id = peer.to_string();
-    status(node).await.neighbors.iter().any(|n| n.node_id == id)
-}
+use support::{eventually, lists, node_dialing, status, within};
 
 fn refusals(stats: &Stats) -> u64 {
     stats.handshakes_failed + stats.handshakes_refused
@@ -155,9 +137,9 @@ async fn replay(target: SocketAddr, bytes: &[u8]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_captured_from_a_real_dial_and_replayed_by_a_third_party_are_not_admitted() {
-    let a = node(1, &[]).await;
+    let a = node_dialing(1, &[]).await;
     let relay = Relay::start(a.listen_addr()).await;
-    let x = node(2, &[relay.addr]).await;
+    let x = node_dialing(2, &[relay.addr]).await;
     eventually("A admits X", || lists(&a, x.id())).await;
     eventually("X admits A", || lists(&x, a.id())).await;
     // Everything X sent on its dial so far: its handshake, its record, its database.
@@ -165,7 +147,7 @@ async fn bytes_captured_from_a_real_dial_and_replayed_by_a_third_party_are_not_a
     assert!(captured.len() > 2 + 32 + 2 + 172, "the handshake and more");
 
     // To a node that never met X.
-    let b = node(3, &[]).await;
+    let b = node_dialing(3, &[]).await;
     let before = status(&b).await.stats;
     replay(b.listen_addr(), &captured).await;
     eventually("B refuses the replay", || async {
@@ -200,9 +182,9 @@ async fn bytes_captured_from_a_real_dial_and_replayed_by_a_third_party_are_not_a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_in_the_middle_reads_nothing_and_a_changed_byte_closes_the_link() {
-    let a = node(11, &[]).await;
+    let a = node_dialing(11, &[]).await;
     let relay = Relay::start(a.listen_addr()).await;
-    let x = node(12, &[relay.addr]).await;
+    let x = node_dialing(12, &[relay.addr]).await;
     eventually("A admits X", || lists(&a, x.id())).await;
     eventually("X admits A", || lists(&x, a.id())).await;
     // Both records, and so both databases, have crossed the relay by now.
@@ -221,8 +203,6 @@ async fn a_relay_in_the_middle_reads_nothing_and_a_changed_byte_closes_the_link(
         ("A's id in hex", a.id().to_string().into_bytes()),
         ("X's id in hex", x.id().to_string().into_bytes()),
         ("A's address", a.listen_addr().to_string().into_bytes()),
-        ("a frame type", b"gossip".to_vec()),
-        ("a frame type", b"hello".to_vec()),
     ] {
         assert!(
             !contains(&wire, &needle),
@@ -234,7 +214,7 @@ async fn a_relay_in_the_middle_reads_nothing_and_a_changed_byte_closes_the_link(
     // node makes X send something (its record, gossiped on).
     let before = status(&a).await.stats;
     relay.armed.store(true, Ordering::SeqCst);
-    let c = node(13, &[x.listen_addr()]).await;
+    let c = node_dialing(13, &[x.listen_addr()]).await;
     eventually("A refuses the changed message", || async {
         status(&a).await.stats.frames_malformed == before.frames_malformed + 1
     })
@@ -264,7 +244,7 @@ async fn a_relay_in_the_middle_reads_nothing_and_a_changed_byte_closes_the_link(
 async fn neighbors_with_no_common_version_never_connect_and_say_why() {
     // Versions are fixed per build; an older or newer peer is played by hand in
     // link::tests. Here: a node refuses a peer that offers only versions it does not speak.
-    let a = node(21, &[]).await;
+    let a = node_dialing(21, &[]).await;
     let mut old = support::test_link(Identity::from_seed([22; 32]));
     old.versions = (1, 1);
     let stream = within("connect", TcpStream::connect(a.listen_addr()))
@@ -277,10 +257,11 @@ async fn neighbors_with_no_common_version_never_connect_and_say_why() {
     )
     .await;
     let error = result.expect_err("no common version");
+    let v = meshnode_protocol::PROTOCOL_VERSION;
     assert!(
         error
             .to_string()
-            .contains("peer speaks 2..2, we speak 1..1"),
+            .contains(&format!("peer speaks {v}..{v}, we speak 1..1")),
         "{error}"
     );
     eventually("A counts the refusal", || async {

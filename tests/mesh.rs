@@ -5,23 +5,9 @@ mod support;
 use std::collections::BTreeSet;
 
 use meshnode::{Config, Node};
-use meshnode_protocol::ui::StatusPayload;
 use meshnode_protocol::{Frame, Identity, NodeRecord};
 
-use support::{FakePeer, eventually};
-
-async fn node(seed: u8, neighbors: &[&Node]) -> Node {
-    let mut config = Config::new(Identity::from_seed([seed; 32]));
-    config.neighbors = neighbors
-        .iter()
-        .map(|n| n.listen_addr().to_string())
-        .collect();
-    meshnode::start(config).await.expect("node starts")
-}
-
-async fn status(node: &Node) -> StatusPayload {
-    node.status().await.expect("status")
-}
+use support::{FakePeer, eventually, node, status};
 
 fn ids(nodes: &[&Node]) -> BTreeSet<String> {
     nodes.iter().map(|n| n.id().to_string()).collect()

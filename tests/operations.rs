@@ -5,63 +5,26 @@
 mod support;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use meshnode::config::{Advertise, UiToken};
 use meshnode::ui_gateway::metrics::{Kind, STATS_METRICS};
 use meshnode::{Config, Node, ShutdownOutcome};
 use meshnode_protocol::Identity;
-use meshnode_protocol::ui::UI_SUBPROTOCOL;
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use support::daemon::{BIN, TOKEN_ENV};
-use support::{BOUND, FakePeer, eventually, within};
+use support::daemon::{Daemon, meshnode, runtime};
+use support::{BOUND, FakePeer, TempDir, Websocket, eventually, node, websocket, within};
 
 // ---------------------------------------------------------------------------------------------
 // In-process nodes
 
-async fn node(seed: u8, neighbors: &[&Node]) -> Node {
-    let mut config = Config::new(Identity::from_seed([seed; 32]));
-    config.neighbors = neighbors
-        .iter()
-        .map(|n| n.listen_addr().to_string())
-        .collect();
-    meshnode::start(config).await.expect("node starts")
-}
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-/// A raw websocket client, so that the test sees the node's text exactly as sent.
-async fn ws(ui: SocketAddr) -> Ws {
-    let mut request = format!("ws://{ui}/")
-        .into_client_request()
-        .expect("a request");
-    request.headers_mut().insert(
-        "Sec-WebSocket-Protocol",
-        HeaderValue::from_static(UI_SUBPROTOCOL),
-    );
-    let (socket, _) = within(
-        "the UI handshake",
-        tokio_tungstenite::connect_async(request),
-    )
-    .await
-    .expect("the UI accepts");
-    socket
-}
-
 /// The next text frame.
-async fn next_text(ws: &mut Ws) -> String {
+async fn next_text(ws: &mut Websocket) -> String {
     loop {
         let message = within("a UI message", ws.next())
             .await
@@ -77,7 +40,7 @@ async fn next_text(ws: &mut Ws) -> String {
 
 /// Sends `request` and returns the text of its response (the one with `contextId`), skipping
 /// broadcasts, which have none.
-async fn ask(ws: &mut Ws, context_id: u64, request: &str) -> String {
+async fn ask(ws: &mut Websocket, context_id: u64, request: &str) -> String {
     within("send", ws.send(Message::Text(request.into())))
         .await
         .expect("sent");
@@ -91,7 +54,7 @@ async fn ask(ws: &mut Ws, context_id: u64, request: &str) -> String {
 }
 
 /// Waits for the broadcast whose text is exactly `expected`, skipping other broadcasts.
-async fn broadcast(ws: &mut Ws, expected: &str) {
+async fn broadcast(ws: &mut Websocket, expected: &str) {
     let mut seen = Vec::new();
     let wait = async {
         loop {
@@ -114,7 +77,7 @@ fn connection_change(stage: &str) -> String {
 #[tokio::test]
 async fn descriptor_connection_status_and_connection_change_byte_for_byte() {
     let a = node(1, &[]).await;
-    let mut ui = ws(a.ui_addr()).await;
+    let mut ui = websocket(a.ui_addr()).await;
     let descriptor = ask(
         &mut ui,
         1,
@@ -310,7 +273,7 @@ async fn a_stopping_node_shows_its_shutdown_in_metrics_and_no_descriptor() {
     // The neighbor, not the deadline, ends the shutdown: it hangs up only once the test has
     // seen the shutdown under way, however long that takes on a loaded machine.
     config.shutdown_deadline = Duration::from_secs(60);
-    let a = meshnode::start(config).await.expect("node starts");
+    let a = support::start(config).await;
     let mut neighbor = FakePeer::connect(a.listen_addr(), Identity::from_seed([22; 32])).await;
     let id = neighbor.id().to_string();
     eventually("the neighbor is admitted", || async {
@@ -319,7 +282,7 @@ async fn a_stopping_node_shows_its_shutdown_in_metrics_and_no_descriptor() {
             .is_ok_and(|s| s.neighbors.iter().any(|n| n.node_id == id))
     })
     .await;
-    let mut ui = ws(a.ui_addr()).await;
+    let mut ui = websocket(a.ui_addr()).await;
     within("the request", a.request_shutdown())
         .await
         .expect("asked");
@@ -367,7 +330,7 @@ async fn a_stopping_node_shows_its_shutdown_in_metrics_and_no_descriptor() {
 }
 
 /// Waits for a broadcast with `opcode`.
-async fn broadcast_opcode(ws: &mut Ws, opcode: &str) {
+async fn broadcast_opcode(ws: &mut Websocket, opcode: &str) {
     let tag = format!(r#"{{"opcode":"{opcode}","payload":"#);
     loop {
         if next_text(ws).await.starts_with(&tag) {
@@ -380,7 +343,7 @@ async fn broadcast_opcode(ws: &mut Ws, opcode: &str) {
 async fn metrics_want_the_ui_token_like_every_route() {
     let mut config = Config::new(Identity::from_seed([31; 32]));
     config.ui_token = Some(UiToken::new("metrics-secret").expect("a token"));
-    let a = meshnode::start(config).await.expect("node starts");
+    let a = support::start(config).await;
     let url = format!("http://{}/metrics", a.ui_addr());
     let refused = within("GET /metrics", http().get(&url).send())
         .await
@@ -410,12 +373,12 @@ async fn a_wildcard_listen_advertises_the_given_address_and_needs_one() {
     let mut config = Config::new(Identity::from_seed([41; 32]));
     config.listen = SocketAddr::from(([0, 0, 0, 0], 0));
     config.advertise = Some(Advertise::new(public).expect("dialable"));
-    let a = meshnode::start(config).await.expect("node starts");
+    let a = support::start(config).await;
     // Neighbors reach it on loopback; its record names the advertised address.
     let port = a.listen_addr().port();
     let mut config = Config::new(Identity::from_seed([42; 32]));
     config.neighbors = vec![format!("127.0.0.1:{port}")];
-    let b = meshnode::start(config).await.expect("node starts");
+    let b = support::start(config).await;
     let a_id = a.id().to_string();
     eventually("B has A's record", || async {
         b.status()
@@ -435,7 +398,7 @@ async fn a_wildcard_listen_advertises_the_given_address_and_needs_one() {
         .find(|k| k.node_id == a_id)
         .expect("its own record");
     assert_eq!(own.addr, public);
-    let mut ui = ws(a.ui_addr()).await;
+    let mut ui = websocket(a.ui_addr()).await;
     let descriptor = ask(
         &mut ui,
         1,
@@ -464,129 +427,6 @@ async fn a_wildcard_listen_advertises_the_given_address_and_needs_one() {
 // ---------------------------------------------------------------------------------------------
 // The real binary
 
-/// A `meshnode run` process whose stderr lines arrive on a channel.
-struct Process {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    log: Vec<String>,
-}
-
-impl Process {
-    fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut command = Command::new(BIN);
-        command
-            .args(["run", "--ui", "127.0.0.1:0"])
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env_remove(TOKEN_ENV)
-            .env_remove(meshnode::notify::NOTIFY_SOCKET)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        let mut child = command.spawn().expect("meshnode starts");
-        let pipe = child.stderr.take().expect("stderr piped");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self {
-            child,
-            lines,
-            log: Vec::new(),
-        }
-    }
-
-    fn wait_for_line(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + BOUND;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.log.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(e) => panic!("no line with {needle:?}: {e}\n{}", self.log.join("\n")),
-            }
-        }
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([format!("-{name}"), self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success());
-    }
-
-    fn wait_exit(&mut self) -> Option<i32> {
-        let deadline = Instant::now() + BOUND;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status.code();
-            }
-            assert!(Instant::now() < deadline, "meshnode did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Every stderr line, once the process has exited.
-    fn all_lines(&mut self) -> Vec<String> {
-        while let Ok(line) = self.lines.recv_timeout(BOUND) {
-            self.log.push(line);
-        }
-        self.log.clone()
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The address after `key=` in a text log line.
-fn addr_after(line: &str, key: &str) -> SocketAddr {
-    let start = line
-        .find(key)
-        .unwrap_or_else(|| panic!("no {key} in {line}"))
-        + key.len();
-    let value: String = line[start..]
-        .chars()
-        .take_while(|c| !c.is_whitespace())
-        .collect();
-    value
-        .parse()
-        .unwrap_or_else(|e| panic!("{key}{value}: {e}"))
-}
-
-/// A fresh directory for one test, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let path = std::env::temp_dir().join(format!("meshnode-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("a temp dir");
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The test's end of `NOTIFY_SOCKET`: every line of every datagram, in order.
 struct Systemd {
     socket: UnixDatagram,
@@ -600,7 +440,7 @@ struct Systemd {
 impl Systemd {
     fn new(name: &str) -> Self {
         let dir = TempDir::new(name);
-        let path = dir.0.join("notify.sock");
+        let path = dir.path().join("notify.sock");
         let socket = UnixDatagram::bind(&path).expect("the notify socket binds");
         socket
             .set_read_timeout(Some(BOUND))
@@ -663,19 +503,14 @@ fn systemd_hears_ready_status_stopping_the_extension_and_the_stream_waited_for()
     let env = [systemd.env()];
     // The neighbor, not the deadline, ends the shutdown: it hangs up only once systemd has
     // heard that the node waits for its stream, however long that takes on a loaded machine.
-    let mut node = Process::start(
-        &["--listen", "127.0.0.1:0", "--shutdown-deadline", "60s"],
-        &env,
-    );
+    let mut node = Daemon::start_with_env(&["--shutdown-deadline", "60s"], &env);
     systemd.until("READY=1", |l| l == "READY=1");
     systemd.until("the running status", |l| l == "STATUS=running, 0 neighbors");
-    let started = node.wait_for_line("node started");
-    let listen = addr_after(&started, "listen=");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("rt");
-    let mut neighbor = runtime.block_on(FakePeer::connect(listen, Identity::from_seed([51; 32])));
+    let runtime = runtime();
+    let mut neighbor = runtime.block_on(FakePeer::connect(
+        node.listen,
+        Identity::from_seed([51; 32]),
+    ));
     systemd.until("one neighbor", |l| l == "STATUS=running, 1 neighbor");
     node.signal("TERM");
     let extend = systemd.until("the extension", |l| l.starts_with("EXTEND_TIMEOUT_USEC="));
@@ -692,7 +527,7 @@ fn systemd_hears_ready_status_stopping_the_extension_and_the_stream_waited_for()
     });
     drop(neighbor);
     systemd.until("the outcome", |l| l.starts_with("STATUS=stopped: "));
-    assert_eq!(node.wait_exit(), Some(0));
+    assert_eq!(node.wait_exit().code(), Some(0));
     systemd.assert_in_order(&[
         "READY=1",
         "STATUS=running, 0 neighbors",
@@ -718,25 +553,16 @@ fn systemd_hears_ready_status_stopping_the_extension_and_the_stream_waited_for()
 fn systemd_hears_a_deadline_expiry() {
     let mut systemd = Systemd::new("notify-deadline");
     let env = [systemd.env()];
-    let mut node = Process::start(
-        &["--listen", "127.0.0.1:0", "--shutdown-deadline", "1s"],
-        &env,
-    );
-    let started = node.wait_for_line("node started");
-    let listen = addr_after(&started, "listen=");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("rt");
-    let stuck = runtime.block_on(async {
-        tokio::time::timeout(BOUND, support::stuck_neighbor(listen))
-            .await
-            .expect("in time")
-    });
+    let mut node = Daemon::start_with_env(&["--shutdown-deadline", "1s"], &env);
+    let runtime = runtime();
+    let stuck = runtime.block_on(within(
+        "a stuck neighbor",
+        support::stuck_neighbor(node.listen),
+    ));
     systemd.until("one neighbor", |l| l == "STATUS=running, 1 neighbor");
     node.signal("TERM");
     systemd.until("the outcome", |l| l.starts_with("STATUS=stopped: "));
-    assert_eq!(node.wait_exit(), Some(3));
+    assert_eq!(node.wait_exit().code(), Some(3));
     systemd.assert_in_order(&[
         "READY=1",
         "STATUS=running, 0 neighbors",
@@ -754,52 +580,43 @@ fn systemd_hears_a_deadline_expiry() {
 #[test]
 fn a_notify_socket_nobody_listens_on_changes_nothing() {
     let dir = TempDir::new("notify-gone");
-    let path = dir.0.join("nobody.sock");
+    let path = dir.path().join("nobody.sock");
     let env = [(
         meshnode::notify::NOTIFY_SOCKET,
         path.to_str().expect("a UTF-8 path"),
     )];
-    let mut node = Process::start(&["--listen", "127.0.0.1:0"], &env);
-    let started = node.wait_for_line("node started");
-    let ui = addr_after(&started, "ui=");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("rt");
-    runtime.block_on(async {
+    let mut node = Daemon::start_with_env(&[], &env);
+    let ui = node.ui;
+    runtime().block_on(async {
         let status = within("status", meshnode::client::status(ui)).await;
         assert!(status.is_ok(), "{status:?}");
     });
     node.signal("TERM");
-    assert_eq!(node.wait_exit(), Some(0));
+    assert_eq!(node.wait_exit().code(), Some(0));
 }
 
 #[test]
 fn json_logs_are_one_object_per_line_with_level_target_message_and_fields() {
-    let mut node = Process::start(&["--listen", "127.0.0.1:0", "--log-format", "json"], &[]);
-    let started = node.wait_for_line("node started");
-    let event: serde_json::Value = serde_json::from_str(&started).expect("JSON");
-    let ui: SocketAddr = event["fields"]["ui"]
-        .as_str()
-        .expect("a ui field")
-        .parse()
-        .expect("an address");
-    assert!(event["fields"]["listen"].is_string(), "{event}");
-    assert!(event["fields"]["node"].is_string(), "{event}");
+    // The node's start is read from its JSON line: the `ui` and `listen` fields.
+    let mut node = Daemon::start_with_env(&["--log-format", "json"], &[]);
+    let ui = node.ui;
     // A UI request logs inside spans too.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("rt");
-    runtime.block_on(async {
+    runtime().block_on(async {
         let status = within("status", meshnode::client::status(ui)).await;
         assert!(status.is_ok(), "{status:?}");
     });
     node.signal("TERM");
-    assert_eq!(node.wait_exit(), Some(0));
-    let lines = node.all_lines();
+    assert_eq!(node.wait_exit().code(), Some(0));
+    let log = node.whole_log();
+    let lines: Vec<&str> = log.lines().collect();
     assert!(lines.len() >= 3, "{lines:?}");
-    for line in &lines {
+    let started = lines
+        .iter()
+        .find(|l| l.contains("node started"))
+        .expect("the start is logged");
+    let event: serde_json::Value = serde_json::from_str(started).expect("JSON");
+    assert!(event["fields"]["node"].is_string(), "{event}");
+    for line in lines.iter().copied() {
         let event: serde_json::Value =
             serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
         assert!(event["level"].is_string(), "{line}");
@@ -823,14 +640,7 @@ fn a_wildcard_or_port_0_advertise_and_an_unadvertised_wildcard_listen_are_usage_
         &["--listen", "0.0.0.0:0"],
     ];
     for args in cases {
-        let output = Command::new(BIN)
-            .arg("run")
-            .args(args)
-            .args(["--ui", "127.0.0.1:0"])
-            .env_remove(TOKEN_ENV)
-            .stdin(Stdio::null())
-            .output()
-            .expect("meshnode runs");
+        let output = meshnode(&[&["run"], args, &["--ui", "127.0.0.1:0"]].concat());
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(
@@ -843,10 +653,7 @@ fn a_wildcard_or_port_0_advertise_and_an_unadvertised_wildcard_listen_are_usage_
 
 #[test]
 fn help_names_the_operator_flags() {
-    let output = Command::new(BIN)
-        .args(["run", "--help"])
-        .output()
-        .expect("meshnode runs");
+    let output = meshnode(&["run", "--help"]);
     let help = String::from_utf8_lossy(&output.stdout);
     for flag in ["--advertise", "--log-format"] {
         assert!(help.contains(flag), "{flag}:\n{help}");

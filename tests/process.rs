@@ -8,16 +8,8 @@ use meshnode_protocol::ui::{NodeState, StatusPayload};
 
 mod support;
 
-use support::BOUND;
-use support::daemon::{Daemon, meshnode};
-
-/// A runtime for the async parts of a test that drives a process.
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("rt")
-}
+use support::daemon::{BIN, Daemon, TOKEN_ENV, meshnode, runtime, wait_until};
+use support::{BOUND, TempDir, knows_departure};
 
 fn get_status(ui: SocketAddr) -> StatusPayload {
     let runtime = runtime();
@@ -30,13 +22,6 @@ fn get_status(ui: SocketAddr) -> StatusPayload {
         assert!(response.status().is_success());
         response.json().await.expect("status JSON")
     })
-}
-
-fn knows_departure(s: &StatusPayload, departed: &str) -> bool {
-    !s.neighbors.iter().any(|n| n.node_id == departed)
-        && s.known_nodes
-            .iter()
-            .any(|k| k.node_id == departed && k.neighbors.is_empty())
 }
 
 #[test]
@@ -65,7 +50,11 @@ fn the_binary_serves_status_and_withdraws_on_sigterm() {
     a.signal("TERM");
     b.wait_for_line("neighbor withdrew from the network");
     assert_eq!(a.wait_exit().code(), Some(0));
-    assert!(knows_departure(&get_status(b.ui), &status.node_id));
+    // The log line may come from B's dialer, which sees A's stream end, before B's
+    // neighborhood has taken A's withdrawal in.
+    wait_until("B knows of A's departure", || {
+        knows_departure(&get_status(b.ui), &status.node_id)
+    });
     a.wait_for_line("shutdown complete");
 
     b.signal("INT");
@@ -78,11 +67,10 @@ fn daemon_with_stuck_neighbor(
 ) -> (Daemon, support::StuckNeighbor, tokio::runtime::Runtime) {
     let mut daemon = Daemon::start(&["--shutdown-deadline", deadline]);
     let runtime = runtime();
-    let stuck = runtime.block_on(async {
-        tokio::time::timeout(BOUND, support::stuck_neighbor(daemon.listen))
-            .await
-            .expect("in time")
-    });
+    let stuck = runtime.block_on(support::within(
+        "a stuck neighbor",
+        support::stuck_neighbor(daemon.listen),
+    ));
     daemon.wait_for_line("neighbor connected");
     (daemon, stuck, runtime)
 }
@@ -147,9 +135,9 @@ fn meshnode_shutdown_into_a_closed_pipe_still_shuts_the_node_down_and_exits_0() 
     // `meshnode shutdown | head -0`: the reader is gone before the first line is written.
     let mut node = Daemon::start(&[]);
     let ui = node.ui.to_string();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_meshnode"))
+    let mut child = std::process::Command::new(BIN)
         .args(["shutdown", "--ui", &ui])
-        .env_remove("MESHNODE_UI_TOKEN")
+        .env_remove(TOKEN_ENV)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -215,14 +203,12 @@ fn bad_input_gives_a_one_line_error_and_a_non_zero_exit() {
     let out = meshnode(&["run", "--ui", &addr]);
     assert_one_line_error(&out, &format!("cannot listen for UIs on {addr}"));
 
-    let dir = std::env::temp_dir().join(format!("meshnode-process-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let key = dir.join("corrupt.key");
+    let dir = TempDir::new("process-test");
+    let key = dir.path().join("corrupt.key");
     std::fs::write(&key, "definitely not a key\n").expect("write");
     let key = key.to_string_lossy().into_owned();
     let out = meshnode(&["run", "--ui", "127.0.0.1:0", "--key-file", &key]);
     assert_one_line_error(&out, "is corrupt");
-    let _ = std::fs::remove_dir_all(&dir);
 
     let out = meshnode(&["status", "--ui", &addr]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
@@ -231,9 +217,8 @@ fn bad_input_gives_a_one_line_error_and_a_non_zero_exit() {
 
 #[test]
 fn a_key_file_keeps_the_node_id_across_restarts() {
-    let dir = std::env::temp_dir().join(format!("meshnode-key-restart-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let key = dir.join("node.key").to_string_lossy().into_owned();
+    let dir = TempDir::new("key-restart");
+    let key = dir.path().join("node.key").to_string_lossy().into_owned();
     let mut first = Daemon::start(&["--key-file", &key]);
     let id = get_status(first.ui).node_id;
     first.signal("TERM");
@@ -241,7 +226,6 @@ fn a_key_file_keeps_the_node_id_across_restarts() {
     let second = Daemon::start(&["--key-file", &key]);
     assert_eq!(get_status(second.ui).node_id, id);
     drop(second);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -328,19 +312,13 @@ fn a_neighbor_stopped_with_sigstop_is_named_and_resumed_learns_of_the_withdrawal
         let mut responsive = responsive;
         responsive.rest().await
     });
-    let admitted = Instant::now() + BOUND;
     let lists = |id: &str| get_status(a.ui).neighbors.iter().any(|n| n.node_id == id);
-    while !(lists(&responsive_id) && lists(&b_id)) {
-        assert!(Instant::now() < admitted, "A admits both neighbors");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until("A admits both neighbors", || {
+        lists(&responsive_id) && lists(&b_id)
+    });
 
     b.signal("STOP");
-    let stopped = Instant::now() + BOUND;
-    while !b.is_stopped() {
-        assert!(Instant::now() < stopped, "B stops");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until("B stops", || b.is_stopped());
     a.signal("TERM");
     let frames = runtime
         .block_on(async { tokio::time::timeout(BOUND, seen).await })
@@ -461,18 +439,10 @@ fn a_neighbor_frozen_with_sigstop_is_dropped_at_the_neighbor_timeout() {
     let mut b = Daemon::start(&["--neighbor", &neighbor]);
     let b_id = get_status(b.ui).node_id;
     let lists = |s: &StatusPayload| s.neighbors.iter().any(|n| n.node_id == b_id);
-    let admitted = Instant::now() + BOUND;
-    while !lists(&get_status(a.ui)) {
-        assert!(Instant::now() < admitted, "A admits B");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until("A admits B", || lists(&get_status(a.ui)));
 
     b.signal("STOP");
-    let stopped = Instant::now() + BOUND;
-    while !b.is_stopped() {
-        assert!(Instant::now() < stopped, "B stops");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until("B stops", || b.is_stopped());
     let line = a.wait_for_line("neighbor silent for too long");
     assert!(line.contains(&b_id[..8]), "{line}");
     let dropped = Instant::now() + BOUND;

@@ -8,19 +8,14 @@ use futures::{SinkExt, StreamExt};
 use meshnode::client::UiClient;
 use meshnode::{Config, Node, ShutdownOutcome, ShutdownReport};
 use meshnode_protocol::Identity;
-use meshnode_protocol::ui::{StatusPayload, UI_SUBPROTOCOL};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
 
-use support::{BOUND, FakePeer, eventually, within};
+use support::{
+    BOUND, FakePeer, eventually, knows_departure, node, node_dialing, status, websocket, within,
+};
 
 mod support;
-
-async fn status(node: &Node) -> StatusPayload {
-    node.status().await.expect("status")
-}
 
 /// `n` nodes; node i dials nodes i-1 and i-2. Returns them once every node has its expected
 /// neighbors, all full, and knows every record.
@@ -34,11 +29,7 @@ async fn mesh(n: u8) -> Vec<Node> {
             .take(2)
             .map(|n| n.listen_addr().to_string())
             .collect();
-        nodes.push(
-            within("start", meshnode::start(config))
-                .await
-                .expect("starts"),
-        );
+        nodes.push(support::start(config).await);
     }
     for (i, node) in nodes.iter().enumerate() {
         let want: BTreeSet<String> = (0..nodes.len())
@@ -53,13 +44,6 @@ async fn mesh(n: u8) -> Vec<Node> {
         .await;
     }
     nodes
-}
-
-fn knows_departure(s: &StatusPayload, departed: &str) -> bool {
-    !s.neighbors.iter().any(|n| n.node_id == departed)
-        && s.known_nodes
-            .iter()
-            .any(|k| k.node_id == departed && k.neighbors.is_empty())
 }
 
 #[tokio::test]
@@ -142,20 +126,9 @@ async fn five_nodes_one_leaves_through_its_websocket_and_the_rest_learn_at_once(
 async fn masq_shutdown_finds_the_ui_port_closed_when_answered() {
     let mut config = Config::new(Identity::from_seed([7; 32]));
     config.shutdown_deadline = Duration::from_secs(5);
-    let node = within("start", meshnode::start(config))
-        .await
-        .expect("starts");
+    let node = support::start(config).await;
     let ui = node.ui_addr();
-    let mut request = format!("ws://{ui}/")
-        .into_client_request()
-        .expect("request");
-    request.headers_mut().insert(
-        "Sec-WebSocket-Protocol",
-        HeaderValue::from_static(UI_SUBPROTOCOL),
-    );
-    let (mut socket, _) = within("connect", tokio_tungstenite::connect_async(request))
-        .await
-        .expect("handshake");
+    let mut socket = websocket(ui).await;
     let masq = r#"{"opcode": "shutdown", "contextId": 1, "payload": {}}"#;
     within("send", socket.send(Message::text(masq)))
         .await
@@ -231,9 +204,7 @@ async fn concurrent_requests_from_websockets_http_and_the_api_get_one_shutdown()
     // The neighbor, not the deadline, decides when the shutdown ends: it hangs up only once
     // every request below has joined the shutdown, however long they take to arrive.
     config.shutdown_deadline = Duration::from_secs(60);
-    let node = within("start", meshnode::start(config))
-        .await
-        .expect("starts");
+    let node = support::start(config).await;
     let mut neighbor = FakePeer::connect(node.listen_addr(), Identity::from_seed([18; 32])).await;
     let id = neighbor.id().to_string();
     eventually("the neighbor is admitted", || async {
@@ -320,12 +291,7 @@ async fn concurrent_requests_from_websockets_http_and_the_api_get_one_shutdown()
 
 #[tokio::test]
 async fn other_ui_clients_hear_that_the_node_is_going_down() {
-    let node = within(
-        "start",
-        meshnode::start(Config::new(Identity::from_seed([9; 32]))),
-    )
-    .await
-    .expect("starts");
+    let node = node(9, &[]).await;
     let mut bystander = within("connect", UiClient::connect(node.ui_addr()))
         .await
         .expect("UI");
@@ -363,18 +329,9 @@ async fn other_ui_clients_hear_that_the_node_is_going_down() {
 #[tokio::test]
 async fn a_withdrawn_neighbor_is_not_redialed_but_a_crashed_one_is() {
     for graceful in [true, false] {
-        let a = within(
-            "start",
-            meshnode::start(Config::new(Identity::from_seed([20; 32]))),
-        )
-        .await
-        .expect("starts");
+        let a = node(20, &[]).await;
         let addr = a.listen_addr();
-        let mut config = Config::new(Identity::from_seed([21; 32]));
-        config.neighbors = vec![addr.to_string()];
-        let b = within("start", meshnode::start(config))
-            .await
-            .expect("starts");
+        let b = node_dialing(21, &[addr]).await;
         let a_id = a.id().to_string();
         eventually("B connects to A", || async {
             status(&b)

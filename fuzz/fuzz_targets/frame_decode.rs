@@ -1,5 +1,5 @@
 //! A frame body of arbitrary bytes decodes or is malformed, never panics, and one that decodes
-//! encodes again to the same frame.
+//! encodes again to exactly its bytes.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

@@ -31,7 +31,13 @@ impl Daemon {
 
     /// Starts a node with `token` in `MESHNODE_UI_TOKEN` (or none), logging at `level`.
     pub fn start_with(token: Option<&str>, level: &str, args: &[&str]) -> Self {
-        Self::spawn(Command::new(BIN), token, level, args)
+        Self::spawn(Command::new(BIN), token, level, args, &[])
+    }
+
+    /// Starts a node with no UI token, logging at info, with `args` and the environment
+    /// variables `env` set.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn(Command::new(BIN), None, "info", args, env)
     }
 
     /// Starts a node whose file-descriptor limit, soft and hard, is `nofile`.
@@ -42,7 +48,7 @@ impl Daemon {
             &format!("ulimit -n {nofile} && exec \"$0\" \"$@\""),
             BIN,
         ]);
-        Self::spawn(command, None, "info", args)
+        Self::spawn(command, None, "info", args, &[])
     }
 
     /// How many descriptors the process has open now.
@@ -52,18 +58,26 @@ impl Daemon {
             .count()
     }
 
-    fn spawn(mut command: Command, token: Option<&str>, level: &str, args: &[&str]) -> Self {
+    fn spawn(
+        mut command: Command,
+        token: Option<&str>,
+        level: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         command
             .args(["run", "--listen", "127.0.0.1:0", "--ui", "127.0.0.1:0"])
             .args(args)
             .env("RUST_LOG", level)
             .env_remove(TOKEN_ENV)
+            .env_remove(meshnode::notify::NOTIFY_SOCKET)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         if let Some(token) = token {
             command.env(TOKEN_ENV, token);
         }
+        command.envs(env.iter().copied());
         let mut child = command.spawn().expect("meshnode starts");
         let (tx, stderr) = mpsc::channel();
         let pipe = child.stderr.take().expect("stderr piped");
@@ -82,8 +96,8 @@ impl Daemon {
             log: Vec::new(),
         };
         let line = daemon.wait_for_line("node started");
-        daemon.ui = field(&line, "ui=");
-        daemon.listen = field(&line, "listen=");
+        daemon.ui = field(&line, "ui");
+        daemon.listen = field(&line, "listen");
         daemon
     }
 
@@ -153,10 +167,19 @@ fn addr0() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
-/// The address after `key` in a log line.
+/// The address in the field `key` of a log line, text (`key=ADDR`) or JSON.
 pub fn field(line: &str, key: &str) -> SocketAddr {
+    if let Ok(event) = serde_json::from_str::<serde_json::Value>(line) {
+        let value = event["fields"][key]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {key} field in {line}"));
+        return value
+            .parse()
+            .unwrap_or_else(|e| panic!("{key}={value}: {e}"));
+    }
+    let key = format!("{key}=");
     let start = line
-        .find(key)
+        .find(&key)
         .unwrap_or_else(|| panic!("no {key} in {line}"))
         + key.len();
     let value: String = line[start..]
@@ -184,4 +207,21 @@ pub fn meshnode_with(token: Option<&str>, args: &[&str]) -> Output {
         command.env(TOKEN_ENV, token);
     }
     command.output().expect("meshnode runs")
+}
+
+/// A runtime for the async parts of a test that drives a process.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt")
+}
+
+/// Polls `check` (blocking the thread) until it holds, failing the test after [`BOUND`].
+pub fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + BOUND;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

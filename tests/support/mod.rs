@@ -8,12 +8,18 @@ pub mod daemon;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use meshnode::link::{LinkCodec, LinkWriter, LocalLink, handshake, next_inbound};
+use meshnode::{Config, Node};
+use meshnode_protocol::ui::{StatusPayload, UI_SUBPROTOCOL};
 use meshnode_protocol::{Frame, Identity, Inbound, NodeId, NodeRecord, SignedRecord};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::codec::FramedRead;
 
 /// The link settings of a neighbor played by a test: a timeout no test reaches.
@@ -99,6 +105,90 @@ where
     }
 }
 
+/// Starts a node from `config`, failing the test if it does not start within [`BOUND`].
+pub async fn start(config: Config) -> Node {
+    within("start", meshnode::start(config))
+        .await
+        .expect("the node starts")
+}
+
+/// A node with the identity of `seed` that dials `neighbors`.
+pub async fn node_dialing(seed: u8, neighbors: &[SocketAddr]) -> Node {
+    let mut config = Config::new(Identity::from_seed([seed; 32]));
+    config.neighbors = neighbors.iter().map(ToString::to_string).collect();
+    start(config).await
+}
+
+/// A node with the identity of `seed` that dials the nodes `neighbors`.
+pub async fn node(seed: u8, neighbors: &[&Node]) -> Node {
+    let addrs: Vec<SocketAddr> = neighbors.iter().map(|n| n.listen_addr()).collect();
+    node_dialing(seed, &addrs).await
+}
+
+/// What `node` answers to a status request.
+pub async fn status(node: &Node) -> StatusPayload {
+    within("status", node.status()).await.expect("status")
+}
+
+/// Whether `node` lists `peer` among its neighbors.
+pub async fn lists(node: &Node, peer: NodeId) -> bool {
+    let id = peer.to_string();
+    status(node).await.neighbors.iter().any(|n| n.node_id == id)
+}
+
+/// Whether the status `s` shows that the node `departed` has withdrawn: no longer a neighbor,
+/// and known by its withdrawal record, which lists no neighbors.
+pub fn knows_departure(s: &StatusPayload, departed: &str) -> bool {
+    !s.neighbors.iter().any(|n| n.node_id == departed)
+        && s.known_nodes
+            .iter()
+            .any(|k| k.node_id == departed && k.neighbors.is_empty())
+}
+
+/// A raw websocket to a node's UI.
+pub type Websocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Opens a raw websocket to the UI at `ui` with the UI subprotocol, so that the test sees the
+/// node's text exactly as sent.
+pub async fn websocket(ui: SocketAddr) -> Websocket {
+    let mut request = format!("ws://{ui}/")
+        .into_client_request()
+        .expect("a request");
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_static(UI_SUBPROTOCOL),
+    );
+    let (socket, _) = within(
+        "the UI handshake",
+        tokio_tungstenite::connect_async(request),
+    )
+    .await
+    .expect("the UI accepts");
+    socket
+}
+
+/// A fresh directory for one test, removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("meshnode-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("a temp dir");
+        Self(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A neighbor played by the test over a real socket: it does the handshake, then sends what
 /// the test wants, well-formed or not, and reads what the node sends.
 pub struct FakePeer {
@@ -130,7 +220,7 @@ impl FakePeer {
     pub async fn hello_only(stream: TcpStream, identity: Identity) -> Self {
         let (read, write) = stream.into_split();
         let local = test_link(identity.clone());
-        let (link, reader, writer) =
+        let (_, reader, writer) =
             within("the link handshake", handshake(read, write, true, &local))
                 .await
                 .expect("the link handshake succeeds");
@@ -140,7 +230,6 @@ impl FakePeer {
             identity,
         };
         let hello = Frame::Hello {
-            protocol: u32::from(link.version),
             record: peer.record_at(1, "127.0.0.1:9"),
         };
         peer.send(&hello).await;

@@ -15,7 +15,7 @@ use futures::future::join_all;
 use meshnode::link::{LocalLink, handshake, next_inbound};
 use meshnode::{Config, Node};
 use meshnode_protocol::ui::StatusPayload;
-use meshnode_protocol::{Frame, Identity, Inbound, NodeId, NodeRecord, SignedRecord};
+use meshnode_protocol::{Frame, Identity, Inbound, NodeId, NodeRecord, VerifiedRecord};
 use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -265,19 +265,20 @@ async fn run(
 
 /// `records` records of fresh keys, each signed by its key, packed into gossip frame bodies.
 fn forge(records: usize) -> Result<Vec<Bytes>, String> {
-    let signed: Vec<SignedRecord> = (0..records)
+    let signed: Vec<VerifiedRecord> = (0..records)
         .map(|i| {
             let mut seed = [0xf1; 32];
             seed[..8].copy_from_slice(&(i as u64).to_be_bytes());
             let key = Identity::from_seed(seed);
-            key.sign(NodeRecord {
+            key.sign_verified(NodeRecord {
                 id: key.id(),
                 addr: format!("10.{}.{}.{}:1", (i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff),
                 version: 1,
                 neighbors: BTreeSet::new(),
             })
+            .map_err(|e| e.to_string())
         })
-        .collect();
+        .collect::<Result<_, _>>()?;
     let (bodies, skipped) = Frame::gossip_bodies(&signed);
     if skipped > 0 {
         return Err(format!("{skipped} forged records fit no frame"));
@@ -312,7 +313,7 @@ impl Attacker {
             .map_err(|e| format!("connect: {e}"))?;
         let _ = stream.set_nodelay(true);
         let (read, write) = stream.into_split();
-        let (link, mut reader, mut writer) = handshake(read, write, true, &local)
+        let (_, mut reader, mut writer) = handshake(read, write, true, &local)
             .await
             .map_err(|e| format!("handshake: {e}"))?;
         let record = me.sign(NodeRecord {
@@ -321,12 +322,9 @@ impl Attacker {
             version: 1,
             neighbors: BTreeSet::new(),
         });
-        let hello = Frame::Hello {
-            protocol: u32::from(link.version),
-            record,
-        }
-        .encode()
-        .map_err(|e| e.to_string())?;
+        let hello = Frame::Hello { record }
+            .encode()
+            .map_err(|e| e.to_string())?;
         writer
             .send_frame(&hello)
             .await

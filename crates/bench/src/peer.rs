@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use meshnode::link::{LocalLink, handshake, next_inbound};
-use meshnode_protocol::{Frame, Identity, Inbound, NodeId, NodeRecord};
+use meshnode_protocol::{
+    Frame, Identity, Inbound, NodeId, NodeRecord, SignedRecord, gossip_records,
+};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -59,12 +61,9 @@ pub async fn run(
         version: 1,
         neighbors: Default::default(),
     });
-    let hello = Frame::Hello {
-        protocol: u32::from(link.version),
-        record,
-    }
-    .encode()
-    .map_err(|e| e.to_string())?;
+    let hello = Frame::Hello { record }
+        .encode()
+        .map_err(|e| e.to_string())?;
     writer
         .send_frame(&hello)
         .await
@@ -72,7 +71,6 @@ pub async fn run(
     let keepalive = link.keepalive_interval();
     let mut last_sent = Instant::now();
     let mut ready = Some(ready);
-    let node_hex = node_id.to_string();
     let mut withdrawal = None;
     loop {
         let next = tokio::time::timeout_at(last_sent + keepalive, next_inbound(&mut reader));
@@ -92,15 +90,13 @@ pub async fn run(
             }
             Some(Err(e)) => return Err(format!("read: {e}")),
         };
-        // Once in, only a frame that names the node can matter: skip the rest undecoded, as
-        // the floor's readers skip theirs.
-        if ready.is_none() && !contains(&frame, node_hex.as_bytes()) {
-            continue;
-        }
-        let Ok(Frame::Gossip { records }) = Frame::decode(&frame) else {
+        // Only the node's own record can matter: find it by the ids at the records' heads and
+        // decode that one alone (no signature checks), as the floor's readers skip theirs.
+        let Ok(found) = gossip_records(&frame) else {
             continue;
         };
-        for record in records.iter().filter(|r| r.id() == node_id) {
+        let own = found.iter().filter(|(id, _)| *id == node_id);
+        for record in own.filter_map(|(_, bytes)| SignedRecord::from_wire(bytes).ok()) {
             if record.record.neighbors.contains(&me.id()) {
                 if let Some(ready) = ready.take() {
                     let _ = ready.send(());
@@ -117,8 +113,4 @@ pub async fn run(
         Some(withdrawal) => Ok(Arrival { withdrawal, eof }),
         None => Err("EOF without a withdrawal".into()),
     }
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
 }

@@ -220,10 +220,6 @@ pub async fn follow(
     stop: CancellationToken,
 ) {
     let mut neighbors = connectivity.borrow_and_update().neighbors;
-    let mut stopping = matches!(
-        *lifecycle.borrow_and_update(),
-        Lifecycle::ShuttingDown { .. }
-    );
     let shown = |neighbors| {
         running(&Connectivity {
             neighbors,
@@ -231,6 +227,13 @@ pub async fn follow(
         })
     };
     notifier.send(vec![Notice::Ready, shown(neighbors)]);
+    // A shutdown that started before this task first ran is announced at once; one that has
+    // also ended is announced as the task ends (the lifecycle does not change again).
+    let mut stopping = false;
+    if let Lifecycle::ShuttingDown { deadline, .. } = &*lifecycle.borrow_and_update() {
+        stopping = true;
+        notifier.send(stopping_notices(neighbors, *deadline));
+    }
     let mut streams_shown: Option<u64> = None;
     let mut poll = tokio::time::interval(STOPPING_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -314,6 +317,8 @@ mod tests {
 
     use super::*;
     use crate::Trigger;
+    use crate::test_support::{identity, within};
+    use crate::ui_gateway::DEFAULT_SHUTDOWN_DEADLINE;
 
     #[test]
     fn notices_have_the_wire_form_systemd_reads() {
@@ -359,6 +364,91 @@ mod tests {
                 Notice::ExtendTimeout(Duration::from_secs(5) + UI_GRACE + EXTEND_MARGIN),
             ]
         );
+    }
+
+    /// [`follow`] driven by the test: it runs only when the test says, and its notices go to a
+    /// queue the test reads.
+    struct Follower {
+        task: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+        sent: std::sync::mpsc::Receiver<Vec<Notice>>,
+        stop: CancellationToken,
+    }
+
+    impl Follower {
+        fn start(
+            node: &crate::Node,
+            lifecycle: tokio::sync::watch::Receiver<Lifecycle>,
+            connectivity: tokio::sync::watch::Receiver<Connectivity>,
+        ) -> Self {
+            let (tx, sent) = std::sync::mpsc::sync_channel(NOTIFY_QUEUE);
+            let stop = CancellationToken::new();
+            let task = Box::pin(follow(
+                Notifier { tx },
+                lifecycle,
+                connectivity,
+                node.controller(),
+                stop.clone(),
+            ));
+            Self { task, sent, stop }
+        }
+
+        /// Runs the follower until it waits; false if it ended instead.
+        async fn waits(&mut self) -> bool {
+            futures::poll!(&mut self.task).is_pending()
+        }
+
+        /// Stops the follower; every notice it sent, in order.
+        async fn stop(self) -> Vec<Notice> {
+            self.stop.cancel();
+            within("the follower ends", self.task).await;
+            self.sent.try_iter().flatten().collect()
+        }
+    }
+
+    /// The node's whole shutdown happens while the follower is not running (a busy machine, a
+    /// quick shutdown): the follower, woken by its stop, still announces the shutdown before
+    /// it ends, so `STOPPING=1` comes before the caller's last status line.
+    #[tokio::test]
+    async fn stopping_is_announced_when_the_node_ended_before_the_follower_saw_its_shutdown() {
+        let node = within("start", crate::start(crate::Config::new(identity(31))))
+            .await
+            .expect("the node starts");
+        let mut follower = Follower::start(&node, node.lifecycle(), node.connectivity());
+        assert!(follower.waits().await, "the follower waits for news");
+        let report = within("the shutdown", node.shutdown())
+            .await
+            .expect("answered");
+        assert_eq!(report.outcome, ShutdownOutcome::Graceful);
+        within("the node ends", node.wait()).await;
+        let sent = follower.stop().await;
+        let mut expected = vec![Notice::Ready, Notice::Status("running, 0 neighbors".into())];
+        expected.extend(stopping_notices(0, DEFAULT_SHUTDOWN_DEADLINE));
+        assert_eq!(sent, expected);
+    }
+
+    /// The shutdown started before the follower first ran (a signal at once after the start):
+    /// the follower announces it at once, after `READY=1`.
+    #[tokio::test]
+    async fn stopping_is_announced_when_the_shutdown_started_before_the_follower_first_ran() {
+        let node = within("start", crate::start(crate::Config::new(identity(32))))
+            .await
+            .expect("the node starts");
+        let deadline = Duration::from_secs(7);
+        let (_lifecycle, lifecycle) = tokio::sync::watch::channel(Lifecycle::ShuttingDown {
+            trigger: Trigger::Api,
+            deadline,
+        });
+        let (_connectivity, connectivity) = tokio::sync::watch::channel(Connectivity {
+            neighbors: 2,
+            ..Connectivity::default()
+        });
+        let mut follower = Follower::start(&node, lifecycle, connectivity);
+        assert!(follower.waits().await, "the follower waits for news");
+        let sent = follower.stop().await;
+        let mut expected = vec![Notice::Ready, Notice::Status("running, 2 neighbors".into())];
+        expected.extend(stopping_notices(2, deadline));
+        assert_eq!(sent, expected);
+        assert!(node.stop().await, "the node stops");
     }
 
     #[test]

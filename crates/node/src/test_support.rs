@@ -89,12 +89,11 @@ impl Peer {
     pub async fn handshake(&mut self) -> SignedRecord {
         let (read, write) = self.raw.take().expect("one handshake per peer");
         let local = test_link(self.identity.clone());
-        let (link, reader, writer) = within("the handshake", handshake(read, write, true, &local))
+        let (_, reader, writer) = within("the handshake", handshake(read, write, true, &local))
             .await
             .expect("the handshake succeeds");
         self.link = Some((reader, writer));
         let hello = Frame::Hello {
-            protocol: u32::from(link.version),
             record: record(&self.identity, 1, &[]),
         };
         self.send(&hello).await;

@@ -1,78 +1,169 @@
-//! Frames between neighbors: a 4-byte big-endian length, then that many bytes of JSON.
+//! Frames between neighbors: a 4-byte big-endian length, then that many bytes of body: a type
+//! byte, then binary records (docs/protocol.md, "Frames").
 //!
 //! [`FrameCodec`] enforces [`MAX_FRAME_LEN`]. Unlike a plain length-delimited codec it does not
 //! give up on an oversized frame: it reports it as [`Inbound::Oversized`] and skips its body, so
 //! the connection survives one bad frame and the caller decides when a peer has sent too many.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use serde::{Deserialize, Serialize};
 use tokio_util::codec::{Decoder, Encoder};
 
-use crate::record::SignedRecord;
+use crate::record::{
+    Cursor, NodeId, RECORD_FIXED_LEN, SignedRecord, VerifiedRecord, WireError, WireRecord,
+    peek_record,
+};
 
 /// Largest frame body either side sends or accepts, in bytes.
 pub const MAX_FRAME_LEN: usize = 1024 * 1024;
 /// Gossip is packed into frames of about this many bytes (a single larger record goes alone).
 pub const GOSSIP_FRAME_TARGET: usize = 256 * 1024;
-/// The neighbor protocol version carried in `hello`.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// The neighbor protocol version of these frames (binary; 2 was JSON).
+pub const PROTOCOL_VERSION: u16 = 3;
 const HEADER_LEN: usize = 4;
-/// The frame types this version knows.
-const KNOWN_TYPES: [&str; 2] = ["hello", "gossip"];
+/// The type byte of a hello: one record.
+pub const HELLO: u8 = 1;
+/// The type byte of gossip: a u32 count, then the records back to back.
+pub const GOSSIP: u8 = 2;
+/// Bytes of a gossip body before its records: the type and the count.
+const GOSSIP_HEAD_LEN: usize = 1 + 4;
 
-/// A message between neighbors.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "camelCase")]
+/// A message between neighbors, as values: what tests and tools build and read. The node itself
+/// reads [`WireFrame`]s, which keep each record's bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     /// First frame on a stream, from each side: who I am, signed.
-    Hello { protocol: u32, record: SignedRecord },
+    Hello { record: SignedRecord },
     /// Standard gossip: records the sender believes the receiver may not have.
     Gossip { records: Vec<SignedRecord> },
+}
+
+/// A frame as read off the wire: each record with the exact bytes it came in, so that it can be
+/// verified and forwarded without being encoded again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WireFrame {
+    Hello(WireRecord),
+    Gossip(Vec<WireRecord>),
 }
 
 /// Why a frame could not be made or read.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
-    #[error("frame is not valid JSON of a known frame type: {0}")]
-    Malformed(#[from] serde_json::Error),
+    #[error("frame is malformed: {0}")]
+    Malformed(#[from] WireError),
     #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_LEN}")]
     TooLarge(usize),
-    /// A well-formed frame of a type this node does not know: from a peer that speaks a newer
-    /// version, it is skipped; from any other peer it is a bad frame.
-    #[error("frame of unknown type {0:?}")]
-    UnknownType(String),
+    /// A frame of a type this node does not know: from a peer that speaks a newer version, it is
+    /// skipped; from any other peer it is a bad frame.
+    #[error("frame of unknown type {0}")]
+    UnknownType(u8),
+}
+
+impl WireFrame {
+    /// Reads a frame body. Never panics and allocates nothing a count claims before the bytes
+    /// for it are there.
+    pub fn decode(body: &[u8]) -> Result<WireFrame, FrameError> {
+        let Some((&kind, rest)) = body.split_first() else {
+            return Err(WireError::Empty.into());
+        };
+        match kind {
+            HELLO => {
+                let (record, used) = WireRecord::read(rest)?;
+                match rest.len() - used {
+                    0 => Ok(WireFrame::Hello(record)),
+                    extra => Err(WireError::Trailing(extra).into()),
+                }
+            }
+            GOSSIP => {
+                let mut r = Cursor {
+                    bytes: rest,
+                    pos: 0,
+                };
+                let count = u32::from_be_bytes(r.array("record count")?);
+                let left = r.rest();
+                if count as usize > left.len() / RECORD_FIXED_LEN {
+                    return Err(WireError::TooManyRecords(count).into());
+                }
+                let mut records = Vec::with_capacity(count as usize);
+                let mut left = left;
+                for _ in 0..count {
+                    let (record, used) = WireRecord::read(left)?;
+                    records.push(record);
+                    left = &left[used..];
+                }
+                if !left.is_empty() {
+                    return Err(WireError::Trailing(left.len()).into());
+                }
+                Ok(WireFrame::Gossip(records))
+            }
+            other => Err(FrameError::UnknownType(other)),
+        }
+    }
+}
+
+impl From<WireFrame> for Frame {
+    fn from(frame: WireFrame) -> Self {
+        match frame {
+            WireFrame::Hello(record) => Frame::Hello {
+                record: record.into_signed(),
+            },
+            WireFrame::Gossip(records) => Frame::Gossip {
+                records: records.into_iter().map(WireRecord::into_signed).collect(),
+            },
+        }
+    }
 }
 
 impl Frame {
     pub fn decode(body: &[u8]) -> Result<Frame, FrameError> {
-        serde_json::from_slice(body).map_err(|e| {
-            /// Just the tag of a frame, to tell an unknown type from a malformed frame.
-            #[derive(Deserialize)]
-            struct Tag {
-                r#type: String,
-            }
-            match serde_json::from_slice::<Tag>(body) {
-                Ok(Tag { r#type }) if !KNOWN_TYPES.contains(&r#type.as_str()) => {
-                    FrameError::UnknownType(r#type)
-                }
-                _ => FrameError::Malformed(e),
-            }
-        })
+        WireFrame::decode(body).map(Frame::from)
     }
 
     pub fn encode(&self) -> Result<Bytes, FrameError> {
-        let body = serde_json::to_vec(self)?;
+        let mut body = BytesMut::new();
+        match self {
+            Frame::Hello { record } => {
+                body.reserve(1 + record.wire_len());
+                body.put_u8(HELLO);
+                record.encode_into(&mut body);
+            }
+            Frame::Gossip { records } => {
+                let len =
+                    GOSSIP_HEAD_LEN + records.iter().map(SignedRecord::wire_len).sum::<usize>();
+                if len > MAX_FRAME_LEN {
+                    return Err(FrameError::TooLarge(len));
+                }
+                body.reserve(len);
+                body.put_u8(GOSSIP);
+                body.put_u32(u32::try_from(records.len()).map_err(|_| FrameError::TooLarge(len))?);
+                for record in records {
+                    record.encode_into(&mut body);
+                }
+            }
+        }
         if body.len() > MAX_FRAME_LEN {
             return Err(FrameError::TooLarge(body.len()));
         }
-        Ok(Bytes::from(body))
+        Ok(body.freeze())
     }
 
-    /// Packs records into as few `gossip` frame bodies as fit [`GOSSIP_FRAME_TARGET`], each
-    /// record serialized once. Records too large for any frame are left out and counted in the
-    /// second value (a well-formed record never is: see `record::MAX_NEIGHBORS`).
+    /// The hello body carrying `record`, made from its wire bytes.
+    pub fn hello_body(record: &VerifiedRecord) -> Result<Bytes, FrameError> {
+        let wire = record.wire();
+        if 1 + wire.len() > MAX_FRAME_LEN {
+            return Err(FrameError::TooLarge(1 + wire.len()));
+        }
+        let mut body = BytesMut::with_capacity(1 + wire.len());
+        body.put_u8(HELLO);
+        body.put_slice(wire);
+        Ok(body.freeze())
+    }
+
+    /// Packs records into as few `gossip` frame bodies as fit [`GOSSIP_FRAME_TARGET`], by
+    /// copying each record's wire bytes (none is encoded here). Records too large for any frame
+    /// are left out and counted in the second value (a well-formed record never is: see
+    /// `record::MAX_NEIGHBORS`).
     pub fn gossip_bodies<'a>(
-        records: impl IntoIterator<Item = &'a SignedRecord>,
+        records: impl IntoIterator<Item = &'a VerifiedRecord>,
     ) -> (Vec<Bytes>, usize) {
         let (bodies, skipped) = Self::gossip_bodies_marked(records);
         (bodies.into_iter().map(|(body, _)| body).collect(), skipped)
@@ -82,43 +173,72 @@ impl Frame {
     /// (left-out ones included) come up to its end: a sender that could send only the first
     /// `k` bodies knows that the records from the `k`-th body's mark on are still owed.
     pub fn gossip_bodies_marked<'a>(
-        records: impl IntoIterator<Item = &'a SignedRecord>,
+        records: impl IntoIterator<Item = &'a VerifiedRecord>,
     ) -> (Vec<(Bytes, usize)>, usize) {
-        const HEAD: &[u8] = br#"{"type":"gossip","records":["#;
-        const TAIL: &[u8] = b"]}";
+        /// Ends a body: writes its count into the head.
+        fn finish(mut body: BytesMut, count: u32) -> Bytes {
+            body[1..GOSSIP_HEAD_LEN].copy_from_slice(&count.to_be_bytes());
+            body.freeze()
+        }
         let mut bodies = Vec::new();
         let mut skipped = 0;
         let mut current = BytesMut::new();
+        let mut count = 0u32;
         let mut seen = 0;
         for record in records {
             seen += 1;
-            let Ok(json) = serde_json::to_vec(record) else {
-                skipped += 1;
-                continue;
-            };
-            if HEAD.len() + json.len() + TAIL.len() > MAX_FRAME_LEN {
+            let wire = record.wire();
+            if GOSSIP_HEAD_LEN + wire.len() > MAX_FRAME_LEN {
                 skipped += 1;
                 continue;
             }
-            if !current.is_empty()
-                && current.len() + 1 + json.len() + TAIL.len() > GOSSIP_FRAME_TARGET
-            {
-                current.put_slice(TAIL);
-                bodies.push((std::mem::take(&mut current).freeze(), seen - 1));
+            if count > 0 && current.len() + wire.len() > GOSSIP_FRAME_TARGET {
+                bodies.push((finish(std::mem::take(&mut current), count), seen - 1));
+                count = 0;
             }
-            if current.is_empty() {
-                current.put_slice(HEAD);
-            } else {
-                current.put_u8(b',');
+            if count == 0 {
+                current.put_u8(GOSSIP);
+                current.put_u32(0);
             }
-            current.put_slice(&json);
+            current.put_slice(wire);
+            count += 1;
         }
-        if !current.is_empty() {
-            current.put_slice(TAIL);
-            bodies.push((current.freeze(), seen));
+        if count > 0 {
+            bodies.push((finish(current, count), seen));
         }
         (bodies, skipped)
     }
+}
+
+/// The records of a gossip body as each one's id and bytes, read from their heads alone: for a
+/// light reader that looks for one node's record among many and decodes only that one
+/// ([`SignedRecord::from_wire`]). Checks the frame's bounds, not its records' contents.
+pub fn gossip_records(body: &[u8]) -> Result<Vec<(NodeId, &[u8])>, FrameError> {
+    let Some((&kind, rest)) = body.split_first() else {
+        return Err(WireError::Empty.into());
+    };
+    if kind != GOSSIP {
+        return Err(FrameError::UnknownType(kind));
+    }
+    let mut r = Cursor {
+        bytes: rest,
+        pos: 0,
+    };
+    let count = u32::from_be_bytes(r.array("record count")?);
+    let mut left = r.rest();
+    if count as usize > left.len() / RECORD_FIXED_LEN {
+        return Err(WireError::TooManyRecords(count).into());
+    }
+    let mut out = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let (id, used) = peek_record(left)?;
+        out.push((id, &left[..used]));
+        left = &left[used..];
+    }
+    if !left.is_empty() {
+        return Err(WireError::Trailing(left.len()).into());
+    }
+    Ok(out)
 }
 
 /// What the decoder yields: a frame body, or news that an oversized one was skipped.
@@ -248,6 +368,10 @@ mod tests {
         })
     }
 
+    fn verified(seed: u8, neighbors: usize) -> VerifiedRecord {
+        signed(seed, neighbors).into_verified().expect("verifies")
+    }
+
     fn encoded(body: &[u8]) -> BytesMut {
         let mut buf = BytesMut::new();
         FrameCodec::new()
@@ -259,7 +383,7 @@ mod tests {
     #[test]
     fn frames_round_trip_even_when_split_across_reads() {
         let frame = Frame::Gossip {
-            records: vec![signed(1, 2)],
+            records: vec![signed(1, 2), signed(2, 0)],
         };
         let wire = encoded(&frame.encode().expect("encodes"));
         let mut codec = FrameCodec::new();
@@ -298,7 +422,7 @@ mod tests {
 
     #[test]
     fn a_truncated_frame_is_an_error_at_eof() {
-        let mut wire = encoded(b"{\"type\":\"gossip\",\"records\":[]}");
+        let mut wire = encoded(&[GOSSIP, 0, 0, 0, 0]);
         wire.truncate(wire.len() - 3);
         let mut codec = FrameCodec::new();
         assert_eq!(codec.decode(&mut wire).expect("ok"), None);
@@ -342,34 +466,79 @@ mod tests {
         );
     }
 
-    #[test]
-    fn garbage_and_wrong_types_are_malformed() {
-        for body in [
-            &b"not json"[..],
-            br#"{"type":"gossip","records":5}"#,
-            br#"{"type":"hello"}"#,
-            br#"{"type":7}"#,
-        ] {
-            assert!(matches!(Frame::decode(body), Err(FrameError::Malformed(_))));
+    fn gossip_body(records: &[SignedRecord]) -> Vec<u8> {
+        Frame::Gossip {
+            records: records.to_vec(),
         }
+        .encode()
+        .expect("encodes")
+        .to_vec()
     }
 
     #[test]
-    fn a_well_formed_frame_of_an_unknown_type_is_told_apart() {
+    fn empty_truncated_trailing_and_overcounted_bodies_are_malformed() {
+        let record = signed(1, 2);
+        let good = gossip_body(std::slice::from_ref(&record));
+        let mut trailing = good.clone();
+        trailing.push(0);
+        let mut overcounted = good.clone();
+        overcounted[1..5].copy_from_slice(&2u32.to_be_bytes());
+        // A count that no frame could hold is refused before anything is allocated for it.
+        let mut huge_count = good[..5].to_vec();
+        huge_count[1..5].copy_from_slice(&u32::MAX.to_be_bytes());
+        let mut hello = vec![HELLO];
+        hello.extend_from_slice(&record.to_wire());
+        let mut hello_trailing = hello.clone();
+        hello_trailing.extend_from_slice(&record.to_wire());
+        for (what, body) in [
+            ("empty", Vec::new()),
+            ("type alone", vec![GOSSIP]),
+            ("half a count", vec![GOSSIP, 0, 0]),
+            ("cut in a record", good[..good.len() - 1].to_vec()),
+            ("a byte after", trailing),
+            ("a count of more records", overcounted),
+            ("a count of u32::MAX", huge_count),
+            ("hello with nothing", vec![HELLO]),
+            ("hello with two records", hello_trailing),
+        ] {
+            assert!(
+                matches!(Frame::decode(&body), Err(FrameError::Malformed(_))),
+                "{what}: {:?}",
+                Frame::decode(&body)
+            );
+        }
+        assert!(Frame::decode(&hello).is_ok());
+        assert_eq!(
+            Frame::decode(&[GOSSIP, 0, 0, 0, 0]).expect("empty gossip is well formed"),
+            Frame::Gossip {
+                records: Vec::new()
+            }
+        );
+    }
+
+    #[test]
+    fn an_unknown_type_byte_is_told_apart_from_a_malformed_frame() {
+        for kind in [0u8, 3, 0x7b, 255] {
+            assert!(matches!(
+                Frame::decode(&[kind, 1, 2, 3]),
+                Err(FrameError::UnknownType(k)) if k == kind
+            ));
+        }
+        // A version 2 (JSON) frame reads as an unknown type: `{` is 0x7b.
         assert!(matches!(
-            Frame::decode(br#"{"type":"x","more":[1,2]}"#),
-            Err(FrameError::UnknownType(kind)) if kind == "x"
+            Frame::decode(br#"{"type":"gossip","records":[]}"#),
+            Err(FrameError::UnknownType(0x7b))
         ));
     }
 
     #[test]
     fn gossip_is_packed_into_bounded_frames_that_decode_to_the_same_records() {
-        let records: Vec<_> = (0..40).map(|i| signed(i, 100)).collect();
+        let records: Vec<_> = (128..208).map(|i| verified(i, 100)).collect();
         let (bodies, skipped) = Frame::gossip_bodies(&records);
         assert_eq!(skipped, 0);
         assert!(
             bodies.len() > 1,
-            "40 records of ~7 KB need more than one frame"
+            "80 records of ~3.3 KB need more than one frame"
         );
         let mut back = Vec::new();
         for body in &bodies {
@@ -379,7 +548,55 @@ mod tests {
             };
             back.extend(records);
         }
-        assert_eq!(back, records);
+        let sent: Vec<SignedRecord> = records.iter().map(|r| r.signed().clone()).collect();
+        assert_eq!(back, sent);
         assert_eq!(Frame::gossip_bodies(&[]).0.len(), 0);
+    }
+
+    #[test]
+    fn packed_gossip_is_byte_for_byte_the_frame_of_its_records() {
+        let records: Vec<_> = (0..3).map(|i| verified(i, i as usize)).collect();
+        let (bodies, _) = Frame::gossip_bodies(&records);
+        let sent: Vec<SignedRecord> = records.iter().map(|r| r.signed().clone()).collect();
+        assert_eq!(bodies, vec![Bytes::from(gossip_body(&sent))]);
+        let hello = Frame::hello_body(&records[0]).expect("fits");
+        let expected = Frame::Hello {
+            record: sent[0].clone(),
+        };
+        assert_eq!(hello, expected.encode().expect("encodes"));
+    }
+
+    /// Golden bytes, also in docs/protocol.md: the wire format must not drift.
+    #[test]
+    fn a_gossip_frame_is_byte_for_byte_as_documented() {
+        let body = gossip_body(&[crate::record::tests::golden()]);
+        assert_eq!(body.len(), 5 + 158);
+        assert_eq!(
+            hex::encode(&body),
+            format!("0200000001{}", crate::record::tests::GOLDEN_RECORD_HEX)
+        );
+        let hello = Frame::Hello {
+            record: crate::record::tests::golden(),
+        }
+        .encode()
+        .expect("encodes");
+        assert_eq!(
+            hex::encode(&hello),
+            format!("01{}", crate::record::tests::GOLDEN_RECORD_HEX)
+        );
+    }
+
+    #[test]
+    fn gossip_records_finds_each_record_without_decoding_it() {
+        let records: Vec<_> = (0..3).map(|i| signed(i, 3)).collect();
+        let body = gossip_body(&records);
+        let found = gossip_records(&body).expect("well formed");
+        assert_eq!(found.len(), 3);
+        for ((id, bytes), record) in found.iter().zip(&records) {
+            assert_eq!(*id, record.id());
+            assert_eq!(&SignedRecord::from_wire(bytes).expect("decodes"), record);
+        }
+        assert!(gossip_records(&body[..body.len() - 1]).is_err());
+        assert!(gossip_records(&[HELLO]).is_err());
     }
 }

@@ -1,5 +1,5 @@
 //! meshnode's wire formats, free of any runtime: node identities and signed records
-//! ([`record`]), the frames neighbors exchange and their codec ([`frame`]), and the MASQ Node UI
+//! ([`record`]), the binary frames neighbors exchange and their codec ([`frame`]), and the MASQ Node UI
 //! envelope with the status payload ([`ui`]).
 #![forbid(unsafe_code)]
 
@@ -8,8 +8,10 @@ pub mod record;
 pub mod ui;
 
 pub use frame::{
-    Frame, FrameCodec, FrameError, Inbound, MAX_FRAME_LEN, PROTOCOL_VERSION, frame_header,
+    Frame, FrameCodec, FrameError, Inbound, MAX_FRAME_LEN, PROTOCOL_VERSION, WireFrame,
+    frame_header, gossip_records,
 };
 pub use record::{
-    Identity, NodeId, NodeRecord, RecordError, SignedRecord, VerifiedRecord, VerifyCache,
+    Identity, NodeId, NodeRecord, RECORD_FIXED_LEN, RecordError, SignedRecord, VerifiedRecord,
+    VerifyCache, WireError, WireRecord, wire_len,
 };

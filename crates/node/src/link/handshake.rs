@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ed25519_dalek::{Signature, VerifyingKey};
-use meshnode_protocol::{Identity, NodeId};
+use meshnode_protocol::{Identity, NodeId, PROTOCOL_VERSION};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::transport::{LinkCodec, LinkWriter, Transport};
@@ -23,8 +23,9 @@ pub const NOISE_PARAMS: &str = "Noise_XX_25519_ChaChaPoly_SHA256";
 pub const PROLOGUE: &[u8] = b"meshnode-link";
 /// Prefix of the bytes each side signs with its node key.
 pub const IDENTITY_DOMAIN: &[u8] = b"meshnode-link-identity-v1\0";
-/// The protocol versions this node speaks (version 1 was the plaintext hello, no longer spoken).
-pub const VERSIONS: (u16, u16) = (2, 2);
+/// The protocol versions this node speaks: 3, binary frames (version 1 was the plaintext hello,
+/// 2 the JSON frames; neither is spoken any more).
+pub const VERSIONS: (u16, u16) = (PROTOCOL_VERSION, PROTOCOL_VERSION);
 /// Feature bits this node speaks: none defined yet.
 pub const FEATURES: u32 = 0;
 /// Bytes of the identity payload before its optional extension bytes.

@@ -35,10 +35,12 @@ pub enum Merge {
     Refused,
 }
 
-/// The bytes a record is counted for: its signed layout and signature.
+/// The bytes a record is counted for: what it holds, its wire bytes (112 + addr + 32 per
+/// neighbor) and its decoded addr and neighbor ids beside them, so 112 + 2 addr + 64 per
+/// neighbor. (Allocator and tree overhead are not counted.)
 pub fn record_bytes(record: &VerifiedRecord) -> usize {
-    // Domain tag (19) + id (32) + version (8) + two lengths (8) + signature (64).
-    131 + record.record().addr.len() + 32 * record.record().neighbors.len()
+    let decoded = record.record().addr.len() + 32 * record.record().neighbors.len();
+    record.wire().len() + decoded
 }
 
 #[derive(Debug)]
@@ -354,6 +356,27 @@ mod tests {
         assert!(db.prune(&me.id(), later + grace / 2, grace).is_empty());
         assert_eq!(db.prune(&me.id(), later + grace, grace), vec![d.id()]);
         assert_eq!(db.len(), 2);
+    }
+
+    #[test]
+    fn a_record_counts_its_wire_bytes_and_its_decoded_copy() {
+        let a = Identity::from_seed([1; 32]);
+        let neighbors: BTreeSet<NodeId> = (2..6u8)
+            .map(|seed| Identity::from_seed([seed; 32]).id())
+            .collect();
+        let record = a
+            .sign_verified(NodeRecord {
+                id: a.id(),
+                addr: "127.0.0.1:4000".into(),
+                version: 1,
+                neighbors,
+            })
+            .expect("verifies");
+        assert_eq!(record.wire().len(), 112 + 14 + 32 * 4);
+        assert_eq!(record_bytes(&record), 112 + 2 * 14 + 64 * 4);
+        let mut db = NodeDb::new();
+        db.merge(record);
+        assert_eq!(db.bytes(), 112 + 2 * 14 + 64 * 4);
     }
 
     #[test]

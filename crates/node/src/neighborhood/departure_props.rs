@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::NeighborhoodMsg;
+use super::props_support::cases;
 use super::state::Neighborhood;
 use crate::link::{ConnId, StreamHandle};
 
@@ -217,15 +218,6 @@ impl Node {
             .any(|r| self.hood.db.lists(&p, &r.id()) && self.hood.db.lists(&r.id(), &p));
         (records, own, full_with_p)
     }
-}
-
-/// `default` cases, unless `PROPTEST_CASES` says how many.
-fn cases(default: u32) -> ProptestConfig {
-    let mut config = ProptestConfig::default();
-    if std::env::var_os("PROPTEST_CASES").is_none() {
-        config.cases = default;
-    }
-    config
 }
 
 proptest! {

@@ -9,6 +9,8 @@ mod database;
 #[cfg(test)]
 mod departure_props;
 mod outbox;
+#[cfg(test)]
+mod props_support;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -17,7 +19,7 @@ mod tie_break_tests;
 mod withdrawal;
 
 use meshnode_protocol::ui::{KnownNode, NeighborStatus};
-use meshnode_protocol::{Identity, NodeId, RecordError, SignedRecord, VerifiedRecord};
+use meshnode_protocol::{Identity, NodeId, RecordError, VerifiedRecord};
 use meshnode_shutdown::DoneReply;
 use std::time::Duration;
 
@@ -60,9 +62,9 @@ pub enum NeighborhoodMsg {
     },
     /// The stream `conn` to `peer` has ended.
     NeighborDisconnected { conn: ConnId, peer: NodeId },
-    /// This node's current signed record, for a handshake.
+    /// This node's current signed record (with its wire bytes), for a handshake.
     OwnRecord {
-        reply: oneshot::Sender<SignedRecord>,
+        reply: oneshot::Sender<VerifiedRecord>,
     },
     /// What the status payload shows of the neighborhood, answered after the current batch's
     /// gossip has gone out.
@@ -152,7 +154,7 @@ impl NeighborhoodHandle {
         self.tx.closed().await;
     }
 
-    pub async fn own_record(&self) -> Result<SignedRecord, NeighborhoodGone> {
+    pub async fn own_record(&self) -> Result<VerifiedRecord, NeighborhoodGone> {
         let (reply, rx) = oneshot::channel();
         self.send(NeighborhoodMsg::OwnRecord { reply }).await?;
         rx.await.map_err(|_| NeighborhoodGone)
@@ -209,13 +211,14 @@ pub fn spawn_with(
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<NeighborhoodHandle, RecordError> {
-    let (tx, rx) = mpsc::channel(NEIGHBORHOOD_INBOX);
-    let span = tracing::info_span!("neighborhood", node = %identity.id().short());
-    let task = state::Neighborhood::with_clock(identity, addr, state::VersionClock::Wall)?
-        .with_window(timing.window);
-    let connectivity = task.connectivity();
-    tracker.spawn(task.run(rx, cancel).instrument(span));
-    Ok(NeighborhoodHandle { tx, connectivity })
+    spawn_clocked(
+        identity,
+        addr,
+        state::VersionClock::Wall,
+        timing,
+        cancel,
+        tracker,
+    )
 }
 
 /// [`spawn_with`], with versions counted from 1 (for tests that pin them).
@@ -227,9 +230,29 @@ pub(crate) fn spawn_counting(
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<NeighborhoodHandle, RecordError> {
+    spawn_clocked(
+        identity,
+        addr,
+        state::VersionClock::Counter,
+        timing,
+        cancel,
+        tracker,
+    )
+}
+
+/// [`spawn_with`], with the clock that numbers the node's own record versions.
+fn spawn_clocked(
+    identity: Identity,
+    addr: String,
+    clock: state::VersionClock,
+    timing: GossipTiming,
+    cancel: CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<NeighborhoodHandle, RecordError> {
     let (tx, rx) = mpsc::channel(NEIGHBORHOOD_INBOX);
-    let task = state::Neighborhood::new(identity, addr)?.with_window(timing.window);
+    let span = tracing::info_span!("neighborhood", node = %identity.id().short());
+    let task = state::Neighborhood::with_clock(identity, addr, clock)?.with_window(timing.window);
     let connectivity = task.connectivity();
-    tracker.spawn(task.run(rx, cancel));
+    tracker.spawn(task.run(rx, cancel).instrument(span));
     Ok(NeighborhoodHandle { tx, connectivity })
 }

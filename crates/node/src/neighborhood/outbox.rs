@@ -53,8 +53,9 @@ impl Neighborhood {
         if outbox.changed.is_empty() && outbox.full_sync.is_empty() && self.backlog.is_empty() {
             return;
         }
-        // Each distinct set of records is encoded once: its bodies, each marked with how many
-        // of the set's records come up to its end.
+        // Each distinct set of records is packed once: its bodies, each marked with how many
+        // of the set's records come up to its end. Packing copies each record's stored wire
+        // bytes; no record is encoded here.
         let mut encoded: HashMap<Vec<NodeId>, Vec<(Bytes, usize)>> = HashMap::new();
         for (peer, streams) in &self.streams {
             let Some(stream) = streams.last() else {
@@ -89,10 +90,7 @@ impl Neighborhood {
             let db = &self.db;
             let key: Vec<NodeId> = ids.into_iter().collect();
             let bodies = encoded.entry(key.clone()).or_insert_with_key(|ids| {
-                Frame::gossip_bodies_marked(
-                    ids.iter().filter_map(|id| db.get(id)).map(|r| r.signed()),
-                )
-                .0
+                Frame::gossip_bodies_marked(ids.iter().filter_map(|id| db.get(id))).0
             });
             let mut sent = 0;
             for (body, mark) in bodies.iter() {

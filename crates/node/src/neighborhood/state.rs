@@ -248,7 +248,7 @@ impl Neighborhood {
                 self.neighbor_disconnected(conn, peer)
             }
             NeighborhoodMsg::OwnRecord { reply } => {
-                let _ = reply.send(self.own.signed().clone());
+                let _ = reply.send(self.own.clone());
             }
             NeighborhoodMsg::Status { reply } => self.status_replies.push(reply),
             NeighborhoodMsg::LearnedAt { ids, reply } => {

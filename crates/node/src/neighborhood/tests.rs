@@ -202,6 +202,7 @@ impl Running {
         within("the neighborhood answers", self.handle.own_record())
             .await
             .expect("the neighborhood is running")
+            .into_signed()
     }
 
     /// Cancels the task and checks that it ends.

@@ -32,7 +32,7 @@ impl Neighborhood {
         // Nothing else goes out: not this batch's other changes, not anything later.
         self.withdrawn = true;
         self.outbox = Outbox::default();
-        let (bodies, _) = Frame::gossip_bodies([self.own.signed()]);
+        let (bodies, _) = Frame::gossip_bodies([&self.own]);
         let mut notified = 0;
         let mut gone = Vec::new();
         for stream in &targets {

@@ -3,7 +3,9 @@
 
 use bytes::Bytes;
 use futures::StreamExt;
-use meshnode_protocol::{Frame, FrameError, Inbound, RecordError, SignedRecord, VerifiedRecord};
+use meshnode_protocol::{
+    Frame, FrameError, Inbound, RecordError, VerifiedRecord, WireFrame, WireRecord,
+};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::FramedRead;
@@ -212,12 +214,8 @@ where
         .own_record()
         .await
         .map_err(|_| SetupError::NeighborhoodGone)?;
-    let hello = Frame::Hello {
-        protocol: u32::from(link.version),
-        record: own,
-    }
-    .encode()
-    .map_err(|_| SetupError::BadHello("this node's own record does not encode"))?;
+    let hello = Frame::hello_body(&own)
+        .map_err(|_| SetupError::BadHello("this node's own record does not fit a frame"))?;
     let send = async { writer.send_frame(&hello).await.map_err(SetupError::Send) };
     let receive = async {
         loop {
@@ -230,11 +228,8 @@ where
                 Some(Err(e)) => return Err(SetupError::Read(e)),
                 None => return Err(SetupError::Closed),
             };
-            return match Frame::decode(&body) {
-                Ok(Frame::Hello { protocol, record }) => {
-                    if protocol != u32::from(link.version) {
-                        return Err(SetupError::BadHello("not the negotiated version"));
-                    }
+            return match WireFrame::decode(&body) {
+                Ok(WireFrame::Hello(record)) => {
                     if record.id() != link.peer {
                         return Err(SetupError::BadHello("the record of another node"));
                     }
@@ -298,8 +293,8 @@ where
                 debug!(len, "oversized frame skipped");
                 true
             }
-            Some(Ok(Inbound::Frame(body))) => match Frame::decode(&body) {
-                Ok(Frame::Gossip { records }) => {
+            Some(Ok(Inbound::Frame(body))) => match WireFrame::decode(&body) {
+                Ok(WireFrame::Gossip(records)) => {
                     let total = records.len();
                     let Some(verified) = cancel.run_until_cancelled(verify(shared, records)).await
                     else {
@@ -329,7 +324,7 @@ where
                     }
                     rejected > 0
                 }
-                Ok(Frame::Hello { .. }) => {
+                Ok(WireFrame::Hello(_)) => {
                     Counters::bump(&counters.frames_malformed);
                     debug!("hello out of turn");
                     true
@@ -369,7 +364,7 @@ const INLINE_VERIFY: usize = 4;
 /// flooding streams wait for their turn (back-pressure to their sockets). Not ed25519-dalek's
 /// batch verification: it is not `verify_strict` (it accepts what strict checking refuses) and
 /// it would not tell which record of a batch is forged.
-async fn verify(shared: &Shared, records: Vec<SignedRecord>) -> Vec<VerifiedRecord> {
+async fn verify(shared: &Shared, records: Vec<WireRecord>) -> Vec<VerifiedRecord> {
     if records.len() <= INLINE_VERIFY {
         return records
             .into_iter()

@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use bytes::Bytes;
-use meshnode_protocol::{
-    Frame, Identity, Inbound, MAX_FRAME_LEN, NodeRecord, PROTOCOL_VERSION, SignedRecord,
-};
+use meshnode_protocol::{Frame, Identity, Inbound, MAX_FRAME_LEN, NodeRecord, SignedRecord};
 use tokio::io::{AsyncReadExt, DuplexStream, ReadHalf, WriteHalf};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -211,7 +209,6 @@ impl Remote {
 
     fn hello(&self) -> Frame {
         Frame::Hello {
-            protocol: PROTOCOL_VERSION,
             record: signed(&self.identity, 1),
         }
     }
@@ -308,8 +305,7 @@ impl Remote {
         let hello = self.hello();
         self.send(&hello).await;
         match self.next().await {
-            Some(Frame::Hello { protocol, record }) => {
-                assert_eq!(protocol, PROTOCOL_VERSION);
+            Some(Frame::Hello { record }) => {
                 assert_eq!(record.id(), node.id());
                 record.verify().expect("the node's hello verifies");
                 record
@@ -408,22 +404,26 @@ async fn a_bad_first_frame_after_the_proof_is_refused_and_nothing_reaches_the_ne
         neighbors: BTreeSet::new(),
     });
     let encode = |frame: Frame| frame.encode().expect("encodes");
+    let good = encode(Frame::Hello {
+        record: signed(&peer, 1),
+    });
+    let mut trailing = good.to_vec();
+    trailing.push(0);
     let cases = [
         (
             "a forged signature",
-            encode(Frame::Hello {
-                protocol: PROTOCOL_VERSION,
-                record: forged,
-            }),
+            encode(Frame::Hello { record: forged }),
             "does not verify",
         ),
         (
-            "another protocol version than the negotiated one",
-            encode(Frame::Hello {
-                protocol: PROTOCOL_VERSION + 1,
-                record: signed(&peer, 1),
-            }),
-            "negotiated version",
+            "a hello cut short",
+            good.slice(..good.len() - 1),
+            "malformed",
+        ),
+        (
+            "a hello with a byte after its record",
+            Bytes::from(trailing),
+            "malformed",
         ),
         (
             "gossip first",
@@ -435,14 +435,13 @@ async fn a_bad_first_frame_after_the_proof_is_refused_and_nothing_reaches_the_ne
         (
             "the record of another node than the one proven (here the node's own)",
             encode(Frame::Hello {
-                protocol: PROTOCOL_VERSION,
                 record: signed(&rig.me, 9),
             }),
             "another node",
         ),
         (
-            "malformed JSON",
-            Bytes::from_static(br#"{"type":"hello","protocol":1"#),
+            "a version 2 (JSON) hello",
+            Bytes::from_static(br#"{"type":"hello","protocol":2,"record":{}}"#),
             "malformed",
         ),
     ];
@@ -579,7 +578,9 @@ async fn bad_frames_are_counted_and_tolerated_until_max_strikes_then_the_peer_is
     let (x, y) = (identity(20), identity(21));
     let mut forged = signed(&y, 1);
     forged.record.version = 2;
-    a.send_body(Bytes::from_static(b"not json")).await;
+    // A gossip frame that claims a record it does not hold.
+    a.send_body(Bytes::from_static(&[2, 0, 0, 0, 1, 7, 7, 7]))
+        .await;
     let hello = a.hello();
     a.send(&hello).await;
     a.send_oversized(true).await;
@@ -612,7 +613,7 @@ async fn bad_frames_are_counted_and_tolerated_until_max_strikes_then_the_peer_is
 
     // Up to one strike short of the limit the stream lives on, as a good frame after them shows.
     for _ in 4..MAX_STRIKES - 1 {
-        a.send_body(Bytes::from_static(b"{}")).await;
+        a.send_body(Bytes::new()).await;
     }
     let z = identity(22);
     a.send(&Frame::Gossip {
@@ -629,7 +630,7 @@ async fn bad_frames_are_counted_and_tolerated_until_max_strikes_then_the_peer_is
     assert_eq!(rig.neighbors().await, BTreeSet::from([a.id()]));
 
     // One more is one too many.
-    a.send_body(Bytes::from_static(b"not json either")).await;
+    a.send_body(Bytes::from_static(&[2, 0, 0])).await;
     assert_eq!(a.ended().await, Ended::Closed(a.id()));
     assert!(a.rest().await.is_empty(), "the node closes the stream");
     let counters = rig.counters().await;

@@ -287,3 +287,96 @@ fn error_response(opcode: &str, e: &GatewayError) -> Response {
     )
         .into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use tokio::net::TcpListener;
+    use tokio::time::Instant;
+    use tokio_util::task::TaskTracker;
+
+    use super::*;
+    use crate::test_support::{identity, test_link, within};
+    use crate::ui_gateway::{
+        DEFAULT_SHUTDOWN_DEADLINE, GatewayConfig, NodeInfo, ShutdownOutcome, ShutdownReport,
+        UI_GRACE, spawn_unserved,
+    };
+
+    async fn loopback() -> TcpListener {
+        within("bind", TcpListener::bind(("127.0.0.1", 0)))
+            .await
+            .expect("a free port")
+    }
+
+    /// The requester of `POST /shutdown` is an answered UI client until its answer's body has
+    /// been sent: while the server holds the answer's head but has not sent its body, the node
+    /// does not end; once the body is sent, it ends at once, not when the grace runs out.
+    #[tokio::test(start_paused = true)]
+    async fn the_node_does_not_end_before_the_body_of_an_http_shutdown_answer_is_sent() {
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let me = identity(1);
+        let listen = loopback().await;
+        let info = NodeInfo {
+            node_id: me.id(),
+            listen: listen.local_addr().expect("bound"),
+            ui: SocketAddr::from(([127, 0, 0, 1], 1)),
+        };
+        let neighborhood = crate::neighborhood::spawn(
+            me.clone(),
+            info.listen.to_string(),
+            cancel.clone(),
+            &tracker,
+        )
+        .expect("the neighborhood starts");
+        let pool = crate::stream_handler_pool::spawn(
+            test_link(me),
+            listen,
+            Vec::new(),
+            neighborhood.clone(),
+            cancel.clone(),
+            &tracker,
+        );
+        let config = GatewayConfig {
+            listener: loopback().await,
+            info,
+            deadline: DEFAULT_SHUTDOWN_DEADLINE,
+        };
+        let (_gateway, mut exit, app) =
+            spawn_unserved(config, neighborhood, pool, cancel.clone(), &tracker)
+                .expect("the gateway starts");
+
+        let requester = ClientAddr(SocketAddr::from(([127, 0, 0, 1], 40_000)));
+        let response = within("the answer", shutdown(ConnectInfo(requester), State(app))).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let answered = Instant::now();
+        // The head is made, the body not sent: the node has nothing else to wait for, yet it
+        // does not end (paused time: the half grace passes only once every task is idle).
+        assert!(
+            tokio::time::timeout(UI_GRACE / 2, &mut exit).await.is_err(),
+            "the node ended before the answer's body was sent"
+        );
+        assert!(!cancel.is_cancelled(), "the node ended");
+
+        let body = within(
+            "the body",
+            axum::body::to_bytes(response.into_body(), 1 << 20),
+        )
+        .await
+        .expect("the whole body");
+        let report: ShutdownReport = serde_json::from_slice(&body).expect("a JSON report");
+        assert_eq!(report.outcome, ShutdownOutcome::Graceful);
+        let ended = within("the node ends", exit)
+            .await
+            .expect("the final report");
+        assert_eq!(ended, report);
+        assert!(
+            answered.elapsed() < UI_GRACE,
+            "the node ended when the body was sent, not at the end of the grace: {:?}",
+            answered.elapsed()
+        );
+        tracker.close();
+        within("every task ends", tracker.wait()).await;
+    }
+}

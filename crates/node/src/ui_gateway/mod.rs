@@ -211,6 +211,56 @@ pub fn spawn_guarded(
     node: CancellationToken,
     tracker: &TaskTracker,
 ) -> std::io::Result<(GatewayHandle, oneshot::Receiver<ShutdownReport>)> {
+    let started = start(config, access, neighborhood, pool, node, tracker)?;
+    tracker.spawn(http::serve(started.listener, started.app).instrument(started.server_span));
+    Ok((started.handle, started.exit))
+}
+
+/// [`spawn`], except that nothing serves the UI: the test calls the UI server's handlers with
+/// the state returned, and so decides when it reads their answers.
+#[cfg(test)]
+fn spawn_unserved(
+    config: GatewayConfig,
+    neighborhood: NeighborhoodHandle,
+    pool: PoolHandle,
+    node: CancellationToken,
+    tracker: &TaskTracker,
+) -> std::io::Result<(
+    GatewayHandle,
+    oneshot::Receiver<ShutdownReport>,
+    http::AppState,
+)> {
+    let started = start(
+        config,
+        UiAccess::default(),
+        neighborhood,
+        pool,
+        node,
+        tracker,
+    )?;
+    // Closed at once: no connection comes through it.
+    drop(started.listener);
+    Ok((started.handle, started.exit, started.app))
+}
+
+/// The gateway task, started, and what its UI server needs.
+struct Started {
+    handle: GatewayHandle,
+    exit: oneshot::Receiver<ShutdownReport>,
+    listener: listener::ClosableListener,
+    app: http::AppState,
+    server_span: tracing::Span,
+}
+
+/// Starts the gateway task and the connection-change announcer; the UI server is the caller's.
+fn start(
+    config: GatewayConfig,
+    access: UiAccess,
+    neighborhood: NeighborhoodHandle,
+    pool: PoolHandle,
+    node: CancellationToken,
+    tracker: &TaskTracker,
+) -> std::io::Result<Started> {
     let GatewayConfig {
         listener,
         info,
@@ -265,9 +315,13 @@ pub fn spawn_guarded(
         web: std::sync::Arc::new(access.web),
         connectivity,
     };
-    let span = tracing::info_span!("ui_server", node = %node_span, ui = %info.ui);
-    tracker.spawn(http::serve(listener, app).instrument(span));
-    Ok((handle, exit_rx))
+    Ok(Started {
+        handle,
+        exit: exit_rx,
+        listener,
+        app,
+        server_span: tracing::info_span!("ui_server", node = %node_span, ui = %info.ui),
+    })
 }
 
 /// Broadcasts `connectionChange` to every UI client each time the connection stage changes,

@@ -166,7 +166,7 @@ impl Gateway {
         let answer = async move {
             let own = tokio::time::timeout(STATUS_TIMEOUT, neighborhood.own_record()).await;
             let descriptor = match own {
-                Ok(Ok(own)) => Ok(Some(descriptor(&own.record.id, &own.record.addr))),
+                Ok(Ok(own)) => Ok(Some(descriptor(&own.id(), &own.record().addr))),
                 Ok(Err(_)) => Err(GatewayError::Stopped),
                 Err(_) => Err(GatewayError::NoAnswer("the neighborhood")),
             };
@@ -206,15 +206,8 @@ impl Gateway {
                 return;
             }
         };
-        let gather = gather(
-            self.info,
-            state,
-            self.neighborhood.clone(),
-            self.pool.clone(),
-            STATUS_TIMEOUT,
-        );
-        let answer = async move {
-            let snapshot = gather.await.map(|status| Snapshot {
+        self.gather_then(state, tracing::debug_span!("metrics"), move |status| {
+            let snapshot = status.map(|status| Snapshot {
                 node_id,
                 state,
                 status: Some(status),
@@ -222,9 +215,7 @@ impl Gateway {
                 shutdown,
             });
             let _ = reply.send(snapshot);
-        };
-        self.tracker
-            .spawn(answer.instrument(tracing::debug_span!("metrics")));
+        });
     }
 
     fn shutdown(&mut self, trigger: Trigger, reply: Option<oneshot::Sender<ShutdownReport>>) {
@@ -381,6 +372,19 @@ impl Gateway {
                 return;
             }
         };
+        self.gather_then(state, tracing::debug_span!("status"), move |status| {
+            let _ = reply.send(status);
+        });
+    }
+
+    /// Gathers the status for `state` in a child task, so the gateway's inbox keeps moving
+    /// meanwhile, and hands what came of it to `answer`.
+    fn gather_then(
+        &self,
+        state: NodeState,
+        span: tracing::Span,
+        answer: impl FnOnce(Result<StatusPayload, GatewayError>) + Send + 'static,
+    ) {
         let gather = gather(
             self.info,
             state,
@@ -388,11 +392,8 @@ impl Gateway {
             self.pool.clone(),
             STATUS_TIMEOUT,
         );
-        let answer = async move {
-            let _ = reply.send(gather.await);
-        };
         self.tracker
-            .spawn(answer.instrument(tracing::debug_span!("status")));
+            .spawn(async move { answer(gather.await) }.instrument(span));
     }
 }
 

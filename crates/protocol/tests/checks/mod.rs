@@ -5,7 +5,7 @@
 
 use bytes::BytesMut;
 use meshnode_protocol::ui::{UiMessage, codes, parse_request};
-use meshnode_protocol::{Frame, FrameCodec, Inbound, MAX_FRAME_LEN};
+use meshnode_protocol::{Frame, FrameCodec, Inbound, MAX_FRAME_LEN, WireFrame};
 use serde_json::Value;
 use tokio_util::codec::Decoder;
 
@@ -87,13 +87,30 @@ pub fn check_codec(input: &[u8], sizes: &[usize]) -> Decoded {
 }
 
 /// A frame body decodes or is malformed, without panicking; one that decodes encodes again
-/// to a body that decodes to the same frame.
+/// to exactly the same bytes (every field has one encoding), and each of its records keeps
+/// exactly its own bytes.
 pub fn check_frame_body(body: &[u8]) {
-    let Ok(frame) = Frame::decode(body) else {
+    let Ok(wire) = WireFrame::decode(body) else {
         return;
     };
+    let records = match &wire {
+        WireFrame::Hello(record) => std::slice::from_ref(record),
+        WireFrame::Gossip(records) => records.as_slice(),
+    };
+    for record in records {
+        assert_eq!(
+            &record.signed().to_wire(),
+            record.wire(),
+            "a record's own bytes"
+        );
+    }
+    let frame = Frame::from(wire);
     let again = frame.encode().expect("a frame that fit once fits again");
-    assert_eq!(Frame::decode(&again).expect("own encoding decodes"), frame);
+    assert_eq!(
+        &again[..],
+        body,
+        "a frame that decodes re-encodes to its bytes"
+    );
 }
 
 /// A UI client's text is a request, or gets an error response in the MASQ envelope: the

@@ -13,6 +13,7 @@ use proptest::prelude::*;
 use tokio::time::Instant;
 
 use super::*;
+use crate::neighborhood::props_support::{cases, identities};
 
 /// Node 0 is "me"; 1 to 3 are my full neighbors; the rest are fresh keys nobody lists.
 const HONEST: usize = 4;
@@ -21,11 +22,7 @@ const MAX_RECORDS_HERE: usize = 10;
 
 fn keys() -> &'static [Identity] {
     static KEYS: OnceLock<Vec<Identity>> = OnceLock::new();
-    KEYS.get_or_init(|| {
-        (0..HONEST + FRESH)
-            .map(|i| Identity::from_seed([i as u8 + 1; 32]))
-            .collect()
-    })
+    KEYS.get_or_init(|| identities(HONEST + FRESH))
 }
 
 fn sign(i: usize, version: u64, neighbors: &[usize]) -> VerifiedRecord {
@@ -78,14 +75,6 @@ fn ops() -> impl Strategy<Value = Vec<Op>> {
         ],
         1..120,
     )
-}
-
-fn cases(default: u32) -> ProptestConfig {
-    let mut config = ProptestConfig::default();
-    if std::env::var_os("PROPTEST_CASES").is_none() {
-        config.cases = default;
-    }
-    config
 }
 
 proptest! {

@@ -14,6 +14,7 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 
 use super::*;
+use crate::neighborhood::props_support::{cases, identities};
 
 const OWNERS: usize = 3;
 const VERSIONS: u64 = 4;
@@ -21,11 +22,7 @@ const ADDRS: u8 = 3;
 
 fn owners() -> &'static [Identity] {
     static OWNERS_: OnceLock<Vec<Identity>> = OnceLock::new();
-    OWNERS_.get_or_init(|| {
-        (0..OWNERS)
-            .map(|i| Identity::from_seed([i as u8 + 1; 32]))
-            .collect()
-    })
+    OWNERS_.get_or_init(|| identities(OWNERS))
 }
 
 /// Every record the owners sign in these tests, signed once (signing is slow unoptimized):
@@ -233,15 +230,6 @@ proptest! {
             prop_assert_eq!(db.merge(after), Merge::Stale, "a copy of the stored record is stale");
         }
     }
-}
-
-/// `default` cases, unless `PROPTEST_CASES` says how many.
-fn cases(default: u32) -> ProptestConfig {
-    let mut config = ProptestConfig::default();
-    if std::env::var_os("PROPTEST_CASES").is_none() {
-        config.cases = default;
-    }
-    config
 }
 
 /// Genuine records, and forgeries made from records of the pool, shuffled together: a forgery
