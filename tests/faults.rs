@@ -420,7 +420,13 @@ async fn a_truncated_frame_is_counted_and_ends_only_that_stream() {
     let mut sink = peer(&node, 42).await;
     let mut mallory = peer(&node, 43).await;
     let before = status(&node).await.stats.frames_malformed;
-    let whole = framed(br#"{"type":"gossip","records":[]}"#);
+    let whole = framed(
+        &Frame::Gossip {
+            records: vec![news(45)],
+        }
+        .encode()
+        .expect("encodes"),
+    );
     mallory
         .try_send_raw(&whole[..whole.len() / 2])
         .await

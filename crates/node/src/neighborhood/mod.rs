@@ -9,6 +9,7 @@ mod database;
 #[cfg(test)]
 mod departure_props;
 mod outbox;
+mod pace;
 #[cfg(test)]
 mod props_support;
 mod state;
@@ -46,6 +47,15 @@ pub const USELESS_GOSSIP_BURST: f64 = 1024.0;
 /// most once per gossip window (100 frames a second at the default), and only some of that is
 /// stale here, so only a flood runs the budget out.
 pub const USELESS_GOSSIP_RATE: f64 = 256.0;
+
+/// Bytes of publishes of the own record (its size, counted as in the database, times the
+/// neighbors it goes to) a node may spend in a burst: a node with a few dozen neighbors publishes
+/// every change at once.
+pub const OWN_RECORD_BURST: usize = 256 * 1024;
+/// Bytes of such publishes per second a node earns back. A publish may overdraw the budget; the
+/// next waits until it is out of debt, and changes meanwhile coalesce into one record. At 1000
+/// neighbors (a record of about 32 KB, so 32 MB a publish) that is one publish every 2 s.
+pub const OWN_RECORD_RATE: usize = 16 * 1024 * 1024;
 
 /// Messages the neighborhood task handles.
 #[derive(Debug)]

@@ -44,6 +44,8 @@ impl Neighborhood {
     /// is coalesced (by record, so it never outgrows the database) and sent once its queue has
     /// drained. Each distinct set of records is encoded once.
     pub(super) fn flush(&mut self) {
+        let now = tokio::time::Instant::now();
+        self.pace_own(now);
         let outbox = std::mem::take(&mut self.outbox);
         self.urgent = false;
         if self.withdrawn {
@@ -57,6 +59,9 @@ impl Neighborhood {
         // of the set's records come up to its end. Packing copies each record's stored wire
         // bytes; no record is encoded here.
         let mut encoded: HashMap<Vec<NodeId>, Vec<(Bytes, usize)>> = HashMap::new();
+        let me = self.own.id();
+        let publishes_own = outbox.changed.contains_key(&me);
+        let mut own_published = 0;
         for (peer, streams) in &self.streams {
             let Some(stream) = streams.last() else {
                 continue;
@@ -81,6 +86,9 @@ impl Neighborhood {
             }
             if ids.is_empty() {
                 continue;
+            }
+            if publishes_own && !outbox.full_sync.contains(peer) && ids.contains(&me) {
+                own_published += 1;
             }
             if stream.is_busy() {
                 self.counters.deferred += 1;
@@ -114,5 +122,6 @@ impl Neighborhood {
                 }
             }
         }
+        self.charge_own(own_published, now);
     }
 }

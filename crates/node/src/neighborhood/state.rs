@@ -15,6 +15,7 @@ use tracing::{debug, error, info};
 use super::budget::Budget;
 use super::connectivity::Connectivity;
 use super::outbox::Outbox;
+use super::pace::ByteBudget;
 use super::{GossipCounters, Merge, NeighborhoodMsg, NeighborhoodStatus, NodeDb};
 use crate::link::{ConnId, StreamHandle};
 
@@ -73,6 +74,10 @@ pub(super) struct Neighborhood {
     /// The node's place in the network, published after every batch for readers that must
     /// never wait on this task.
     pub(super) connectivity: watch::Sender<Connectivity>,
+    /// The byte budget of publishing the own record to the neighbors.
+    pub(super) own_budget: ByteBudget,
+    /// Set while a change of the own record is held back for that budget.
+    pub(super) own_held: bool,
 }
 
 impl Neighborhood {
@@ -121,6 +126,8 @@ impl Neighborhood {
             status_replies: Vec::new(),
             useless: HashMap::new(),
             connectivity: watch::Sender::new(Connectivity::default()),
+            own_budget: ByteBudget::full(),
+            own_held: false,
         })
     }
 
@@ -205,10 +212,15 @@ impl Neighborhood {
 
     /// The earliest of the gossip deadlines: the window's end, the backlog's retry.
     fn next_due(&self) -> Option<Instant> {
-        [self.flush_at, self.retry_at, Some(self.prune_at)]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.flush_at,
+            self.retry_at,
+            self.own_due(),
+            Some(self.prune_at),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Runs the gossip whose deadline has passed, and schedules the next retry while gossip is
@@ -222,6 +234,9 @@ impl Neighborhood {
         }
         if self.retry_at.is_some_and(|at| at <= now) {
             self.retry_at = None;
+            flush = true;
+        }
+        if self.release_own(now) {
             flush = true;
         }
         if flush {
@@ -371,13 +386,17 @@ impl Neighborhood {
 
     pub(super) fn merge(&mut self, record: VerifiedRecord, source: Option<NodeId>) -> Merge {
         let (id, signature) = (record.id(), record.signed().signature);
-        let lists_nobody = record.record().neighbors.is_empty();
+        // A withdrawal: a record that lists nobody, superseding one of the same node. (The
+        // first record heard of a node that lists nobody yet is a newcomer, not news that every
+        // link to it is gone: it waits for the window like any change, so that many newcomers
+        // leave as one round.)
+        let withdrawal = record.record().neighbors.is_empty() && self.db.get(&id).is_some();
         let merged = self.db.merge(record);
         match merged {
             Merge::Accepted => {
-                // A withdrawal (or a node with no neighbors yet: small either way) is
-                // forwarded at once: it is what tells the mesh that every link to it is gone.
-                self.urgent |= lists_nobody;
+                // A withdrawal is forwarded at once: it is what tells the mesh that every link
+                // to its node is gone.
+                self.urgent |= withdrawal;
                 self.counters.records_accepted += 1;
                 self.learned_at.insert(id, Instant::now());
                 self.outbox.changed.insert(id, source.into_iter().collect());

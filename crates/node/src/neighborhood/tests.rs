@@ -348,6 +348,39 @@ async fn a_changed_record_goes_to_the_other_neighbors_only_and_a_stale_one_goes_
     hood.stop().await;
 }
 
+/// A record is forwarded as the bytes it came in: the neighborhood packs frames from the
+/// stored wire bytes, two neighbors get the same body, and no JSON is anywhere on the wire.
+#[tokio::test(start_paused = true)]
+async fn a_forwarded_record_leaves_byte_for_byte_as_it_came() {
+    let hood = Running::spawn(1);
+    let mut a = Neighbor::new(10, 1);
+    let mut b = Neighbor::new(11, 2);
+    let mut c = Neighbor::new(12, 3);
+    for n in [&a, &b, &c] {
+        hood.send(n.connected(1, &[])).await;
+    }
+    hood.status().await;
+    for n in [&mut a, &mut b, &mut c] {
+        n.queued();
+    }
+    let x = identity(20);
+    let wire = record(&x, 2, &[a.id(), b.id()]).wire().clone();
+    let received = meshnode_protocol::WireRecord::decode(&wire)
+        .expect("well formed")
+        .into_verified()
+        .expect("verifies");
+    hood.send(a.gossip(vec![received])).await;
+    hood.status().await;
+    let mut expected = vec![2, 0, 0, 0, 1];
+    expected.extend_from_slice(&wire);
+    for n in [&mut b, &mut c] {
+        let body = n.queue.try_recv().expect("one frame");
+        assert_eq!(&body[..], &expected[..]);
+    }
+    a.nothing_queued();
+    hood.stop().await;
+}
+
 #[test]
 fn changes_handled_in_one_batch_leave_as_one_gossip_frame_per_neighbor() {
     let me = identity(1);
@@ -1094,4 +1127,118 @@ fn versions_survive_a_restart_so_a_replayed_earlier_life_is_stale() {
     p.nothing_queued();
     // The counter clock is previous + 1, from 1.
     assert_eq!(VersionClock::Counter.next(7), 7);
+}
+
+/// A neighbor of many, with an identity of its own beyond the 256 that `identity` gives.
+fn many(index: u16) -> Neighbor {
+    let mut seed = [0x33; 32];
+    seed[..2].copy_from_slice(&index.to_be_bytes());
+    Neighbor::with_identity(Identity::from_seed(seed), 1000 + u64::from(index))
+}
+
+/// The records of every frame queued for `n` since the last look, undecoded signatures and
+/// all (checking thousands of signatures would only slow the test down).
+fn frames(n: &mut Neighbor) -> Vec<Vec<SignedRecord>> {
+    let mut frames = Vec::new();
+    while let Ok(body) = n.queue.try_recv() {
+        match Frame::decode(&body).expect("the neighborhood queues valid frames") {
+            Frame::Gossip { records } => frames.push(records),
+            other => panic!("the neighborhood only sends gossip, got {other:?}"),
+        }
+    }
+    frames
+}
+
+/// The one frame queued for `n` since the last look.
+fn single(n: &mut Neighbor) -> Vec<SignedRecord> {
+    let mut all = frames(n);
+    assert_eq!(all.len(), 1, "one frame expected");
+    all.remove(0)
+}
+
+/// The own record in a frame, if any.
+fn own_in(frame: &[SignedRecord], me: NodeId) -> Option<&SignedRecord> {
+    frame.iter().find(|r| r.id() == me)
+}
+
+/// A node with many neighbors publishes its own record (which lists them all, so each publish
+/// costs its size times their number) within a byte budget: a change made while the budget is
+/// in debt is held back, the next changes coalesce into it, and it leaves once, when the budget
+/// allows. A newcomer still sees itself listed at once, in its full sync, and the other
+/// neighbors still get the newcomers' records with the window.
+#[tokio::test(start_paused = true)]
+async fn a_large_own_record_is_published_within_its_byte_budget_and_changes_coalesce() {
+    let me = identity(1);
+    let window = Duration::from_millis(2);
+    let mut hood = Neighborhood::new(me.clone(), ADDR.into())
+        .expect("own record")
+        .with_window(window);
+    let mut old: Vec<Neighbor> = (0..120).map(many).collect();
+    for n in &old {
+        hood.handle(n.connected(1, &[]));
+    }
+    hood.flush();
+    for n in &mut old {
+        frames(n);
+    }
+
+    // The first change after that goes out at once: the budget starts full.
+    let mut first = many(120);
+    hood.handle(first.connected(1, &[]));
+    assert!(!hood.urgent, "a newcomer listing nobody is no withdrawal");
+    hood.flush();
+    let published = hood.own.clone();
+    for n in &mut old {
+        let frame = single(n);
+        assert_eq!(
+            own_in(&frame, me.id()).map(SignedRecord::version),
+            Some(published.version())
+        );
+    }
+    frames(&mut first);
+    let cost = published.wire().len() * old.len();
+    assert!(
+        cost > super::OWN_RECORD_BURST,
+        "the test needs a publish larger than the burst"
+    );
+    // It left the budget in debt for this long.
+    let debt = (cost - super::OWN_RECORD_BURST) as f64 / super::OWN_RECORD_RATE as f64;
+    let debt = Duration::from_secs_f64(debt);
+    assert!(debt > 4 * window);
+
+    // Two more newcomers within the debt: each sees itself listed in its full sync; the others
+    // get each newcomer's record, but not the changed own record.
+    let started = tokio::time::Instant::now();
+    let mut newcomers = vec![first];
+    for index in [121, 122] {
+        tokio::time::advance(window).await;
+        let mut newcomer = many(index);
+        hood.handle(newcomer.connected(1, &[]));
+        hood.flush();
+        let sync = frames(&mut newcomer).concat();
+        let own = own_in(&sync, me.id()).expect("the full sync holds the own record");
+        assert!(own.record.neighbors.contains(&newcomer.id()));
+        for n in old.iter_mut().chain(newcomers.iter_mut()) {
+            let frame = single(n);
+            assert_eq!(summary(&frame), BTreeSet::from([(newcomer.id(), 1)]));
+        }
+        newcomers.push(newcomer);
+    }
+    // Not before the budget allows...
+    tokio::time::advance(debt.saturating_sub(started.elapsed()) - Duration::from_millis(1)).await;
+    hood.run_due();
+    for n in old.iter_mut().chain(newcomers.iter_mut()) {
+        assert!(frames(n).is_empty(), "nothing before the budget allows");
+    }
+    // ...then once, with both changes.
+    tokio::time::advance(Duration::from_millis(2)).await;
+    hood.run_due();
+    let everyone: BTreeSet<NodeId> = old.iter().chain(&newcomers).map(Neighbor::id).collect();
+    for n in &mut old {
+        let frame = single(n);
+        assert_eq!(frame.len(), 1);
+        assert_eq!(frame[0].id(), me.id());
+        assert_eq!(frame[0].record.neighbors, everyone);
+    }
+    assert_eq!(hood.own.record().neighbors, everyone);
 }

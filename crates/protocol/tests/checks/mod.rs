@@ -5,7 +5,7 @@
 
 use bytes::BytesMut;
 use meshnode_protocol::ui::{UiMessage, codes, parse_request};
-use meshnode_protocol::{Frame, FrameCodec, Inbound, MAX_FRAME_LEN, WireFrame};
+use meshnode_protocol::{Frame, FrameCodec, Inbound, MAX_FRAME_LEN, WireFrame, gossip_records};
 use serde_json::Value;
 use tokio_util::codec::Decoder;
 
@@ -88,11 +88,21 @@ pub fn check_codec(input: &[u8], sizes: &[usize]) -> Decoded {
 
 /// A frame body decodes or is malformed, without panicking; one that decodes encodes again
 /// to exactly the same bytes (every field has one encoding), and each of its records keeps
-/// exactly its own bytes.
+/// exactly its own bytes. The light reader (`gossip_records`, which reads only the records'
+/// heads) never panics either, and on a gossip frame that decodes finds exactly its records.
 pub fn check_frame_body(body: &[u8]) {
+    let light = gossip_records(body);
     let Ok(wire) = WireFrame::decode(body) else {
         return;
     };
+    if let WireFrame::Gossip(records) = &wire {
+        let light = light.expect("the light reader reads what the decoder reads");
+        assert_eq!(light.len(), records.len());
+        for ((id, bytes), record) in light.iter().zip(records) {
+            assert_eq!(*id, record.id());
+            assert_eq!(*bytes, &record.wire()[..]);
+        }
+    }
     let records = match &wire {
         WireFrame::Hello(record) => std::slice::from_ref(record),
         WireFrame::Gossip(records) => records.as_slice(),
