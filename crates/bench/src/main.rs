@@ -1,6 +1,7 @@
 //! `meshnode-bench`: how fast a node withdraws, against the physical floor and against a crash.
 #![forbid(unsafe_code)]
 
+mod flood;
 mod handshake;
 mod memory;
 mod mesh;
@@ -47,9 +48,6 @@ struct Args {
     /// Link handshakes for the handshake scenario.
     #[arg(long, default_value_t = 2000)]
     handshakes: usize,
-    /// The mesh nodes' settling delay for lazily published own records, in milliseconds.
-    #[arg(long, default_value_t = meshnode::neighborhood::DEFAULT_GOSSIP_SETTLE.as_millis() as u64)]
-    gossip_settle_ms: u64,
     /// Neighbors for the memory scenario.
     #[arg(long, default_value_t = 1000)]
     memory_neighbors: usize,
@@ -59,6 +57,12 @@ struct Args {
     /// `GET /metrics` requests timed (operations scenario).
     #[arg(long, default_value_t = 200)]
     ops_scrapes: usize,
+    /// Honest nodes in the flood scenario (a ring; the attacker links to one of them).
+    #[arg(long, default_value_t = 4)]
+    flood_nodes: usize,
+    /// Records from fresh keys the flood scenario's attacker sends.
+    #[arg(long, default_value_t = 100_000)]
+    flood_records: usize,
     /// Write every figure as JSON here.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
@@ -75,6 +79,7 @@ enum Scenario {
     Memory,
     Handshake,
     Operations,
+    Flood,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -85,6 +90,7 @@ struct Results {
     memory: Option<memory::Memory>,
     handshake: Option<handshake::Rate>,
     operations: Option<operations::Operations>,
+    flood: Option<flood::Flood>,
     /// Points that could not be measured, and why.
     failed: Vec<String>,
 }
@@ -201,8 +207,7 @@ async fn run(args: &Args) -> Result<(), String> {
             "\n== mesh: {} nodes of degree about {}, gossip window {} ms; {} rounds",
             args.mesh_nodes, args.degree, args.gossip_window_ms, args.rounds
         );
-        let settle = Duration::from_millis(args.gossip_settle_ms);
-        let s = mesh::summary(args.mesh_nodes, args.degree, args.rounds, window, settle).await?;
+        let s = mesh::summary(args.mesh_nodes, args.degree, args.rounds, window).await?;
         println!(
             "converged in {} ms after the last node started (median of {} meshes)",
             ms(s.converged_ms.median),
@@ -229,7 +234,7 @@ async fn run(args: &Args) -> Result<(), String> {
         println!(
             "{:>10}  {:>30}  {:>26}  {:>26}",
             "settled",
-            format!("after {} ms", args.gossip_settle_ms),
+            format!("{} ms after", mesh::SETTLED_WATCH.as_millis()),
             s.settled_frames_per_edge.cell(),
             s.settled_bytes_per_edge.cell()
         );
@@ -303,12 +308,76 @@ async fn run(args: &Args) -> Result<(), String> {
         );
         results.handshake = Some(rate);
     }
+    if wants(Scenario::Flood) {
+        println!(
+            "\n== flood: {} honest nodes in a ring; an attacker linked to one sends {} records of fresh keys",
+            args.flood_nodes, args.flood_records
+        );
+        let window = Duration::from_millis(args.gossip_window_ms);
+        let f = flood::measure(args.flood_nodes, args.flood_records, window).await?;
+        print_flood(&f);
+        results.flood = Some(f);
+    }
     if let Some(path) = &args.json {
         let json = serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?;
         std::fs::write(path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         println!("\nfigures: {}", path.display());
     }
     Ok(())
+}
+
+fn print_flood(f: &flood::Flood) {
+    println!(
+        "{} records in {} frames, generated and signed beforehand in {:.0} ms; written in {:.0} ms; {} {:.0} ms",
+        f.records,
+        f.frames,
+        f.generate_ms,
+        f.send_ms,
+        if f.died_down {
+            "every node's counters still after"
+        } else {
+            "NOT died down: counters still moving after"
+        },
+        f.absorbed_ms
+    );
+    println!(
+        "process resident memory (every node, the attacker and its frames): {} KiB before, {} KiB at most during, {} KiB after",
+        f.rss_before_kib, f.rss_peak_kib, f.rss_after_kib
+    );
+    println!(
+        "{:>5}  {:>8}  {:>9}  {:>9}  {:>9}  {:>9}  {:>13}",
+        "hops", "stored", "accepted", "dropped", "stale", "rejected", "disconnected"
+    );
+    for n in &f.per_node {
+        println!(
+            "{:>5}  {:>8}  {:>9}  {:>9}  {:>9}  {:>9}  {:>13}",
+            n.hops, n.stored, n.accepted, n.dropped, n.stale, n.rejected, n.disconnected_for_abuse
+        );
+    }
+    println!(
+        "attacker: {} ({})",
+        if f.attacker_disconnected {
+            "disconnected"
+        } else {
+            "not disconnected"
+        },
+        f.attacker_end
+    );
+    for (what, j) in [
+        ("without the flood", &f.join_quiet),
+        ("during the flood", &f.join_flood),
+    ] {
+        println!(
+            "an honest node joins, {what}: {} of {} nodes stored it, {}; full neighborship everywhere afterwards: {}",
+            j.reached,
+            j.nodes,
+            j.learned_ms.map_or_else(
+                || "not all in time".to_owned(),
+                |ms| format!("all after {ms:.0} ms")
+            ),
+            j.full_everywhere
+        );
+    }
 }
 
 fn verdict(met: bool) -> &'static str {

@@ -21,7 +21,7 @@ fn every_scenario_runs_at_a_tiny_size_and_writes_its_figures() {
         ])
         .args(["--rounds", "1", "--memory-neighbors", "4"])
         .args(["--ops-records", "20", "--ops-scrapes", "3"])
-        .args(["--gossip-settle-ms", "100"])
+        .args(["--flood-nodes", "3", "--flood-records", "40"])
         .args(["--handshakes", "8"])
         .arg("--json")
         .arg(&json)
@@ -41,6 +41,7 @@ fn every_scenario_runs_at_a_tiny_size_and_writes_its_figures() {
         "== memory",
         "== handshake",
         "== operations",
+        "== flood",
     ] {
         assert!(stdout.contains(heading), "{heading} missing:\n{stdout}");
     }
@@ -65,9 +66,21 @@ fn every_scenario_runs_at_a_tiny_size_and_writes_its_figures() {
     assert!(round["crash"]["frames"].as_u64().expect("frames") > 0);
     assert!(round["graceful"]["bytes"].as_u64().expect("bytes") > 0);
     assert!(round["crash"]["bytes"].as_u64().expect("bytes") > 0);
-    // The former neighbors' records settled: counted apart, or within the flood when the
-    // settling delay is shorter than the wait for quiet (as here); either way a number.
+    // The former neighbors' own records wait for their next change: nothing more leaves.
     assert!(round["graceful"]["settled_frames"].as_u64().is_some());
+    let flood = &figures["flood"];
+    assert_eq!(flood["records"], 40);
+    assert_eq!(flood["died_down"], true);
+    let attacked = &flood["per_node"][0];
+    assert_eq!(attacked["hops"], 0);
+    assert!(
+        attacked["accepted"].as_u64().expect("accepted") >= 40,
+        "every fresh record is stored at this size: {attacked}"
+    );
+    for join in ["join_quiet", "join_flood"] {
+        assert_eq!(flood[join]["reached"], flood[join]["nodes"], "{join}");
+        assert_eq!(flood[join]["full_everywhere"], true, "{join}");
+    }
     assert_eq!(figures["memory"]["neighbors"], 4);
     assert!(figures["memory"]["rss_after_kib"].as_u64().expect("rss") > 0);
     assert_eq!(figures["handshake"]["handshakes"], 8);

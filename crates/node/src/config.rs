@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use meshnode_protocol::Identity;
 
-use crate::neighborhood::{DEFAULT_GOSSIP_SETTLE, DEFAULT_GOSSIP_WINDOW};
+use crate::neighborhood::DEFAULT_GOSSIP_WINDOW;
 use crate::stream_handler_pool::DEFAULT_NEIGHBOR_TIMEOUT;
 use crate::ui_gateway::{DEFAULT_SHUTDOWN_DEADLINE, WebPolicy};
 
@@ -25,9 +25,6 @@ pub struct Config {
     pub shutdown_deadline: Duration,
     /// How long gossip is gathered before it is sent (zero: at the end of every batch).
     pub gossip_window: Duration,
-    /// How long a change of the own record that needs no haste (dropping a neighbor that
-    /// withdrew) waits before it is published, coalescing many.
-    pub gossip_settle: Duration,
     /// When set, every UI route wants `Authorization: Bearer TOKEN`.
     pub ui_token: Option<UiToken>,
     /// A neighbor silent (no frame, no keepalive) for this long is dropped as crashed.
@@ -50,7 +47,6 @@ impl Config {
             identity,
             shutdown_deadline: DEFAULT_SHUTDOWN_DEADLINE,
             gossip_window: DEFAULT_GOSSIP_WINDOW,
-            gossip_settle: DEFAULT_GOSSIP_SETTLE,
             ui_token: None,
             neighbor_timeout: DEFAULT_NEIGHBOR_TIMEOUT,
             ui_web: WebPolicy::strict(),

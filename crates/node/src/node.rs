@@ -70,7 +70,6 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         identity,
         shutdown_deadline,
         gossip_window,
-        gossip_settle,
         ui_token,
         neighbor_timeout,
         ui_web,
@@ -111,7 +110,6 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         advertised.clone(),
         neighborhood::GossipTiming {
             window: gossip_window,
-            settle: gossip_settle,
         },
         cancel.child_token(),
         &tracker,

@@ -4,7 +4,7 @@
 //! Bounds. The database keeps every record it can reach from the node's own over full
 //! neighborships (both records list each other). A record it cannot reach (a withdrawn node, a
 //! key nobody lists back) is kept as a tombstone for a grace period, then dropped by
-//! [`NodeDb::prune`]. On top of that there is a hard cap on records and on bytes: a new record
+//! [`NodeDb::prune`]; the grace starts only once no reachable record lists it. On top of that there is a hard cap on records and on bytes: a new record
 //! that would pass it first evicts records that were not reachable at the last prune (or came
 //! since), oldest stored first; records reachable at the last prune (and the node's own) are
 //! never evicted: if nothing else is left, the new record is refused. So a flood of records
@@ -159,8 +159,19 @@ impl NodeDb {
     /// Finds what `me` reaches over full neighborships; marks the rest unreachable from `now`
     /// (if not already), drops those unreachable for longer than `grace`, and makes the rest
     /// evictable at the cap. Returns the ids dropped.
+    ///
+    /// An unreachable record that a reachable record still lists (a withdrawal, listed by a
+    /// former neighbor that has not published its drop yet) starts its grace again at every
+    /// prune: it is kept, so that a replayed earlier record of that node, which would list the
+    /// neighbor back, stays stale. It is still evictable at the cap.
     pub fn prune(&mut self, me: &NodeId, now: Instant, grace: Duration) -> Vec<NodeId> {
         let reachable = self.reachable_from(me);
+        let listed: HashSet<NodeId> = reachable
+            .iter()
+            .filter_map(|id| self.records.get(id))
+            .flat_map(|r| r.record().neighbors.iter().copied())
+            .filter(|id| !reachable.contains(id))
+            .collect();
         let mut dropped = Vec::new();
         let ids: Vec<NodeId> = self.records.keys().copied().collect();
         for id in ids {
@@ -171,7 +182,12 @@ impl NodeDb {
                 }
                 continue;
             }
-            let since = *self.unreachable_since.entry(id).or_insert(now);
+            let since = if listed.contains(&id) {
+                self.unreachable_since.insert(id, now);
+                now
+            } else {
+                *self.unreachable_since.entry(id).or_insert(now)
+            };
             if now.duration_since(since) >= grace {
                 self.remove(&id);
                 dropped.push(id);
@@ -277,6 +293,69 @@ mod tests {
                 neighbors: BTreeSet::new(),
             })
             .expect("own record verifies")
+    }
+
+    fn listing(owner: &Identity, version: u64, neighbors: &[&Identity]) -> VerifiedRecord {
+        owner
+            .sign_verified(NodeRecord {
+                id: owner.id(),
+                addr: "127.0.0.1:1".into(),
+                version,
+                neighbors: neighbors.iter().map(|n| n.id()).collect(),
+            })
+            .expect("own record verifies")
+    }
+
+    /// A former neighbor of a withdrawn node publishes its drop only with its next change: until
+    /// then its stored record still lists the withdrawn node. That withdrawal is kept as long,
+    /// so that a replayed earlier record of the withdrawn node (listing the neighbor back) is
+    /// stale and never makes the link look full; once no reachable record lists it, its grace
+    /// runs and it is dropped. Unreachable records that list only each other are no reason to
+    /// keep anything.
+    #[test]
+    fn a_withdrawal_a_reachable_record_still_lists_is_kept_and_a_replay_of_its_earlier_life_is_stale()
+     {
+        let (me, n, d) = (
+            Identity::from_seed([1; 32]),
+            Identity::from_seed([2; 32]),
+            Identity::from_seed([3; 32]),
+        );
+        let (x, y) = (Identity::from_seed([4; 32]), Identity::from_seed([5; 32]));
+        let grace = Duration::from_secs(60);
+        let mut db = NodeDb::new();
+        for record in [
+            listing(&me, 1, &[&n]),
+            listing(&n, 1, &[&me, &d]),
+            listing(&d, 3, &[]),
+            listing(&x, 1, &[&y]),
+            listing(&y, 1, &[&x]),
+        ] {
+            assert_eq!(db.merge(record), Merge::Accepted);
+        }
+        let start = Instant::now();
+        let mut dropped = Vec::new();
+        for second in 0..=180 {
+            dropped.extend(db.prune(&me.id(), start + Duration::from_secs(second), grace));
+        }
+        assert_eq!(
+            dropped.iter().collect::<BTreeSet<_>>(),
+            BTreeSet::from([&x.id(), &y.id()]),
+            "only the records nobody reachable lists are dropped"
+        );
+        assert!(db.get(&d.id()).is_some(), "the withdrawal is kept");
+        // A replay of D's earlier life, which listed N: stale, so N and D are not linked.
+        assert_eq!(db.merge(listing(&d, 2, &[&n])), Merge::Stale);
+        assert_eq!(
+            db.reachable_from(&me.id()),
+            HashSet::from([me.id(), n.id()])
+        );
+        // N's next change carries its drop: D's grace starts, and it is dropped once it ran.
+        assert_eq!(db.merge(listing(&n, 2, &[&me])), Merge::Accepted);
+        let later = start + Duration::from_secs(200);
+        assert!(db.prune(&me.id(), later, grace).is_empty());
+        assert!(db.prune(&me.id(), later + grace / 2, grace).is_empty());
+        assert_eq!(db.prune(&me.id(), later + grace, grace), vec![d.id()]);
+        assert_eq!(db.len(), 2);
     }
 
     #[test]

@@ -40,10 +40,6 @@ pub const NEIGHBORHOOD_INBOX: usize = 1024;
 /// How long the neighborhood gathers changes before it gossips them, so that news arriving
 /// from several neighbors at about the same time leaves as one round.
 pub const DEFAULT_GOSSIP_WINDOW: Duration = Duration::from_millis(10);
-/// How long a change of the own record that needs no haste (dropping a neighbor that withdrew:
-/// its withdrawal already shows the link is gone) waits before it is published, so that the
-/// changes of many departures leave as one record, or with the next change of any other kind.
-pub const DEFAULT_GOSSIP_SETTLE: Duration = Duration::from_secs(5);
 /// Gossip frames that change nothing here (only records already stored, or older ones) a
 /// neighbor may send in a burst before it is disconnected for flooding.
 pub const USELESS_GOSSIP_BURST: f64 = 1024.0;
@@ -197,15 +193,12 @@ pub struct GossipTiming {
     /// How long changes are gathered before they are sent (zero: at the end of every batch).
     /// Withdrawals never wait for it.
     pub window: Duration,
-    /// How long a change of the own record that needs no haste waits to be published.
-    pub settle: Duration,
 }
 
 impl Default for GossipTiming {
     fn default() -> Self {
         Self {
             window: DEFAULT_GOSSIP_WINDOW,
-            settle: DEFAULT_GOSSIP_SETTLE,
         }
     }
 }
@@ -268,9 +261,7 @@ fn spawn_clocked(
 ) -> Result<NeighborhoodHandle, RecordError> {
     let (tx, rx) = mpsc::channel(NEIGHBORHOOD_INBOX);
     let span = tracing::info_span!("neighborhood", node = %identity.id().short());
-    let task = state::Neighborhood::with_clock(identity, addr, clock)?
-        .with_window(timing.window)
-        .with_settle(timing.settle);
+    let task = state::Neighborhood::with_clock(identity, addr, clock)?.with_window(timing.window);
     let connectivity = task.connectivity();
     tracker.spawn(task.run(rx, cancel).instrument(span));
     Ok(NeighborhoodHandle { tx, connectivity })

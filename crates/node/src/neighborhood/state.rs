@@ -61,12 +61,6 @@ pub(super) struct Neighborhood {
     /// Set when the batch stored a record that lists nobody (a withdrawal): it is forwarded at
     /// the end of the batch, without waiting for the window.
     pub(super) urgent: bool,
-    /// How long a change of the own record that needs no haste (dropping a neighbor that
-    /// withdrew, which its withdrawal already shows to everyone) waits to be published, so that
-    /// many coalesce into one record; any other change publishes it at once.
-    pub(super) settle: Duration,
-    /// When the own record, changed lazily, is due to be published.
-    pub(super) settle_at: Option<Instant>,
     /// How long an unreachable record is kept.
     pub(super) tombstone_grace: Duration,
     /// For each immediate neighbor, the records it is known to have: those it sent here, by id,
@@ -126,8 +120,6 @@ impl Neighborhood {
             retry_at: None,
             prune_at: Instant::now() + PRUNE_EVERY,
             urgent: false,
-            settle: super::DEFAULT_GOSSIP_SETTLE,
-            settle_at: None,
             tombstone_grace: super::database::TOMBSTONE_GRACE,
             peer_has: HashMap::new(),
             withdrawn: false,
@@ -156,11 +148,6 @@ impl Neighborhood {
 
     pub(super) fn with_window(mut self, window: Duration) -> Self {
         self.window = window;
-        self
-    }
-
-    pub(super) fn with_settle(mut self, settle: Duration) -> Self {
-        self.settle = settle;
         self
     }
 
@@ -228,7 +215,6 @@ impl Neighborhood {
         [
             self.flush_at,
             self.retry_at,
-            self.settle_at,
             self.own_due(),
             Some(self.prune_at),
         ]
@@ -249,13 +235,6 @@ impl Neighborhood {
         if self.retry_at.is_some_and(|at| at <= now) {
             self.retry_at = None;
             flush = true;
-        }
-        if self.settle_at.is_some_and(|at| at <= now) {
-            self.settle_at = None;
-            if !self.withdrawn {
-                self.outbox.changed.insert(self.own.id(), BTreeSet::new());
-                flush = true;
-            }
         }
         if self.release_own(now) {
             flush = true;
@@ -455,8 +434,9 @@ impl Neighborhood {
         self.install_own(record, Publish::Now)
     }
 
-    /// [`Self::change_own`] for a change that needs no haste: the new record is published
-    /// with the next change of the own record, or after the settling delay, whichever is first.
+    /// [`Self::change_own`] for a change that needs no haste (dropping a neighbor that
+    /// withdrew, which its withdrawal already shows to everyone): the new record is stored and
+    /// signed now, and published with the next change of any other kind. There is no timer.
     pub(super) fn change_own_lazily(
         &mut self,
         edit: impl FnOnce(&mut BTreeSet<NodeId>) -> bool,
@@ -480,18 +460,9 @@ impl Neighborhood {
             Ok(own) => {
                 self.own = own;
                 self.db.merge(self.own.clone());
-                match publish {
-                    Publish::Now => {
-                        // The newest record goes out now, whatever lazy change it carries.
-                        self.outbox.changed.insert(self.own.id(), BTreeSet::new());
-                        self.settle_at = None;
-                    }
-                    Publish::Lazily => {
-                        if !self.outbox.changed.contains_key(&self.own.id()) {
-                            self.settle_at
-                                .get_or_insert_with(|| Instant::now() + self.settle);
-                        }
-                    }
+                if publish == Publish::Now {
+                    // The newest record goes out now, whatever lazy change it carries.
+                    self.outbox.changed.insert(self.own.id(), BTreeSet::new());
                 }
                 true
             }
@@ -579,7 +550,8 @@ pub(super) fn wall_clock_ms() -> u64 {
 pub(super) enum Publish {
     /// With this batch's gossip.
     Now,
-    /// With the next change, or after the settling delay.
+    /// With the next change of any other kind (or to a neighbor that connects: it is sent the
+    /// whole database).
     Lazily,
 }
 

@@ -153,7 +153,6 @@ impl Running {
             ADDR.into(),
             super::GossipTiming {
                 window: Duration::ZERO,
-                settle: super::DEFAULT_GOSSIP_SETTLE,
             },
             cancel.clone(),
             &tracker,
@@ -773,9 +772,10 @@ fn withdraw_reply() -> meshnode_shutdown::DoneReply {
 
 /// A departure is one flood: the withdrawal is forwarded at once (no window) to the neighbors
 /// that do not have it, and the own record that drops the departed neighbor is not a second
-/// flood: it waits for the settling delay (or the next change), and many such drops coalesce.
+/// flood: there is no timer; it waits for the next change of another kind, and any number of
+/// such drops ride along with it.
 #[tokio::test(start_paused = true)]
-async fn a_withdrawal_relayed_before_the_neighbors_own_frame_is_forwarded_alone_and_the_own_change_settles()
+async fn a_withdrawal_relayed_before_the_neighbors_own_frame_is_forwarded_alone_and_the_own_change_waits()
  {
     let me = identity(1);
     let mut hood = Neighborhood::new(me.clone(), ADDR.into())
@@ -815,7 +815,7 @@ async fn a_withdrawal_relayed_before_the_neighbors_own_frame_is_forwarded_alone_
     hood.flush();
     hood.handle(p.disconnected());
     hood.flush();
-    // S withdraws too, within the settling delay: its drop coalesces with P's.
+    // S withdraws too: its drop waits with P's.
     hood.handle(s.gossip(vec![record(&s.identity, 3, &[])]));
     hood.flush();
     assert_eq!(summary(&r.one_frame()), BTreeSet::from([(s.id(), 3)]));
@@ -826,21 +826,33 @@ async fn a_withdrawal_relayed_before_the_neighbors_own_frame_is_forwarded_alone_
     for n in [&mut p, &mut q, &mut r, &mut s] {
         n.nothing_queued();
     }
-    // After the settling delay the own record leaves once, without P and S.
-    tokio::time::advance(super::DEFAULT_GOSSIP_SETTLE).await;
-    hood.run_due();
-    let left = ids(&[q.id(), r.id()]);
+    // However long nothing else happens, nothing leaves: there is no timer.
+    for _ in 0..10 {
+        tokio::time::advance(Duration::from_secs(60)).await;
+        hood.run_due();
+    }
     for n in [&mut q, &mut r] {
-        let frame = n.one_frame();
-        assert_eq!(frame.len(), 1);
-        assert_eq!(frame[0].id(), me.id());
-        assert_eq!(frame[0].record.neighbors, left);
+        n.nothing_queued();
     }
     assert_eq!(
         hood.status().version,
         version + 2,
-        "one change per departure"
+        "one change per departure, stored and signed at once"
     );
+    assert!(!hood_lists(&mut hood, s.id()));
+    // The next change of another kind (T connects) carries both drops, in one record.
+    let t = Neighbor::new(14, 5);
+    hood.handle(t.connected(1, &[]));
+    hood.flush();
+    let now = ids(&[q.id(), r.id(), t.id()]);
+    for n in [&mut q, &mut r] {
+        let frame = n.one_frame();
+        let own = frame
+            .iter()
+            .find(|x| x.id() == me.id())
+            .expect("own record");
+        assert_eq!(own.record.neighbors, now);
+    }
 }
 
 /// A lazy change of the own record goes out with the next change of any other kind.
@@ -862,7 +874,7 @@ async fn a_settling_own_change_leaves_with_the_next_change() {
         .find(|x| x.id() == me.id())
         .expect("own record");
     assert_eq!(own.record.neighbors, ids(&[q.id()]));
-    tokio::time::advance(super::DEFAULT_GOSSIP_SETTLE).await;
+    tokio::time::advance(Duration::from_secs(3600)).await;
     hood.run_due();
     q.nothing_queued();
 }
