@@ -38,6 +38,9 @@ pub async fn measure(n: usize) -> Result<Memory, String> {
     result
 }
 
+/// Longest the node's record may take to reach every neighbor listing them all.
+const SETTLE_LIMIT: Duration = Duration::from_secs(120);
+
 async fn run(child: &mut Child, n: usize) -> Result<Memory, String> {
     let stdout = child.stdout.take().ok_or("no stdout")?;
     let line = tokio::task::spawn_blocking(move || {
@@ -60,19 +63,23 @@ async fn run(child: &mut Child, n: usize) -> Result<Memory, String> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = rss_kib(pid)?;
     let mut peers = Vec::with_capacity(n);
+    let listed = peer::Listed::new(n);
     for wave in (0..n).collect::<Vec<_>>().chunks(256) {
         let mut readies = Vec::new();
         for &i in wave {
             let (ready, is_ready) = oneshot::channel();
             let me = peer::identity(u32::try_from(i).unwrap_or(u32::MAX));
-            peers.push(tokio::spawn(peer::run(addr, id, me, ready)));
+            peers.push(tokio::spawn(peer::run(addr, id, me, ready, listed.clone())));
             readies.push(is_ready);
         }
         for ready in join_all(readies).await {
             ready.map_err(|_| "a neighbor failed to connect".to_owned())?;
         }
     }
-    // Let the gossip about the new neighbors die down and the allocator settle.
+    // Let the gossip about the new neighbors die down (the node paces the publishes of its
+    // record, so that is once every neighbor has seen it list them all) and the allocator
+    // settle.
+    listed.wait(SETTLE_LIMIT).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = rss_kib(pid)?;
     for peer in peers {

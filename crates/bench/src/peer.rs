@@ -2,7 +2,8 @@
 //! thousands fit beside a node on two cores.
 
 use std::net::SocketAddr;
-
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use meshnode::link::{LocalLink, handshake, next_inbound};
@@ -20,6 +21,44 @@ pub struct Arrival {
     pub eof: Instant,
 }
 
+/// How many of a node's light neighbors have seen its record list all of them: the node paces
+/// the publishes of a large own record, so its gossip has died down only once each has.
+#[derive(Debug)]
+pub struct Listed {
+    neighbors: usize,
+    seen: AtomicUsize,
+}
+
+impl Listed {
+    pub fn new(neighbors: usize) -> Arc<Self> {
+        Arc::new(Self {
+            neighbors,
+            seen: AtomicUsize::new(0),
+        })
+    }
+
+    /// Whether every light neighbor has seen the node's record list them all.
+    pub fn by_all(&self) -> bool {
+        self.seen.load(Ordering::Acquire) >= self.neighbors
+    }
+
+    /// Waits, polling, until [`Self::by_all`], at most `limit`.
+    pub async fn wait(&self, limit: Duration) -> Result<(), String> {
+        let waited = async {
+            while !self.by_all() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(limit, waited).await.map_err(|_| {
+            format!(
+                "{} of {} neighbors saw the node's record list them all within {limit:?}",
+                self.seen.load(Ordering::Acquire),
+                self.neighbors
+            )
+        })
+    }
+}
+
 /// An identity for light neighbor `index`, cheap and reproducible.
 pub fn identity(index: u32) -> Identity {
     let mut seed = [0x5a; 32];
@@ -27,14 +66,15 @@ pub fn identity(index: u32) -> Identity {
     Identity::from_seed(seed)
 }
 
-/// Connects to `node` as `me`, signals `ready` once the node's record lists it, then reads
-/// until EOF and reports when the withdrawal (the node's record listing nobody) and the EOF
+/// Connects to `node` as `me`, signals `ready` once the node's record lists it, counts itself
+/// in `listed` once the node's record lists all of its neighbors, then reads until EOF and reports when the withdrawal (the node's record listing nobody) and the EOF
 /// arrived. It hangs up at EOF, as a meshnode does.
 pub async fn run(
     node: SocketAddr,
     node_id: NodeId,
     me: Identity,
     ready: oneshot::Sender<()>,
+    listed: Arc<Listed>,
 ) -> Result<Arrival, String> {
     // A light neighbor never times the node out; it keeps the node from timing it out.
     let local = LocalLink::new(me.clone(), Duration::from_secs(3600))
@@ -72,6 +112,7 @@ pub async fn run(
     let mut last_sent = Instant::now();
     let mut ready = Some(ready);
     let mut withdrawal = None;
+    let mut saw_all = false;
     loop {
         let next = tokio::time::timeout_at(last_sent + keepalive, next_inbound(&mut reader));
         let Ok(next) = next.await else {
@@ -100,6 +141,10 @@ pub async fn run(
             if record.record.neighbors.contains(&me.id()) {
                 if let Some(ready) = ready.take() {
                     let _ = ready.send(());
+                }
+                if !saw_all && record.record.neighbors.len() >= listed.neighbors {
+                    saw_all = true;
+                    listed.seen.fetch_add(1, Ordering::AcqRel);
                 }
             } else if record.record.neighbors.is_empty() && withdrawal.is_none() && ready.is_none()
             {

@@ -110,6 +110,8 @@ pub async fn node_once(n: usize) -> Result<NodeRun, String> {
     let node = meshnode::start(config).await.map_err(|e| e.to_string())?;
     let (addr, id) = (node.listen_addr(), node.id());
 
+    let listed = peer::Listed::new(n);
+    let setup_start = Instant::now();
     let setup = async {
         let mut peers = Vec::with_capacity(n);
         for wave in (0..n).collect::<Vec<_>>().chunks(CONNECT_WAVE) {
@@ -117,7 +119,7 @@ pub async fn node_once(n: usize) -> Result<NodeRun, String> {
             for &i in wave {
                 let (ready, is_ready) = oneshot::channel();
                 let me = peer::identity(u32::try_from(i).unwrap_or(u32::MAX));
-                peers.push(tokio::spawn(peer::run(addr, id, me, ready)));
+                peers.push(tokio::spawn(peer::run(addr, id, me, ready, listed.clone())));
                 readies.push(is_ready);
             }
             for ready in readies {
@@ -131,7 +133,12 @@ pub async fn node_once(n: usize) -> Result<NodeRun, String> {
                 }
             }
         }
-        // Let the node's gossip about its growing neighbor set die down.
+        // Let the node's gossip about its growing neighbor set die down: its record, whose
+        // publishes it paces, has reached every neighbor listing them all, and then it sends
+        // nothing more.
+        while !listed.by_all() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let mut last = None;
         loop {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -142,6 +149,14 @@ pub async fn node_once(n: usize) -> Result<NodeRun, String> {
                 .stats
                 .gossip_frames_sent;
             if last == Some(sent) {
+                let stats = node.status().await.map_err(|e| e.to_string())?.stats;
+                eprintln!(
+                    "  set-up of {n} neighbors: {:.2} s, {} gossip frames, {:.1} MB of gossip sent by the node, {} handshakes failed",
+                    setup_start.elapsed().as_secs_f64(),
+                    stats.gossip_frames_sent,
+                    stats.gossip_bytes_sent as f64 / 1e6,
+                    stats.handshakes_failed
+                );
                 return Ok::<_, String>((peers, sent));
             }
             last = Some(sent);

@@ -198,10 +198,19 @@ impl Pool {
                 let _ = waiter.send(());
             }
         }
-        if let Phase::Closing { streams, .. } = &mut self.phase {
-            streams.remove(&conn);
+        if let Phase::Closing { streams, .. } = &mut self.phase
+            && let Some(name) = streams.remove(&conn)
+            && let Some(waiting) = &self.waiting
+        {
+            // One name out of the published list (sorted, so found by a binary search): the
+            // list is not rebuilt and re-sorted on each of N closes, which cost O(N² log N)
+            // string copies at the end of every shutdown.
+            waiting.send_modify(|names| {
+                if let Ok(at) = names.binary_search(&name) {
+                    names.remove(at);
+                }
+            });
         }
-        self.publish_waiting();
         self.finish_if_closed();
     }
 
@@ -278,7 +287,7 @@ impl Pool {
 
     /// The neighborhood has queued its withdrawal gossip on every stream (or is gone, or late):
     /// close every stream behind what is queued on it.
-    fn neighborhood_done(&mut self, neighborhood: DoneReport) {
+    pub(super) fn neighborhood_done(&mut self, neighborhood: DoneReport) {
         let Phase::Withdrawing {
             reply, deadline, ..
         } = std::mem::replace(&mut self.phase, Phase::Done)

@@ -944,3 +944,56 @@ async fn a_full_pool_refuses_new_neighbors_but_still_replaces_streams() {
     tracker.close();
     within("the neighborhood stops", tracker.wait()).await;
 }
+
+/// During a shutdown the pool publishes the names of the streams it still waits for, sorted,
+/// and takes each out as it closes; the last close answers the shutdown.
+#[tokio::test]
+async fn the_streams_a_shutdown_waits_for_are_published_and_each_leaves_the_list_as_it_closes() {
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let mut pool = idle_pool(&identity(1), &tracker, &cancel).await;
+    let streams: Vec<_> = (2..6u8)
+        .map(|seed| end(u64::from(seed), identity(seed).id()))
+        .collect();
+    for (stream, _) in &streams {
+        assert_eq!(admit(&mut pool, stream, false), Admission::Admitted);
+    }
+    let (reply, done) = meshnode_shutdown::channel("pool");
+    let (waiting, names) = tokio::sync::watch::channel(Vec::new());
+    pool.handle(PoolMsg::Shutdown {
+        reply,
+        deadline: Instant::now() + Duration::from_secs(60),
+        waiting,
+    });
+    let (hood_reply, hood_wait) = meshnode_shutdown::channel("neighborhood");
+    hood_reply.done("notified 4 neighbors", Vec::new());
+    pool.neighborhood_done(within("the report", hood_wait.wait()).await);
+    let mut expected = names.borrow().clone();
+    assert_eq!(expected.len(), streams.len(), "{expected:?}");
+    assert!(expected.is_sorted(), "{expected:?}");
+    for (stream, _) in &streams {
+        let name = format!("({})", stream.id());
+        assert_eq!(
+            expected.iter().filter(|n| n.ends_with(&name)).count(),
+            1,
+            "{expected:?} names {name} once"
+        );
+    }
+    // Closed in an order of their own: each leaves the list, the rest stay, still sorted.
+    for at in [2, 0, 3, 1] {
+        let (stream, _) = &streams[at];
+        pool.handle(PoolMsg::Closed {
+            conn: stream.id(),
+            peer: stream.peer(),
+        });
+        let name = format!("({})", stream.id());
+        expected.retain(|n| !n.ends_with(&name));
+        assert_eq!(*names.borrow(), expected);
+    }
+    let report = within("the shutdown is answered", done.wait()).await;
+    assert_eq!(report.outcome, meshnode_shutdown::Outcome::Done);
+    assert_eq!(report.summary, "closed 4 streams");
+    cancel.cancel();
+    tracker.close();
+    within("the neighborhood stops", tracker.wait()).await;
+}
