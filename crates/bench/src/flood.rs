@@ -12,16 +12,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::join_all;
-use meshnode::link::{LocalLink, handshake, next_inbound};
+use meshnode::link::next_inbound;
 use meshnode::{Config, Node};
 use meshnode_protocol::ui::StatusPayload;
 use meshnode_protocol::{Frame, Identity, Inbound, NodeId, NodeRecord, VerifiedRecord};
 use serde::Serialize;
-use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::mesh;
+use crate::{mesh, peer, stats};
 
 /// Longest any wait of this scenario may take: convergence, a join.
 const TIMEOUT: Duration = Duration::from_secs(180);
@@ -112,18 +111,9 @@ pub async fn measure(n: usize, records: usize, window: Duration) -> Result<Flood
     let generate_ms = millis(generated.elapsed());
     let frames = bodies.len();
 
-    let mut nodes: Vec<Node> = Vec::with_capacity(n + 2);
     let edges = mesh::graph(n, 2, 0xf100d);
-    for i in 0..n {
-        let mut config = Config::new(Identity::generate().map_err(|e| e.to_string())?);
-        config.gossip_window = window;
-        config.neighbors = edges
-            .iter()
-            .filter(|(dialer, _)| *dialer == i)
-            .map(|(_, dialed)| nodes[*dialed].listen_addr().to_string())
-            .collect();
-        nodes.push(meshnode::start(config).await.map_err(|e| e.to_string())?);
-    }
+    let mut nodes = mesh::start(n, &edges, window).await?;
+    nodes.reserve(2);
     let result = run(&mut nodes, &edges, bodies, records, window).await;
     join_all(nodes.into_iter().map(Node::stop)).await;
     let (mut flood, frames_sent) = result?;
@@ -174,7 +164,7 @@ async fn run(
     )
     .await?;
     let before = statuses(nodes).await?;
-    let rss_before_kib = rss_kib()?;
+    let rss_before_kib = stats::rss_kib("self")?;
 
     // The flood: memory sampled throughout; an honest node joins once a quarter of the frames
     // are written.
@@ -184,7 +174,7 @@ async fn run(
         async move {
             let mut peak = 0;
             loop {
-                peak = peak.max(rss_kib().unwrap_or(0));
+                peak = peak.max(stats::rss_kib("self").unwrap_or(0));
                 tokio::select! {
                     () = stop.cancelled() => break peak,
                     () = tokio::time::sleep(SAMPLE) => {}
@@ -213,7 +203,7 @@ async fn run(
     let absorbed_ms = millis(start.elapsed()).max(send_ms);
     sampling.cancel();
     let rss_peak_kib = sampler.await.map_err(|e| e.to_string())?;
-    let rss_after_kib = rss_kib()?;
+    let rss_after_kib = stats::rss_kib("self")?;
     let join_quiet = Join {
         full_everywhere: full_everywhere(&after, nodes, far, quiet_joiner),
         ..join_quiet
@@ -306,29 +296,7 @@ struct Attacker {
 
 impl Attacker {
     async fn connect(node: SocketAddr, me: Identity) -> Result<Self, String> {
-        let local = LocalLink::new(me.clone(), Duration::from_secs(3600))
-            .map_err(|e| format!("link key: {e}"))?;
-        let stream = TcpStream::connect(node)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let _ = stream.set_nodelay(true);
-        let (read, write) = stream.into_split();
-        let (_, mut reader, mut writer) = handshake(read, write, true, &local)
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        let record = me.sign(NodeRecord {
-            id: me.id(),
-            addr: "127.0.0.1:9".into(),
-            version: 1,
-            neighbors: BTreeSet::new(),
-        });
-        let hello = Frame::Hello { record }
-            .encode()
-            .map_err(|e| e.to_string())?;
-        writer
-            .send_frame(&hello)
-            .await
-            .map_err(|e| format!("hello: {e}"))?;
+        let (_, mut reader, writer) = peer::join(node, &me, 1).await?;
         // What the node sends is read and dropped, until it closes the link.
         let reader = tokio::spawn(async move {
             loop {
@@ -524,18 +492,6 @@ async fn quiet(
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-}
-
-/// This process's resident memory, from its own accounting in /proc.
-fn rss_kib() -> Result<u64, String> {
-    let status = std::fs::read_to_string("/proc/self/status")
-        .map_err(|e| format!("cannot read this process's memory accounting: {e}"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| "no VmRSS".to_owned())
 }
 
 fn millis(d: Duration) -> f64 {

@@ -11,7 +11,7 @@ use meshnode_protocol::NodeId;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use crate::peer;
+use crate::{peer, stats};
 
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Memory {
@@ -61,7 +61,7 @@ async fn run(child: &mut Child, n: usize) -> Result<Memory, String> {
         .ok_or("no node id")?;
     let pid = child.id();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = rss_kib(pid)?;
+    let before = stats::rss_kib(&pid.to_string())?;
     let mut peers = Vec::with_capacity(n);
     let listed = peer::Listed::new(n);
     for wave in (0..n).collect::<Vec<_>>().chunks(256) {
@@ -81,7 +81,7 @@ async fn run(child: &mut Child, n: usize) -> Result<Memory, String> {
     // settle.
     listed.wait(SETTLE_LIMIT).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = rss_kib(pid)?;
+    let after = stats::rss_kib(&pid.to_string())?;
     for peer in peers {
         peer.abort();
     }
@@ -91,17 +91,6 @@ async fn run(child: &mut Child, n: usize) -> Result<Memory, String> {
         rss_after_kib: after,
         per_neighbor_kib: after.saturating_sub(before) as f64 / n as f64,
     })
-}
-
-fn rss_kib(pid: u32) -> Result<u64, String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .map_err(|e| format!("cannot read the node's memory accounting: {e}"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| "no VmRSS".to_owned())
 }
 
 /// The child's side: run a node on loopback, print `LISTEN_ADDR NODE_ID`, run until killed.

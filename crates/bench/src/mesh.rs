@@ -251,8 +251,13 @@ fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-pub async fn round(n: usize, k: usize, seed: u64, window: Duration) -> Result<Round, String> {
-    let edges = graph(n, k, seed);
+/// Starts `n` real nodes with gossip window `window`, in order, each dialing the earlier nodes
+/// that `edges` (dialer, dialed) give it.
+pub async fn start(
+    n: usize,
+    edges: &[(usize, usize)],
+    window: Duration,
+) -> Result<Vec<Node>, String> {
     let mut nodes: Vec<Node> = Vec::with_capacity(n);
     for i in 0..n {
         let mut config = Config::new(Identity::generate().map_err(|e| e.to_string())?);
@@ -264,6 +269,12 @@ pub async fn round(n: usize, k: usize, seed: u64, window: Duration) -> Result<Ro
             .collect();
         nodes.push(meshnode::start(config).await.map_err(|e| e.to_string())?);
     }
+    Ok(nodes)
+}
+
+pub async fn round(n: usize, k: usize, seed: u64, window: Duration) -> Result<Round, String> {
+    let edges = graph(n, k, seed);
+    let mut nodes = start(n, &edges, window).await?;
     let degree: Vec<usize> = (0..n)
         .map(|i| edges.iter().filter(|(a, b)| *a == i || *b == i).count())
         .collect();

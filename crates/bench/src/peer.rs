@@ -6,13 +6,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use meshnode::link::{LocalLink, handshake, next_inbound};
+use meshnode::link::{LinkCodec, LinkWriter, LocalLink, Negotiated, handshake, next_inbound};
 use meshnode_protocol::{
     Frame, Identity, Inbound, NodeId, NodeRecord, SignedRecord, gossip_records,
 };
 use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+use tokio_util::codec::FramedRead;
 
 /// When a light neighbor saw the node's withdrawal and its EOF.
 #[derive(Debug, Clone, Copy)]
@@ -66,23 +68,24 @@ pub fn identity(index: u32) -> Identity {
     Identity::from_seed(seed)
 }
 
-/// Connects to `node` as `me`, signals `ready` once the node's record lists it, counts itself
-/// in `listed` once the node's record lists all of its neighbors, then reads until EOF and reports when the withdrawal (the node's record listing nobody) and the EOF
-/// arrived. It hangs up at EOF, as a meshnode does.
-pub async fn run(
-    node: SocketAddr,
-    node_id: NodeId,
-    me: Identity,
-    ready: oneshot::Sender<()>,
-    listed: Arc<Listed>,
-) -> Result<Arrival, String> {
-    // A light neighbor never times the node out; it keeps the node from timing it out.
+/// A light peer's side of a link: what the handshake settled, the stream's reading half
+/// (framed) and its writing half.
+pub type Joined = (
+    Negotiated,
+    FramedRead<OwnedReadHalf, LinkCodec>,
+    LinkWriter<OwnedWriteHalf>,
+);
+
+/// Dials `node` as `me`, does the real handshake and sends `me`'s hello (a record listing
+/// nobody), as a new neighbor does. A node at its limit of handshakes in progress closes new
+/// connections at once, so a failed handshake is tried again shortly, up to `attempts` times,
+/// as a dialer would. The link never times the node out; its keepalives keep the node from
+/// timing it out.
+pub async fn join(node: SocketAddr, me: &Identity, attempts: u32) -> Result<Joined, String> {
     let local = LocalLink::new(me.clone(), Duration::from_secs(3600))
         .map_err(|e| format!("link key: {e}"))?;
-    // A node at its limit of handshakes in progress closes new connections at once: try again
-    // shortly, as a dialer would.
     let mut attempt = 0;
-    let (link, mut reader, mut writer) = loop {
+    let (link, reader, mut writer) = loop {
         attempt += 1;
         let stream = TcpStream::connect(node)
             .await
@@ -91,7 +94,7 @@ pub async fn run(
         let (read, write) = stream.into_split();
         match handshake(read, write, true, &local).await {
             Ok(link) => break link,
-            Err(e) if attempt >= 20 => return Err(format!("handshake: {e}")),
+            Err(e) if attempt >= attempts => return Err(format!("handshake: {e}")),
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     };
@@ -108,6 +111,21 @@ pub async fn run(
         .send_frame(&hello)
         .await
         .map_err(|e| format!("hello: {e}"))?;
+    Ok((link, reader, writer))
+}
+
+/// Connects to `node` as `me` ([`join`]), signals `ready` once the node's record lists it,
+/// counts itself in `listed` once the node's record lists all of its neighbors, then reads
+/// until EOF and reports when the withdrawal (the node's record listing nobody) and the EOF
+/// arrived. It hangs up at EOF, as a meshnode does.
+pub async fn run(
+    node: SocketAddr,
+    node_id: NodeId,
+    me: Identity,
+    ready: oneshot::Sender<()>,
+    listed: Arc<Listed>,
+) -> Result<Arrival, String> {
+    let (link, mut reader, mut writer) = join(node, &me, 20).await?;
     let keepalive = link.keepalive_interval();
     let mut last_sent = Instant::now();
     let mut ready = Some(ready);

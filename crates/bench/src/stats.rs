@@ -49,6 +49,19 @@ pub fn ms(v: f64) -> String {
     }
 }
 
+/// The resident memory (`VmRSS`) of process `pid` (a number, or `self`), in KiB, from the
+/// kernel's accounting in /proc.
+pub fn rss_kib(pid: &str) -> Result<u64, String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("cannot read the memory accounting of process {pid}: {e}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("no VmRSS in the memory accounting of process {pid}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
