@@ -184,11 +184,20 @@ async fn until(
     let mut pending: Vec<usize> = (0..nodes.len()).collect();
     loop {
         let mut still = Vec::new();
+        let mut lacking = Lacking::default();
         for chunk in pending.chunks(POLL_AT_ONCE) {
             let answers = join_all(chunk.iter().map(|&i| nodes[i].status())).await;
             for (&i, answer) in chunk.iter().zip(answers) {
-                if !answer.is_ok_and(|s| done(i, &s)) {
-                    still.push(i);
+                match answer {
+                    Ok(s) if done(i, &s) => {}
+                    Ok(s) => {
+                        lacking.add(&s);
+                        still.push(i);
+                    }
+                    Err(_) => {
+                        lacking.unanswered += 1;
+                        still.push(i);
+                    }
                 }
             }
         }
@@ -197,13 +206,47 @@ async fn until(
         }
         if Instant::now() > deadline {
             return Err(format!(
-                "timed out waiting for {what} ({} of {} nodes not there)",
+                "timed out waiting for {what} ({} of {} nodes not there: {lacking})",
                 still.len(),
                 nodes.len()
             ));
         }
         pending = still;
         tokio::time::sleep(POLL).await;
+    }
+}
+
+/// What the nodes not there yet lack, for the message of a time-out: the fewest and most
+/// records they hold, and how many of their links are not full yet.
+#[derive(Debug, Default)]
+struct Lacking {
+    nodes: usize,
+    fewest_known: Option<usize>,
+    most_known: usize,
+    links_not_full: usize,
+    unanswered: usize,
+}
+
+impl Lacking {
+    fn add(&mut self, s: &StatusPayload) {
+        let known = s.known_nodes.len();
+        self.nodes += 1;
+        self.fewest_known = Some(self.fewest_known.map_or(known, |f| f.min(known)));
+        self.most_known = self.most_known.max(known);
+        self.links_not_full += s.neighbors.iter().filter(|n| !n.full).count();
+    }
+}
+
+impl std::fmt::Display for Lacking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "they know {} to {} records, {} of their links are not full, {} did not answer",
+            self.fewest_known.unwrap_or(0),
+            self.most_known,
+            self.links_not_full,
+            self.unanswered
+        )
     }
 }
 
