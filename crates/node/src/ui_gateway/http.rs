@@ -98,11 +98,7 @@ async fn require_token(State(guard): State<Guard>, request: Request, next: Next)
         (None, CookieCheck::Wrong) => Refusal::StaleSession,
         (None, CookieCheck::Absent) => Refusal::Missing,
     };
-    let client = request
-        .extensions()
-        .get::<ConnectInfo<ClientAddr>>()
-        .map(|ConnectInfo(ClientAddr(client))| client.to_string())
-        .unwrap_or_default();
+    let client = ClientAddr::of(&request);
     let path = request.uri().path();
     match refusal {
         Refusal::Missing => debug!(%client, path, "UI request without the token refused"),

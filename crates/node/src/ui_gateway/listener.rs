@@ -83,6 +83,17 @@ impl axum::serve::Listener for ClosableListener {
 #[derive(Debug, Clone, Copy)]
 pub(super) struct ClientAddr(pub SocketAddr);
 
+impl ClientAddr {
+    /// The client of a request, for a log line; empty where the server recorded none.
+    pub(super) fn of(request: &axum::extract::Request) -> String {
+        request
+            .extensions()
+            .get::<axum::extract::ConnectInfo<ClientAddr>>()
+            .map(|axum::extract::ConnectInfo(ClientAddr(client))| client.to_string())
+            .unwrap_or_default()
+    }
+}
+
 impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, ClosableListener>>
     for ClientAddr
 {

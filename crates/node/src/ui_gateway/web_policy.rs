@@ -18,7 +18,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -373,11 +373,7 @@ pub(super) async fn guard(
              ({REFUSALS_LOGGED_PER_SECOND} a second)"
         );
     }
-    let client = request
-        .extensions()
-        .get::<ConnectInfo<ClientAddr>>()
-        .map(|ConnectInfo(ClientAddr(client))| client.to_string())
-        .unwrap_or_default();
+    let client = ClientAddr::of(&request);
     let path = request.uri().path();
     let host = hosts
         .first()
