@@ -225,6 +225,13 @@ struct Lacking {
     most_known: usize,
     links_not_full: usize,
     unanswered: usize,
+    /// Records the nodes not there lack although a record they hold lists them.
+    listed_missing: usize,
+    timed_out: u64,
+    abuse: u64,
+    handshakes_failed: u64,
+    deferred: u64,
+    useless: u64,
 }
 
 impl Lacking {
@@ -234,6 +241,20 @@ impl Lacking {
         self.fewest_known = Some(self.fewest_known.map_or(known, |f| f.min(known)));
         self.most_known = self.most_known.max(known);
         self.links_not_full += s.neighbors.iter().filter(|n| !n.full).count();
+        let held: std::collections::HashSet<&str> =
+            s.known_nodes.iter().map(|k| k.node_id.as_str()).collect();
+        let listed: std::collections::HashSet<&str> = s
+            .known_nodes
+            .iter()
+            .flat_map(|k| k.neighbors.iter().map(String::as_str))
+            .filter(|id| !held.contains(id))
+            .collect();
+        self.listed_missing += listed.len();
+        self.timed_out += s.stats.peers_timed_out;
+        self.abuse += s.stats.peers_disconnected_for_abuse;
+        self.handshakes_failed += s.stats.handshakes_failed;
+        self.deferred += s.stats.gossip_deferred;
+        self.useless += s.stats.gossip_frames_useless;
     }
 }
 
@@ -241,11 +262,20 @@ impl std::fmt::Display for Lacking {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "they know {} to {} records, {} of their links are not full, {} did not answer",
+            "they know {} to {} records, {} of their links are not full, {} did not answer; \
+             {} records they lack are listed by records they hold; their counters: {} peers \
+             timed out, {} disconnected for abuse, {} handshakes failed, {} gossip deferred, \
+             {} useless frames",
             self.fewest_known.unwrap_or(0),
             self.most_known,
             self.links_not_full,
-            self.unanswered
+            self.unanswered,
+            self.listed_missing,
+            self.timed_out,
+            self.abuse,
+            self.handshakes_failed,
+            self.deferred,
+            self.useless
         )
     }
 }

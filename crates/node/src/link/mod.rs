@@ -65,6 +65,8 @@ pub struct StreamHandle {
     /// Set when this node's last frame is queued: the writer holds it for the close, so that it
     /// leaves together with the FIN.
     pub(crate) final_queued: Arc<AtomicBool>,
+    /// Whether the link settled on the digest feature: digests may go both ways.
+    digest: bool,
 }
 
 impl StreamHandle {
@@ -83,8 +85,20 @@ impl StreamHandle {
             drain: CancellationToken::new(),
             departed: Arc::default(),
             final_queued: Arc::default(),
+            digest: false,
         };
         (handle, rx)
+    }
+
+    /// The handle of a link that settled on the digest feature (or not).
+    pub(crate) fn with_digest(mut self, digest: bool) -> Self {
+        self.digest = digest;
+        self
+    }
+
+    /// Whether this link may carry digests.
+    pub fn speaks_digest(&self) -> bool {
+        self.digest
     }
 
     pub fn id(&self) -> ConnId {

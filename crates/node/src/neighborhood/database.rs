@@ -230,6 +230,17 @@ impl NodeDb {
         self.records.get(id)
     }
 
+    /// The stored records from id `start` up, in id order.
+    pub fn records_from(&self, start: &NodeId) -> impl Iterator<Item = &VerifiedRecord> {
+        self.records.range(start..).map(|(_, r)| r)
+    }
+
+    /// Whether the record of `id` is stored and was reachable at the last prune (only such
+    /// records are sent in answer to a digest: never a tombstone or a stray).
+    pub fn reachable_at_last_prune(&self, id: &NodeId) -> bool {
+        self.records.contains_key(id) && !self.evictable_seq.contains_key(id)
+    }
+
     pub fn records(&self) -> impl Iterator<Item = &VerifiedRecord> {
         self.records.values()
     }

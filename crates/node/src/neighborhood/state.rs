@@ -14,6 +14,7 @@ use tracing::{debug, error, info};
 
 use super::budget::Budget;
 use super::connectivity::Connectivity;
+use super::digest::AntiEntropy;
 use super::outbox::Outbox;
 use super::pace::ByteBudget;
 use super::{GossipCounters, Merge, NeighborhoodMsg, NeighborhoodStatus, NodeDb};
@@ -78,6 +79,10 @@ pub(super) struct Neighborhood {
     pub(super) own_budget: ByteBudget,
     /// Set while a change of the own record is held back for that budget.
     pub(super) own_held: bool,
+    /// Set while the own record carries a change published lazily, not sent yet.
+    pub(super) own_unpublished: bool,
+    /// The digests this node sends (anti-entropy).
+    pub(super) anti_entropy: AntiEntropy,
 }
 
 impl Neighborhood {
@@ -104,7 +109,6 @@ impl Neighborhood {
         // The own record is reachable from the start, so never evicted.
         db.prune(&own.id(), Instant::now(), super::database::TOMBSTONE_GRACE);
         Ok(Self {
-            identity,
             clock,
             db,
             own,
@@ -128,6 +132,9 @@ impl Neighborhood {
             connectivity: watch::Sender::new(Connectivity::default()),
             own_budget: ByteBudget::full(),
             own_held: false,
+            own_unpublished: false,
+            anti_entropy: AntiEntropy::new(&identity.id(), Instant::now()),
+            identity,
         })
     }
 
@@ -217,6 +224,7 @@ impl Neighborhood {
             self.retry_at,
             self.own_due(),
             Some(self.prune_at),
+            Some(self.anti_entropy.at),
         ]
         .into_iter()
         .flatten()
@@ -246,6 +254,9 @@ impl Neighborhood {
             self.prune_at = now + PRUNE_EVERY;
             self.prune(now);
         }
+        if self.anti_entropy.at <= now {
+            self.send_digest(now);
+        }
         if self.backlog.is_empty() {
             self.retry_at = None;
         } else if self.retry_at.is_none() {
@@ -259,6 +270,7 @@ impl Neighborhood {
                 self.neighbor_connected(stream, record)
             }
             NeighborhoodMsg::Gossip { from, records } => self.gossip(from, records),
+            NeighborhoodMsg::Digest { from, digest } => self.answer_digest(from, digest),
             NeighborhoodMsg::NeighborDisconnected { conn, peer } => {
                 self.neighbor_disconnected(conn, peer)
             }
@@ -460,9 +472,13 @@ impl Neighborhood {
             Ok(own) => {
                 self.own = own;
                 self.db.merge(self.own.clone());
+                self.learned_at.insert(self.own.id(), Instant::now());
                 if publish == Publish::Now {
                     // The newest record goes out now, whatever lazy change it carries.
                     self.outbox.changed.insert(self.own.id(), BTreeSet::new());
+                    self.own_unpublished = false;
+                } else {
+                    self.own_unpublished = true;
                 }
                 true
             }
