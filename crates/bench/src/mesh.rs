@@ -497,9 +497,8 @@ pub async fn round(n: usize, k: usize, seed: u64, window: Duration) -> Result<Ro
             s.stats.digest_bytes_sent.saturating_sub(then)
         })
         .sum();
-    let digest_bytes_per_node_s = digest_bytes as f64
-        / nodes.len().max(1) as f64
-        / measuring.elapsed().as_secs_f64();
+    let digest_bytes_per_node_s =
+        digest_bytes as f64 / nodes.len().max(1) as f64 / measuring.elapsed().as_secs_f64();
     let crash = Departure {
         learned_ms: millis(learned.duration_since(start)),
         frames: spent.frames,

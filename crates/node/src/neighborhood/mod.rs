@@ -35,6 +35,7 @@ use tracing::Instrument;
 
 pub use connectivity::Connectivity;
 pub use database::{Merge, NodeDb};
+pub use digest::{DIGEST_EVERY, MAX_REPAIR_BYTES, REPAIR_AGE};
 
 use crate::link::{ConnId, StreamHandle};
 
