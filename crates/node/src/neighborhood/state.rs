@@ -83,6 +83,8 @@ pub(super) struct Neighborhood {
     pub(super) own_unpublished: bool,
     /// The digests this node sends (anti-entropy).
     pub(super) anti_entropy: AntiEntropy,
+    /// [`NodeDb::dropped`] when the maps keyed by record were last cleared of dropped ids.
+    pub(super) forgotten_up_to: u64,
 }
 
 impl Neighborhood {
@@ -134,6 +136,7 @@ impl Neighborhood {
             own_held: false,
             own_unpublished: false,
             anti_entropy: AntiEntropy::new(&identity.id(), Instant::now()),
+            forgotten_up_to: 0,
             identity,
         })
     }
@@ -210,6 +213,13 @@ impl Neighborhood {
                 "unreachable records past their grace dropped"
             );
         }
+        // Records leave the database here and at a merge that evicts; when none left since the
+        // last look there is nothing to forget (with a thousand records and their neighbors'
+        // knowledge, that look is not free every second).
+        if self.db.dropped() == self.forgotten_up_to {
+            return;
+        }
+        self.forgotten_up_to = self.db.dropped();
         let db = &self.db;
         self.learned_at.retain(|id, _| db.get(id).is_some());
         for known in self.peer_has.values_mut() {
