@@ -233,7 +233,7 @@ async fn a_record_evicted_and_received_again_does_not_circulate() {
 #[tokio::test(start_paused = true)]
 async fn the_whole_database_sent_to_a_newcomer_holds_the_withdrawal_a_reachable_record_lists() {
     let d = identity(30);
-    let (mut hood, mut a, mut b) = node_with_a_and_b(&[d.id()]);
+    let (mut hood, a, mut b) = node_with_a_and_b(&[d.id()]);
     let me = identity(1).id();
     hood.handle(a.gossip(vec![record(&d, 1, &[a.id()])]));
     after_window(&mut hood).await;

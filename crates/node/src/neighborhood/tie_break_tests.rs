@@ -2,8 +2,6 @@
 //! key), which the database orders by signature: the one it keeps reaches every neighbor that
 //! sent the other.
 
-use std::collections::BTreeSet;
-
 use bytes::Bytes;
 use meshnode_protocol::{Frame, Identity, NodeRecord, SignedRecord, VerifiedRecord};
 use tokio::sync::mpsc;
