@@ -114,6 +114,20 @@ pub async fn join(node: SocketAddr, me: &Identity, attempts: u32) -> Result<Join
     Ok((link, reader, writer))
 }
 
+/// The records of `node` in a gossip frame's body, decoded (no signature checks): only the
+/// node's own record matters to a light neighbor, found by the ids at the records' heads. The
+/// floor's readers (crate::shutdown) read their frames with this same function.
+pub fn node_records(body: &[u8], node: NodeId) -> Vec<SignedRecord> {
+    let Ok(found) = gossip_records(body) else {
+        return Vec::new();
+    };
+    found
+        .iter()
+        .filter(|(id, _)| *id == node)
+        .filter_map(|(_, bytes)| SignedRecord::from_wire(bytes).ok())
+        .collect()
+}
+
 /// Connects to `node` as `me` ([`join`]), signals `ready` once the node's record lists it,
 /// counts itself in `listed` once the node's record lists all of its neighbors, then reads
 /// until EOF and reports when the withdrawal (the node's record listing nobody) and the EOF
@@ -149,13 +163,7 @@ pub async fn run(
             }
             Some(Err(e)) => return Err(format!("read: {e}")),
         };
-        // Only the node's own record can matter: find it by the ids at the records' heads and
-        // decode that one alone (no signature checks), as the floor's readers skip theirs.
-        let Ok(found) = gossip_records(&frame) else {
-            continue;
-        };
-        let own = found.iter().filter(|(id, _)| *id == node_id);
-        for record in own.filter_map(|(_, bytes)| SignedRecord::from_wire(bytes).ok()) {
+        for record in node_records(&frame, node_id) {
             if record.record.neighbors.contains(&me.id()) {
                 if let Some(ready) = ready.take() {
                     let _ = ready.send(());
