@@ -16,6 +16,9 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 
+/// Largest read buffer a light neighbor keeps while idle, as a meshnode's reader.
+const IDLE_BUFFER: usize = 8 * 1024;
+
 /// When a light neighbor saw the node's withdrawal and its EOF.
 #[derive(Debug, Clone, Copy)]
 pub struct Arrival {
@@ -155,6 +158,13 @@ pub async fn run(
             last_sent = Instant::now();
             continue;
         };
+        // Give back a large read buffer once it is empty, as a meshnode's own reader does, so
+        // that a neighbor that lived through the set-up's large records holds no more than one
+        // that did not (the floor's readers, crate::shutdown).
+        let buffer = reader.read_buffer_mut();
+        if buffer.is_empty() && buffer.capacity() > IDLE_BUFFER {
+            *buffer = bytes::BytesMut::new();
+        }
         let frame = match next {
             None => break,
             Some(Ok(Inbound::Frame(body))) => body,
