@@ -275,7 +275,6 @@ async fn run_node(set_up: NodeSetUp) -> Result<NodeRun, String> {
         ..
     } = set_up;
     let controller = node.controller();
-    perf_ctl("enable");
     let start = Instant::now();
     let asked = tokio::spawn(async move { controller.shutdown().await });
     let report = tokio::time::timeout(RUN_TIMEOUT, node.wait())
@@ -284,7 +283,6 @@ async fn run_node(set_up: NodeSetUp) -> Result<NodeRun, String> {
     let done = start.elapsed();
     let _ = asked.await;
     let (withdrawal, eof) = last_arrivals(peers, start).await?;
-    perf_ctl("disable");
     let sent_after = report.stats.as_ref().map_or(0, |s| s.gossip_frames_sent);
     Ok(NodeRun {
         withdrawal_ms: millis(withdrawal),
@@ -410,14 +408,5 @@ async fn floor_reader(stream: TcpStream, id: NodeId) -> Result<Arrival, String> 
     match withdrawal {
         Some(withdrawal) => Ok(Arrival { withdrawal, eof }),
         None => Err("the floor's reader saw EOF without the frame".into()),
-    }
-}
-
-fn perf_ctl(what: &str) {
-    if let Ok(path) = std::env::var("PERF_CTL") {
-        use std::io::Write;
-        if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open(path) {
-            let _ = writeln!(f, "{what}");
-        }
     }
 }
