@@ -16,6 +16,7 @@ use super::budget::Budget;
 use super::connectivity::Connectivity;
 use super::outbox::Outbox;
 use super::pace::ByteBudget;
+use super::reach::Reach;
 use super::{GossipCounters, Merge, NeighborhoodMsg, NeighborhoodStatus, NodeDb};
 use crate::link::{ConnId, StreamHandle};
 
@@ -78,6 +79,8 @@ pub(super) struct Neighborhood {
     pub(super) own_budget: ByteBudget,
     /// Set while a change of the own record is held back for that budget.
     pub(super) own_held: bool,
+    /// What is reachable, and the records held back because they are not.
+    pub(super) reach: Reach,
 }
 
 impl Neighborhood {
@@ -103,6 +106,7 @@ impl Neighborhood {
         db.merge(own.clone());
         // The own record is reachable from the start, so never evicted.
         db.prune(&own.id(), Instant::now(), super::database::TOMBSTONE_GRACE);
+        let reach = Reach::new(own.id());
         Ok(Self {
             identity,
             clock,
@@ -128,6 +132,7 @@ impl Neighborhood {
             connectivity: watch::Sender::new(Connectivity::default()),
             own_budget: ByteBudget::full(),
             own_held: false,
+            reach,
         })
     }
 
@@ -180,6 +185,8 @@ impl Neighborhood {
                     Err(_) => break,
                 }
             }
+            // Once per batch: held records the batch made reachable join the outbox.
+            self.settle_reach();
             if self.window.is_zero() || self.urgent {
                 self.flush();
             } else if self.flush_at.is_none() && self.owes_gossip() {
@@ -197,6 +204,8 @@ impl Neighborhood {
     pub(super) fn prune(&mut self, now: Instant) {
         let dropped = self.db.prune(&self.own.id(), now, self.tombstone_grace);
         if !dropped.is_empty() {
+            self.reach.invalidate();
+            self.prune_held();
             debug!(
                 dropped = dropped.len(),
                 kept = self.db.len(),
@@ -391,15 +400,22 @@ impl Neighborhood {
         // link to it is gone: it waits for the window like any change, so that many newcomers
         // leave as one round.)
         let withdrawal = record.record().neighbors.is_empty() && self.db.get(&id).is_some();
+        self.note_merge(&record);
+        let dropped = self.db.dropped();
         let merged = self.db.merge(record);
+        if self.db.dropped() != dropped {
+            // Records evicted at the cap: one may have been reachable since the last prune.
+            self.reach.invalidate();
+        }
         match merged {
             Merge::Accepted => {
-                // A withdrawal is forwarded at once: it is what tells the mesh that every link
-                // to its node is gone.
-                self.urgent |= withdrawal;
                 self.counters.records_accepted += 1;
                 self.learned_at.insert(id, Instant::now());
-                self.outbox.changed.insert(id, source.into_iter().collect());
+                // Forwarded only if it can matter (reachable, or was); held otherwise. A
+                // withdrawal that is forwarded goes at once: it is what tells the mesh that
+                // every link to its node is gone.
+                let owed = self.owe_or_hold(id, source.into_iter().collect());
+                self.urgent |= withdrawal && owed;
             }
             Merge::Refused => {
                 self.counters.records_refused += 1;
@@ -460,6 +476,7 @@ impl Neighborhood {
             Ok(own) => {
                 self.own = own;
                 self.db.merge(self.own.clone());
+                self.reach.invalidate();
                 if publish == Publish::Now {
                     // The newest record goes out now, whatever lazy change it carries.
                     self.outbox.changed.insert(self.own.id(), BTreeSet::new());
