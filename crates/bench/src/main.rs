@@ -3,6 +3,7 @@
 
 mod flood;
 mod handshake;
+mod hops;
 mod memory;
 mod mesh;
 mod operations;
@@ -275,6 +276,17 @@ async fn run(args: &Args) -> Result<(), String> {
             s.settled_bytes_per_edge.cell()
         );
         for (i, r) in s.rounds.iter().enumerate() {
+            let hops: Vec<String> = r
+                .graceful_hops
+                .iter()
+                .map(|h| format!("{}: {} ({} nodes)", h.hops, ms(h.median_ms), h.nodes))
+                .collect();
+            println!(
+                "  round {}: graceful, median ms by hops from the departed node: {}; {} ms per hop",
+                i + 1,
+                hops.join(", "),
+                hops::slope(&r.graceful_hops).map_or("-".into(), ms)
+            );
             println!(
                 "  round {}: graceful {} frames / {} B over {} links (then {} frames / {} B settled), crash {} frames / {} B over {} links",
                 i + 1,

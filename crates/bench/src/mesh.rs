@@ -46,9 +46,11 @@ pub struct Departure {
 }
 
 /// One round: a fresh mesh, a graceful departure, then a crash.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Round {
     pub graceful: Departure,
+    /// When the nodes at each distance from the gracefully departed node learned of it.
+    pub graceful_hops: Vec<crate::hops::Hop>,
     pub crash: Departure,
     /// From the last node started until every node knew the whole mesh.
     pub converged_ms: f64,
@@ -351,6 +353,7 @@ pub async fn round(n: usize, k: usize, seed: u64, window: Duration) -> Result<Ro
     })
     .await?;
     let learned = last_learned(&nodes, &changed).await?;
+    let graceful_hops = learned_by_hop(&nodes, &edges, leaving, changed[0], start).await?;
     let report = departing.wait().await;
     let _ = asked.await;
     let mut after = quiet(&nodes).await?;
@@ -423,6 +426,7 @@ pub async fn round(n: usize, k: usize, seed: u64, window: Duration) -> Result<Ro
     join_all(nodes.into_iter().map(Node::stop)).await;
     Ok(Round {
         graceful,
+        graceful_hops,
         crash,
         converged_ms: millis(converged.duration_since(started)),
     })
@@ -476,6 +480,31 @@ async fn last_learned(nodes: &[Node], changed: &[NodeId]) -> Result<Instant, Str
         }
     }
     last.ok_or_else(|| "nobody learned anything".to_owned())
+}
+
+/// When each node (`nodes`: the mesh of `edges` without node `left`) stored the record of
+/// `departed`, grouped by its distance from it in the graph (see [`crate::hops`]).
+async fn learned_by_hop(
+    nodes: &[Node],
+    edges: &[(usize, usize)],
+    left: usize,
+    departed: NodeId,
+    start: Instant,
+) -> Result<Vec<crate::hops::Hop>, String> {
+    let distance = crate::hops::distances(nodes.len() + 1, edges, left);
+    let mut learned = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        // Nodes after the departed one moved down one place when it was taken out.
+        let original = if i < left { i } else { i + 1 };
+        let times = node
+            .learned_at(vec![departed])
+            .await
+            .ok_or("a node stopped answering")?;
+        if let (Some(d), Some(Some(at))) = (distance[original], times.first()) {
+            learned.push((d, millis(at.saturating_duration_since(start))));
+        }
+    }
+    Ok(crate::hops::per_hop(&learned))
 }
 
 /// `departed` withdrew, as `s` sees it: its record lists nobody, so no full neighborship with
