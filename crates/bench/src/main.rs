@@ -152,20 +152,25 @@ async fn run(args: &Args) -> Result<(), String> {
     let wants = |s: Scenario| args.scenario == Scenario::All || args.scenario == s;
     if wants(Scenario::Shutdown) {
         println!(
-            "\n== shutdown: one node, N neighbors, against the floor, in {} rounds of a floor run then a node run back to back",
+            "\n== shutdown: one node, N neighbors, against the floor, in {} rounds of the floors' runs then the node's, back to back",
             args.repeat
         );
         println!(
-            "ms from the request, median [min–max]; node/floor: the median of the per-round ratios [min–max]"
+            "ms from the request, median [min–max]; node/floor: the median [min–max] of the per-round ratios of (b)"
         );
         println!(
-            "{:>6}  {:>24}  {:>24}  {:>24}  {:>24}  {:>22}  {:>9}  frames sent",
+            "floor: the same encrypted links and light neighbors, the frame, FIN, wait for the hang-up, no node; plaintext floor: the same without the cipher"
+        );
+        println!(
+            "{:>6}  {:>22}  {:>22}  {:>22}  {:>22}  {:>22}  {:>20}  {:>20}  {:>9}  frames sent",
             "N",
             "(a) last withdrawal",
             "(b) last EOF",
             "(c) node ended",
             "floor (b)",
+            "plaintext floor (b)",
             "node/floor",
+            "node/plaintext",
             "load avg"
         );
         for &n in &args.neighbors {
@@ -181,17 +186,17 @@ async fn run(args: &Args) -> Result<(), String> {
                 }
             };
             let loads = Spread::of(p.load_average.clone());
+            let ratio = |s: &Spread| format!("{:.2} [{:.2}–{:.2}]", s.median, s.min, s.max);
             println!(
-                "{:>6}  {:>24}  {:>24}  {:>24}  {:>24}  {:>22}  {:>9}  {:?}{}",
+                "{:>6}  {:>22}  {:>22}  {:>22}  {:>22}  {:>22}  {:>20}  {:>20}  {:>9}  {:?}{}",
                 n,
                 p.withdrawal_ms.cell(),
                 p.eof_ms.cell(),
                 p.done_ms.cell(),
                 p.floor_eof_ms.cell(),
-                format!(
-                    "{:.2} [{:.2}–{:.2}]",
-                    p.ratios.median, p.ratios.min, p.ratios.max
-                ),
+                p.plain_floor_eof_ms.cell(),
+                ratio(&p.ratios),
+                ratio(&p.plain_ratios),
                 format!("{:.1}–{:.1}", loads.min, loads.max),
                 p.frames_sent,
                 if p.all_graceful {
@@ -202,12 +207,14 @@ async fn run(args: &Args) -> Result<(), String> {
             );
             for (i, r) in p.rounds.iter().enumerate() {
                 println!(
-                    "        round {}: floor (b) {} ms, node (b) {} ms, ratio {:.2}, floor run {} the node, load average {:.1}",
+                    "        round {}: (b) plaintext floor {} ms, floor {} ms, node {} ms; node/floor {:.2}, node/plaintext {:.2}; floors {} the node; load average {:.1}",
                     i + 1,
+                    ms(r.plain_floor.eof_ms),
                     ms(r.floor.eof_ms),
                     ms(r.node.eof_ms),
                     r.ratio,
-                    if r.floor_first { "before" } else { "after" },
+                    r.plain_ratio,
+                    if r.floors_first { "before" } else { "after" },
                     r.load_average
                 );
             }
@@ -216,12 +223,13 @@ async fn run(args: &Args) -> Result<(), String> {
         if let Some(p) = results.shutdown.iter().find(|p| p.neighbors == 1000) {
             let frames_ok = p.frames_sent.iter().all(|&f| f == 1000);
             println!(
-                "goal, N = 1000: (b) at most 1.5x the floor: {:.2}x (median of {} paired ratios, {:.2}–{:.2}), {}; frames sent = N: {}",
+                "goal, N = 1000: (b) at most 1.5x the floor: {:.2}x (median of {} paired ratios, {:.2}–{:.2}), {}; against the plaintext floor {:.2}x; frames sent = N: {}",
                 p.ratio,
                 p.rounds.len(),
                 p.ratios.min,
                 p.ratios.max,
                 verdict(p.ratio <= 1.5),
+                p.plain_ratios.median,
                 verdict(frames_ok)
             );
         }

@@ -1,22 +1,31 @@
-//! Scenario 1: one node with N neighbors shuts down; beside it, the floor: the same frame to
-//! the same number of loopback sockets, then their write halves shut, read by the same kind of
-//! neighbors, with no node at all.
+//! Scenario 1: one node with N neighbors shuts down; beside it, two floors with no node at
+//! all: the same withdrawal frame to the same number of loopback sockets, then their write
+//! halves shut, then a wait for each neighbor to hang up. The **floor** does it over the
+//! same encrypted links as the node, read by the very same light neighbors ([`peer::run`]):
+//! exactly the work a correct node must do on the wire, and nothing else. The **plaintext
+//! floor** sends the frame in the clear to readers that do what a light neighbor does but
+//! decrypt; it shows what the cipher costs.
 //!
-//! The two are measured in pairs, back to back within one round, so that each ratio compares
+//! Node and floors are measured back to back within one round, so that each ratio compares
 //! runs made under the same load of a shared machine: the node and its neighbors are set up
-//! (seconds), then the floor's sockets (a fraction of a second), then the floor runs and at once
-//! the node shuts down. A point reports the median of the per-round ratios and both series.
+//! (seconds), then the floors (about a second), then the plaintext floor runs, the floor, and
+//! at once the node shuts down. A point reports the median of the per-round ratios and every
+//! series.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::future::join_all;
 use meshnode::Config;
+use meshnode::link::{LinkCodec, LinkWriter, LocalLink, handshake, next_inbound};
 use meshnode_protocol::{Frame, FrameCodec, Identity, Inbound, NodeId, NodeRecord};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -55,16 +64,19 @@ pub struct FloorRun {
     pub done_ms: f64,
 }
 
-/// One round: a floor run and the node run right after it.
+/// One round: the plaintext floor's run, the floor's, and the node's right after them.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Round {
+    pub plain_floor: FloorRun,
     pub floor: FloorRun,
     pub node: NodeRun,
     /// Node (b) over floor (b), this round.
     pub ratio: f64,
-    /// Whether the floor ran just before the node (`false`: just after, when the descriptors
-    /// do not allow both sets of sockets at once).
-    pub floor_first: bool,
+    /// Node (b) over plaintext floor (b), this round.
+    pub plain_ratio: f64,
+    /// Whether the floors ran just before the node (`false`: just after, when the
+    /// descriptors do not allow every set of sockets at once).
+    pub floors_first: bool,
     /// The 1-minute load average when the round started.
     pub load_average: f64,
 }
@@ -76,13 +88,18 @@ pub struct Point {
     pub withdrawal_ms: Spread,
     pub eof_ms: Spread,
     pub done_ms: Spread,
+    /// The floor: the same encrypted links and light neighbors as the node's.
     pub floor_data_ms: Spread,
     pub floor_eof_ms: Spread,
     pub floor_done_ms: Spread,
+    /// The plaintext floor.
+    pub plain_floor_eof_ms: Spread,
     /// The per-round ratios, node (b) over floor (b) of the same round.
     pub ratios: Spread,
-    /// Their median.
+    /// Their median: what the goal is judged on.
     pub ratio: f64,
+    /// The per-round ratios, node (b) over plaintext floor (b) of the same round.
+    pub plain_ratios: Spread,
     /// Gossip frames the node sent during each shutdown (must equal `neighbors`).
     pub frames_sent: Vec<u64>,
     pub all_graceful: bool,
@@ -109,8 +126,10 @@ pub async fn point(neighbors: usize, repeat: usize) -> Result<Point, String> {
         floor_data_ms: floor(&|r| r.data_ms),
         floor_eof_ms: floor(&|r| r.eof_ms),
         floor_done_ms: floor(&|r| r.done_ms),
+        plain_floor_eof_ms: Spread::of(rounds.iter().map(|r| r.plain_floor.eof_ms).collect()),
         ratio: ratios.median,
         ratios,
+        plain_ratios: Spread::of(rounds.iter().map(|r| r.plain_ratio).collect()),
         frames_sent: rounds.iter().map(|r| r.node.frames_sent).collect(),
         all_graceful: rounds.iter().all(|r| r.node.graceful),
         load_average: rounds.iter().map(|r| r.load_average).collect(),
@@ -118,28 +137,35 @@ pub async fn point(neighbors: usize, repeat: usize) -> Result<Point, String> {
     })
 }
 
-/// One round: the node set up with `n` neighbors, then the floor with `n` sockets, then the
-/// floor's run and at once the node's. Each side holds two descriptors per neighbor; where
-/// the limit does not allow all four at once, the floor is set up and run right after the node.
+/// One round: the node set up with `n` neighbors, then the floors with `n` sockets each, then
+/// the floors' runs and at once the node's. Each holds two descriptors per neighbor; where the
+/// limit does not allow all six at once, the floors are set up and run right after the node.
 async fn round(n: usize) -> Result<Round, String> {
     let load_average = load_average();
     let set_up = set_up_node(n).await?;
-    let (frame, floor_id) = withdrawal_frame(set_up.addr)?;
-    let floor_first = fd_limit() >= 4 * n as u64 + SPARE_FDS;
-    let (floor, node) = if floor_first {
-        let floor = set_up_floor(n, floor_id).await?;
-        let floor = run_floor(floor, frame).await?;
-        (floor, run_node(set_up).await?)
+    let (frame, plain_id) = withdrawal_frame(set_up.addr)?;
+    let floors_first = fd_limit() >= 6 * n as u64 + SPARE_FDS;
+    let floors = async {
+        let plain = set_up_plain_floor(n, plain_id).await?;
+        let plain = run_plain_floor(plain, frame).await?;
+        let sealed = set_up_floor(n).await?;
+        let sealed = run_floor(sealed).await?;
+        Ok::<_, String>((plain, sealed))
+    };
+    let ((plain_floor, floor), node) = if floors_first {
+        let floors = floors.await?;
+        (floors, run_node(set_up).await?)
     } else {
         let node = run_node(set_up).await?;
-        let floor = set_up_floor(n, floor_id).await?;
-        (run_floor(floor, frame).await?, node)
+        (floors.await?, node)
     };
     Ok(Round {
         ratio: node.eof_ms / floor.eof_ms,
+        plain_ratio: node.eof_ms / plain_floor.eof_ms,
+        plain_floor,
         floor,
         node,
-        floor_first,
+        floors_first,
         load_average,
     })
 }
@@ -311,14 +337,14 @@ async fn last_arrivals(
     Ok((withdrawal, eof))
 }
 
-/// The floor's `n` loopback connections: the node's side of each, and a reader task on the
-/// neighbor's side.
-struct FloorSetUp {
+/// The plaintext floor's `n` loopback connections: the node's side of each, and a reader task
+/// on the neighbor's side.
+struct PlainSetUp {
     sockets: Vec<TcpStream>,
     readers: Vec<JoinHandle<Result<Arrival, String>>>,
 }
 
-async fn set_up_floor(n: usize, id: NodeId) -> Result<FloorSetUp, String> {
+async fn set_up_plain_floor(n: usize, id: NodeId) -> Result<PlainSetUp, String> {
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| e.to_string())?;
@@ -344,15 +370,12 @@ async fn set_up_floor(n: usize, id: NodeId) -> Result<FloorSetUp, String> {
             readers.push(tokio::spawn(floor_reader(stream, id)));
         }
     }
-    Ok(FloorSetUp { sockets, readers })
+    Ok(PlainSetUp { sockets, readers })
 }
 
-/// The floor: what a correct node must do on the wire, and nothing else. From a task per
-/// connection: write the withdrawal frame, shut the write half down, then wait for the
-/// neighbor to hang up (the node must know that each stream has ended, to report who was
-/// late) and close.
-async fn run_floor(set_up: FloorSetUp, frame: Bytes) -> Result<FloorRun, String> {
-    let FloorSetUp { sockets, readers } = set_up;
+/// The plaintext floor: as [`run_floor`], with the frame in the clear.
+async fn run_plain_floor(set_up: PlainSetUp, frame: Bytes) -> Result<FloorRun, String> {
+    let PlainSetUp { sockets, readers } = set_up;
     let start = Instant::now();
     let writes = sockets.into_iter().map(|mut stream| {
         let frame = frame.clone();
@@ -367,11 +390,11 @@ async fn run_floor(set_up: FloorSetUp, frame: Bytes) -> Result<FloorRun, String>
     let writes = writes.collect::<Vec<_>>();
     let all = tokio::time::timeout(RUN_TIMEOUT, join_all(writes))
         .await
-        .map_err(|_| format!("the floor did not end within {RUN_TIMEOUT:?}"))?;
+        .map_err(|_| format!("the plaintext floor did not end within {RUN_TIMEOUT:?}"))?;
     for write in all {
         write
             .map_err(|e| e.to_string())?
-            .map_err(|e| format!("floor: {e}"))?;
+            .map_err(|e| format!("plaintext floor: {e}"))?;
     }
     let done = start.elapsed();
     let (data, eof) = last_arrivals(readers, start).await?;
@@ -382,7 +405,7 @@ async fn run_floor(set_up: FloorSetUp, frame: Bytes) -> Result<FloorRun, String>
     })
 }
 
-/// A floor neighbor: the light neighbor's reading ([`peer::run`]) without the cipher. It
+/// A plaintext floor's neighbor: the light neighbor's reading ([`peer::run`]) without the cipher. It
 /// reads frames until EOF, looks in each for the record of `id` as a light neighbor looks for
 /// the node's ([`peer::node_records`]), notes when the withdrawal (a record listing nobody)
 /// and the EOF arrived, then hangs up as a light neighbor does: its write half shut, then the
@@ -409,4 +432,156 @@ async fn floor_reader(stream: TcpStream, id: NodeId) -> Result<Arrival, String> 
         Some(withdrawal) => Ok(Arrival { withdrawal, eof }),
         None => Err("the floor's reader saw EOF without the frame".into()),
     }
+}
+
+/// One link of the floor, on the node's side: what the handshake left.
+type FloorLink = (
+    FramedRead<OwnedReadHalf, LinkCodec>,
+    LinkWriter<OwnedWriteHalf>,
+);
+
+/// The floor's `n` encrypted links, the neighbors on them, and the withdrawal to send.
+struct FloorSetUp {
+    links: Vec<FloorLink>,
+    peers: Vec<JoinHandle<Result<Arrival, String>>>,
+    withdrawal: Bytes,
+}
+
+/// `n` light neighbors ([`peer::run`], as for the node) dial a bare listener that does the
+/// node's side of the handshake and sends one record listing them all, as the node's does;
+/// returns once every neighbor has seen it.
+async fn set_up_floor(n: usize) -> Result<FloorSetUp, String> {
+    let identity = Identity::generate().map_err(|e| e.to_string())?;
+    let id = identity.id();
+    let local = Arc::new(
+        LocalLink::new(identity.clone(), Duration::from_secs(3600))
+            .map_err(|e| format!("link key: {e}"))?,
+    );
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let index = |i: usize| peer::identity(u32::try_from(i).unwrap_or(u32::MAX));
+    let ids: BTreeSet<NodeId> = (0..n).map(|i| index(i).id()).collect();
+    let body = |version: u64, neighbors: BTreeSet<NodeId>| {
+        let record = identity.sign(NodeRecord {
+            id,
+            addr: addr.to_string(),
+            version,
+            neighbors,
+        });
+        Frame::Gossip {
+            records: vec![record],
+        }
+        .encode()
+        .map_err(|e| e.to_string())
+    };
+    let listing = body(1, ids)?;
+    let withdrawal = body(2, BTreeSet::new())?;
+
+    let listed = peer::Listed::new(n);
+    let setup = async {
+        let mut peers = Vec::with_capacity(n);
+        let mut links = Vec::with_capacity(n);
+        for wave in (0..n).collect::<Vec<_>>().chunks(CONNECT_WAVE) {
+            let mut readies = Vec::with_capacity(wave.len());
+            for &i in wave {
+                let (ready, is_ready) = oneshot::channel();
+                peers.push(tokio::spawn(peer::run(
+                    addr,
+                    id,
+                    index(i),
+                    ready,
+                    listed.clone(),
+                )));
+                readies.push(is_ready);
+            }
+            let mut handshakes = Vec::with_capacity(wave.len());
+            for _ in wave {
+                let (stream, _) = listener.accept().await.map_err(|e| e.to_string())?;
+                let (local, listing) = (local.clone(), listing.clone());
+                handshakes.push(tokio::spawn(async move {
+                    let _ = stream.set_nodelay(true);
+                    let (read, write) = stream.into_split();
+                    let (_, reader, mut writer) = handshake(read, write, false, &local)
+                        .await
+                        .map_err(|e| format!("floor handshake: {e}"))?;
+                    let mut reader = reader;
+                    // The neighbor's hello is read now, as the node reads it during its set-up,
+                    // so that the run has nothing more to read than the node's.
+                    let send = async {
+                        writer
+                            .send_frame(&listing)
+                            .await
+                            .map_err(|e| format!("floor record: {e}"))
+                    };
+                    let hello = async {
+                        match next_inbound(&mut reader).await {
+                            Some(Ok(_)) => Ok(()),
+                            _ => Err("the floor's neighbor sent no hello".to_owned()),
+                        }
+                    };
+                    tokio::try_join!(send, hello)?;
+                    Ok::<_, String>((reader, writer))
+                }));
+            }
+            for link in handshakes {
+                links.push(link.await.map_err(|e| e.to_string())??);
+            }
+            for ready in readies {
+                ready
+                    .await
+                    .map_err(|_| "a floor neighbor failed to connect".to_owned())?;
+            }
+        }
+        listed.wait(SETUP_TIMEOUT).await?;
+        Ok::<_, String>((links, peers))
+    };
+    let (links, peers) = tokio::time::timeout(SETUP_TIMEOUT, setup)
+        .await
+        .map_err(|_| format!("{n} floor neighbors did not connect within {SETUP_TIMEOUT:?}"))??;
+    Ok(FloorSetUp {
+        links,
+        peers,
+        withdrawal,
+    })
+}
+
+/// The floor: what a correct node must do on the wire, and nothing else. From a task per
+/// link: write the withdrawal frame (encrypted), shut the write half down, then read to the
+/// neighbor's hang-up (the node must know that each stream has ended, to report who was late)
+/// and close.
+async fn run_floor(set_up: FloorSetUp) -> Result<FloorRun, String> {
+    let FloorSetUp {
+        links,
+        peers,
+        withdrawal,
+    } = set_up;
+    let start = Instant::now();
+    let writes = links.into_iter().map(|(mut reader, mut writer)| {
+        let withdrawal = withdrawal.clone();
+        tokio::spawn(async move {
+            writer.send_frame(&withdrawal).await?;
+            writer.shutdown().await?;
+            // The neighbor's keepalives, if any, then its EOF; a reset ends it too.
+            while let Some(Ok(_)) = reader.next().await {}
+            Ok::<_, std::io::Error>(())
+        })
+    });
+    let writes = writes.collect::<Vec<_>>();
+    let all = tokio::time::timeout(RUN_TIMEOUT, join_all(writes))
+        .await
+        .map_err(|_| format!("the floor did not end within {RUN_TIMEOUT:?}"))?;
+    for write in all {
+        write
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("floor: {e}"))?;
+    }
+    let done = start.elapsed();
+    let (data, eof) = last_arrivals(peers, start).await?;
+    Ok(FloorRun {
+        data_ms: millis(data),
+        eof_ms: millis(eof),
+        done_ms: millis(done),
+    })
 }
