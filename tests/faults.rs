@@ -62,15 +62,17 @@ async fn withdrawal_reached(what: &str, node: NodeId, seen: tokio::task::JoinHan
     );
 }
 
-/// Version `version` of a record of `owner` that lists 2000 made-up neighbors: about 135 KB
-/// on the wire. Each version replaces the last in the database, but each is gossiped.
-fn big_record(owner: &Identity, version: u64) -> SignedRecord {
+/// Version `version` of a record of `owner` that lists `via` and 2000 made-up neighbors: about
+/// 135 KB on the wire. Each version replaces the last in the database, but each is gossiped
+/// (once `via` lists `owner` back, so that it is reachable).
+fn big_record(owner: &Identity, version: u64, via: NodeId) -> SignedRecord {
     let neighbors: BTreeSet<NodeId> = (0..2_000u32)
         .map(|i| {
             let mut id = [0u8; 32];
             id[..4].copy_from_slice(&i.to_be_bytes());
             NodeId(id)
         })
+        .chain([via])
         .collect();
     owner.sign(NodeRecord {
         id: owner.id(),
@@ -82,21 +84,59 @@ fn big_record(owner: &Identity, version: u64) -> SignedRecord {
 
 /// A fresh node's record, for checking that news still flows.
 fn news(seed: u8) -> SignedRecord {
+    news_via(seed, &[])
+}
+
+/// A fresh node's record listing `neighbors`.
+fn news_via(seed: u8, neighbors: &[NodeId]) -> SignedRecord {
     let owner = Identity::from_seed([seed; 32]);
     owner.sign(NodeRecord {
         id: owner.id(),
         addr: "127.0.0.1:9".into(),
         version: 1,
-        neighbors: BTreeSet::new(),
+        neighbors: neighbors.iter().copied().collect(),
     })
 }
 
-/// Asserts the node still serves its neighbors: news from `from` reaches `to`.
-async fn news_flows(from: &mut FakePeer, to: &mut FakePeer, seed: u8) {
-    let record = news(seed);
-    let id = record.id();
-    from.send(&Frame::Gossip {
+/// `peer`'s own record at `version`, listing `node` and `others`: a full neighbor that lists
+/// `others`, whose records listing it back are then reachable (only reachable records are
+/// forwarded). Returns once the node stores it.
+async fn lists_back(node: &Node, peer: &mut FakePeer, version: u64, others: &[NodeId]) {
+    let record = peer.identity.sign(NodeRecord {
+        id: peer.id(),
+        addr: "127.0.0.1:9".into(),
+        version,
+        neighbors: others.iter().copied().chain([node.id()]).collect(),
+    });
+    peer.send(&Frame::Gossip {
         records: vec![record],
+    })
+    .await;
+    let id = peer.id().to_string();
+    eventually("the node stores the record listing it back", || async {
+        status(node)
+            .await
+            .known_nodes
+            .iter()
+            .any(|k| k.node_id == id && k.version == version)
+    })
+    .await;
+}
+
+/// Asserts the node still serves its neighbors: news from `from` reaches `to`. The news is a
+/// new node joining `from` (whose record, at version 1000 + `seed`, lists it), so it is
+/// reachable and forwarded.
+async fn news_flows(node: &Node, from: &mut FakePeer, to: &mut FakePeer, seed: u8) {
+    let record = news_via(seed, &[from.id()]);
+    let id = record.id();
+    let joined = from.identity.sign(NodeRecord {
+        id: from.id(),
+        addr: "127.0.0.1:9".into(),
+        version: 1000 + u64::from(seed),
+        neighbors: [id, node.id()].into_iter().collect(),
+    });
+    from.send(&Frame::Gossip {
+        records: vec![joined, record],
     })
     .await;
     within(
@@ -124,17 +164,18 @@ async fn a_neighbor_whose_receive_buffer_is_full_is_named_and_the_others_still_g
     let stuck = support::stuck_neighbor_over(stream).await;
     eventually("the stuck neighbor is admitted", || lists(&node, stuck.id)).await;
     let mut feeder = peer(&node, 2).await;
+    let owner = Identity::from_seed([5; 32]);
+    lists_back(&node, &mut feeder, 2, &[owner.id()]).await;
     let (good_a, good_b) = (peer(&node, 3).await, peer(&node, 4).await);
     let (seen_a, seen_b) = (witness(good_a), witness(good_b));
 
     // Big records until the node has to hold gossip back for the stuck neighbor: by then its
     // receive buffer and the node's send buffer to it are full, and its queue is busy.
-    let owner = Identity::from_seed([5; 32]);
     let mut version = 0;
     while status(&node).await.stats.gossip_deferred == 0 {
         assert!(version < 400, "the stuck neighbor's buffers never filled");
         version += 1;
-        let records = vec![big_record(&owner, version)];
+        let records = vec![big_record(&owner, version, feeder.id())];
         feeder.send(&Frame::Gossip { records }).await;
     }
     drop(feeder.into_parts());
@@ -380,7 +421,7 @@ async fn bad_frames_and_forged_records_are_dropped_counted_and_a_repeat_offender
             "{}: one is tolerated",
             bad.what
         );
-        news_flows(&mut source, &mut sink, 100 + n as u8).await;
+        news_flows(&node, &mut source, &mut sink, 100 + n as u8).await;
         // Again and again: the repeat offender is disconnected.
         for _ in 1..MAX_STRIKES {
             if mallory.try_send_raw(&bad.wire).await.is_err() {
@@ -437,7 +478,7 @@ async fn a_truncated_frame_is_counted_and_ends_only_that_stream() {
         status(&node).await.stats.frames_malformed == before + 1
     })
     .await;
-    news_flows(&mut source, &mut sink, 44).await;
+    news_flows(&node, &mut source, &mut sink, 44).await;
     assert!(node.stop().await);
 }
 
@@ -449,8 +490,11 @@ async fn replays_and_a_flood_of_useless_gossip_are_counted_and_the_flooder_is_cu
     let mut mallory = peer(&node, 53).await;
     let victim = news(54);
     let victim_owner = Identity::from_seed([54; 32]);
+    // The victim joins the source: reachable, so its records are forwarded.
+    lists_back(&node, &mut source, 2, &[victim.id()]).await;
     let newer = victim_owner.sign(NodeRecord {
         version: 2,
+        neighbors: [source.id()].into_iter().collect(),
         ..victim.record.clone()
     });
     source
@@ -510,7 +554,7 @@ async fn replays_and_a_flood_of_useless_gossip_are_counted_and_the_flooder_is_cu
         !lists(&node, mallory.id()).await
     })
     .await;
-    news_flows(&mut source, &mut sink, 55).await;
+    news_flows(&node, &mut source, &mut sink, 55).await;
     assert!(node.stop().await);
 }
 

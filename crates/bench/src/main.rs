@@ -3,6 +3,7 @@
 
 mod flood;
 mod handshake;
+mod hops;
 mod memory;
 mod mesh;
 mod operations;
@@ -18,7 +19,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use serde::Serialize;
 
-use crate::stats::ms;
+use crate::stats::{Spread, ms};
 
 /// meshnode's benchmarks. Each scenario prints a table; --json writes every figure.
 #[derive(Debug, Parser)]
@@ -151,12 +152,26 @@ async fn run(args: &Args) -> Result<(), String> {
     let wants = |s: Scenario| args.scenario == Scenario::All || args.scenario == s;
     if wants(Scenario::Shutdown) {
         println!(
-            "\n== shutdown: one node, N neighbors; ms from the request, median [min–max] of {} runs",
+            "\n== shutdown: one node, N neighbors, against the floor, in {} rounds of the floors' runs then the node's, back to back",
             args.repeat
         );
         println!(
-            "{:>6}  {:>24}  {:>24}  {:>24}  {:>24}  {:>10}  frames sent",
-            "N", "(a) last withdrawal", "(b) last EOF", "(c) node ended", "floor (b)", "node/floor"
+            "ms from the request, median [min–max]; node/floor: the median [min–max] of the per-round ratios of (b)"
+        );
+        println!(
+            "floor: the same encrypted links and light neighbors, the frame, FIN, wait for the hang-up, no node; plaintext floor: the same without the cipher"
+        );
+        println!(
+            "{:>6}  {:>22}  {:>22}  {:>22}  {:>22}  {:>22}  {:>20}  {:>20}  {:>9}  frames sent",
+            "N",
+            "(a) last withdrawal",
+            "(b) last EOF",
+            "(c) node ended",
+            "floor (b)",
+            "plaintext floor (b)",
+            "node/floor",
+            "node/plaintext",
+            "load avg"
         );
         for &n in &args.neighbors {
             let p = match shutdown::point(n, args.repeat).await {
@@ -170,14 +185,19 @@ async fn run(args: &Args) -> Result<(), String> {
                     continue;
                 }
             };
+            let loads = Spread::of(p.load_average.clone());
+            let ratio = |s: &Spread| format!("{:.2} [{:.2}–{:.2}]", s.median, s.min, s.max);
             println!(
-                "{:>6}  {:>24}  {:>24}  {:>24}  {:>24}  {:>10.2}  {:?}{}",
+                "{:>6}  {:>22}  {:>22}  {:>22}  {:>22}  {:>22}  {:>20}  {:>20}  {:>9}  {:?}{}",
                 n,
                 p.withdrawal_ms.cell(),
                 p.eof_ms.cell(),
                 p.done_ms.cell(),
                 p.floor_eof_ms.cell(),
-                p.ratio,
+                p.plain_floor_eof_ms.cell(),
+                ratio(&p.ratios),
+                ratio(&p.plain_ratios),
+                format!("{:.1}–{:.1}", loads.min, loads.max),
                 p.frames_sent,
                 if p.all_graceful {
                     ""
@@ -185,14 +205,31 @@ async fn run(args: &Args) -> Result<(), String> {
                     "  (not all graceful)"
                 }
             );
+            for (i, r) in p.rounds.iter().enumerate() {
+                println!(
+                    "        round {}: (b) plaintext floor {} ms, floor {} ms, node {} ms; node/floor {:.2}, node/plaintext {:.2}; floors {} the node; load average {:.1}",
+                    i + 1,
+                    ms(r.plain_floor.eof_ms),
+                    ms(r.floor.eof_ms),
+                    ms(r.node.eof_ms),
+                    r.ratio,
+                    r.plain_ratio,
+                    if r.floors_first { "before" } else { "after" },
+                    r.load_average
+                );
+            }
             results.shutdown.push(p);
         }
         if let Some(p) = results.shutdown.iter().find(|p| p.neighbors == 1000) {
             let frames_ok = p.frames_sent.iter().all(|&f| f == 1000);
             println!(
-                "goal, N = 1000: (b) at most 1.5x the floor: {:.2}x, {}; frames sent = N: {}",
+                "goal, N = 1000: (b) at most 1.5x the floor: {:.2}x (median of {} paired ratios, {:.2}–{:.2}), {}; against the plaintext floor {:.2}x; frames sent = N: {}",
                 p.ratio,
+                p.rounds.len(),
+                p.ratios.min,
+                p.ratios.max,
                 verdict(p.ratio <= 1.5),
+                p.plain_ratios.median,
                 verdict(frames_ok)
             );
         }
@@ -239,6 +276,20 @@ async fn run(args: &Args) -> Result<(), String> {
             s.settled_bytes_per_edge.cell()
         );
         for (i, r) in s.rounds.iter().enumerate() {
+            let hops: Vec<String> = r
+                .graceful_hops
+                .iter()
+                .map(|h| format!("{}: {} ({} nodes)", h.hops, ms(h.median_ms), h.nodes))
+                .collect();
+            println!(
+                "  round {}: graceful, median ms by hops from the departed node: {}; {} ms per hop; the process's threads meanwhile ran {} ms and waited for a core {} ms in {} ms",
+                i + 1,
+                hops.join(", "),
+                hops::slope(&r.graceful_hops).map_or("-".into(), ms),
+                ms(r.graceful_cpu.ran_ms),
+                ms(r.graceful_cpu.waited_ms),
+                ms(r.graceful_cpu.wall_ms)
+            );
             println!(
                 "  round {}: {:.1} s to start the nodes, converged {} ms later with {} records repaired by digests; digests then {:.0} B per node per second (not gossip)",
                 i + 1,

@@ -16,6 +16,9 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 
+/// Largest read buffer a light neighbor keeps while idle, as a meshnode's reader.
+const IDLE_BUFFER: usize = 8 * 1024;
+
 /// When a light neighbor saw the node's withdrawal and its EOF.
 #[derive(Debug, Clone, Copy)]
 pub struct Arrival {
@@ -116,6 +119,20 @@ pub async fn join(node: SocketAddr, me: &Identity, attempts: u32) -> Result<Join
     Ok((link, reader, writer))
 }
 
+/// The records of `node` in a gossip frame's body, decoded (no signature checks): only the
+/// node's own record matters to a light neighbor, found by the ids at the records' heads. The
+/// floor's readers (crate::shutdown) read their frames with this same function.
+pub fn node_records(body: &[u8], node: NodeId) -> Vec<SignedRecord> {
+    let Ok(found) = gossip_records(body) else {
+        return Vec::new();
+    };
+    found
+        .iter()
+        .filter(|(id, _)| *id == node)
+        .filter_map(|(_, bytes)| SignedRecord::from_wire(bytes).ok())
+        .collect()
+}
+
 /// Connects to `node` as `me` ([`join`]), signals `ready` once the node's record lists it,
 /// counts itself in `listed` once the node's record lists all of its neighbors, then reads
 /// until EOF and reports when the withdrawal (the node's record listing nobody) and the EOF
@@ -143,6 +160,13 @@ pub async fn run(
             last_sent = Instant::now();
             continue;
         };
+        // Give back a large read buffer once it is empty, as a meshnode's own reader does, so
+        // that a neighbor that lived through the set-up's large records holds no more than one
+        // that did not (the floor's readers, crate::shutdown).
+        let buffer = reader.read_buffer_mut();
+        if buffer.is_empty() && buffer.capacity() > IDLE_BUFFER {
+            *buffer = bytes::BytesMut::new();
+        }
         let frame = match next {
             None => break,
             Some(Ok(Inbound::Frame(body))) => body,
@@ -151,13 +175,7 @@ pub async fn run(
             }
             Some(Err(e)) => return Err(format!("read: {e}")),
         };
-        // Only the node's own record can matter: find it by the ids at the records' heads and
-        // decode that one alone (no signature checks), as the floor's readers skip theirs.
-        let Ok(found) = gossip_records(&frame) else {
-            continue;
-        };
-        let own = found.iter().filter(|(id, _)| *id == node_id);
-        for record in own.filter_map(|(_, bytes)| SignedRecord::from_wire(bytes).ok()) {
+        for record in node_records(&frame, node_id) {
             if record.record.neighbors.contains(&me.id()) {
                 if let Some(ready) = ready.take() {
                     let _ = ready.send(());

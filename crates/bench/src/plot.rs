@@ -19,9 +19,13 @@ pub fn draw(points: &[Point], path: &Path) -> Result<(), String> {
         .iter()
         .map(|p| (p.neighbors as f64, p.floor_eof_ms.median.max(0.01)))
         .collect();
+    let plain: Vec<(f64, f64)> = points
+        .iter()
+        .map(|p| (p.neighbors as f64, p.plain_floor_eof_ms.median.max(0.01)))
+        .collect();
     let xs = node.iter().map(|p| p.0);
     let (x_min, x_max) = xs.fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(x), hi.max(x)));
-    let ys = node.iter().chain(&floor).map(|p| p.1);
+    let ys = node.iter().chain(&floor).chain(&plain).map(|p| p.1);
     let (y_min, y_max) = ys.fold((f64::MAX, f64::MIN), |(lo, hi), y| (lo.min(y), hi.max(y)));
 
     let root = SVGBackend::new(path, (720, 480)).into_drawing_area();
@@ -45,7 +49,12 @@ pub fn draw(points: &[Point], path: &Path) -> Result<(), String> {
         .y_desc("ms")
         .draw()
         .map_err(|e| err(&e))?;
-    for (series, color, name) in [(&node, RED, "meshnode"), (&floor, BLUE, "floor")] {
+    let series = [
+        (&node, RED, "meshnode"),
+        (&floor, BLUE, "floor (encrypted links)"),
+        (&plain, GREEN, "plaintext floor"),
+    ];
+    for (series, color, name) in series {
         chart
             .draw_series(LineSeries::new(
                 series.iter().copied(),

@@ -60,6 +60,15 @@ fn every_scenario_runs_at_a_tiny_size_and_writes_its_figures() {
         assert_eq!(point["all_graceful"], true);
         assert!(point["eof_ms"]["median"].as_f64().expect("a time") > 0.0);
         assert!(point["floor_eof_ms"]["median"].as_f64().expect("a time") > 0.0);
+        assert!(
+            point["plain_floor_eof_ms"]["median"]
+                .as_f64()
+                .expect("a time")
+                > 0.0
+        );
+        let rounds = point["rounds"].as_array().expect("rounds");
+        assert_eq!(rounds.len(), 1, "one round per repeat");
+        assert!(rounds[0]["ratio"].as_f64().expect("a ratio") > 0.0);
     }
     let round = &figures["mesh"]["rounds"][0];
     assert!(round["graceful"]["frames"].as_u64().expect("frames") > 0);

@@ -46,6 +46,43 @@ async fn neighbors(node: &Node, seeds: std::ops::Range<u8>) -> Vec<Peer> {
     peers
 }
 
+/// `peer` lists the node back (and `also`): its record at version 2 makes the neighborship full,
+/// so that what the node hears of it is forwarded (only reachable records are). Returns once the
+/// node stores that record.
+async fn lists_back(node: &Node, peer: &mut Peer, also: &[NodeId]) -> SignedRecord {
+    let mut listed = also.to_vec();
+    listed.push(node.id());
+    let update = record(&peer.identity, 2, &listed);
+    peer.send(&Frame::Gossip {
+        records: vec![update.clone()],
+    })
+    .await;
+    let id = peer.id().to_string();
+    within("the node stores the record listing it back", async {
+        while !node
+            .status()
+            .await
+            .expect("status")
+            .known_nodes
+            .iter()
+            .any(|k| k.node_id == id && k.version == 2)
+        {}
+    })
+    .await;
+    update
+}
+
+/// Reads gossip until `record` arrives.
+async fn until_record(peer: &mut Peer, record: &SignedRecord) {
+    loop {
+        match peer.next().await {
+            Some(Frame::Gossip { records }) if records.contains(record) => return,
+            Some(Frame::Gossip { .. }) => {}
+            other => panic!("gossip expected, got {other:?}"),
+        }
+    }
+}
+
 /// Each peer reads to the end of its stream in a task of its own, then hangs up, as a meshnode
 /// neighbor does.
 fn read_to_end(peers: Vec<Peer>) -> Vec<tokio::task::JoinHandle<Vec<Vec<SignedRecord>>>> {
@@ -129,10 +166,14 @@ async fn under_a_backlog_every_queued_frame_and_then_the_withdrawal_precede_the_
     let mut relay = peers.pop().expect("two peers");
 
     // The relay feeds the node records one batch at a time; each becomes a frame queued for
-    // the slow neighbor, which reads nothing meanwhile.
+    // the slow neighbor, which reads nothing meanwhile. The relay lists their nodes, and they
+    // list it, so they are reachable (only those are forwarded).
     // (Fewer than `BUSY_AT`, past which gossip is held back rather than queued.)
-    let relayed: Vec<_> = (100..112)
-        .map(|seed| record(&identity(seed), 1, &[]))
+    let seeds = 100..112;
+    let listed: Vec<NodeId> = seeds.clone().map(|seed| identity(seed).id()).collect();
+    lists_back(&node, &mut relay, &listed).await;
+    let relayed: Vec<_> = seeds
+        .map(|seed| record(&identity(seed), 1, &[relay.id()]))
         .collect();
     for r in &relayed {
         relay
@@ -322,11 +363,16 @@ async fn a_neighbor_that_withdraws_is_dropped_in_one_gossip_round_and_its_eof_ch
     let me = node.id();
     let mut peers = neighbors(&node, 10..13).await;
     let mut departing = peers.remove(0);
+    // A full neighbor: its record reaches the others.
+    let full = lists_back(&node, &mut departing, &[]).await;
+    for peer in &mut peers {
+        until_record(peer, &full).await;
+    }
     let version = node.status().await.expect("status").version;
     let mut bumped = 0;
 
     // The departing neighbor's own record, newer, listing nobody: its withdrawal.
-    let withdrawal = record(&departing.identity, 2, &[]);
+    let withdrawal = record(&departing.identity, 3, &[]);
     departing
         .send(&Frame::Gossip {
             records: vec![withdrawal.clone()],

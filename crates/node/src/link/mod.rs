@@ -62,9 +62,10 @@ pub struct StreamHandle {
     pub(crate) drain: CancellationToken,
     /// Set when the neighbor withdrew from the network, so that its dialer does not redial it.
     departed: Arc<AtomicBool>,
-    /// Set when this node's last frame is queued: the writer holds it for the close, so that it
-    /// leaves together with the FIN.
-    pub(crate) final_queued: Arc<AtomicBool>,
+    /// Set once this node's last frame is in the queue (after it is put there): the writer,
+    /// having written it, shuts the write half down in the same step, so that frame and FIN
+    /// leave together without waiting for [`StreamHandle::close`].
+    final_queued: Arc<AtomicBool>,
     /// Whether the link settled on the digest feature: digests may go both ways.
     digest: bool,
 }
@@ -127,12 +128,26 @@ impl StreamHandle {
         WRITER_QUEUE - self.queue.capacity() >= BUSY_AT
     }
 
-    /// Queues the last frame this node will send on the stream, using the slot that
-    /// [`StreamHandle::try_send`] leaves free, so that a busy queue cannot cost a neighbor the
-    /// news that this node is leaving.
-    pub fn try_send_final(&self, body: Bytes) -> Result<(), QueueError> {
+    /// Queues the last frames this node will send on the stream (the withdrawal: one frame in
+    /// practice), using the slot that [`StreamHandle::try_send`] leaves free, so that a busy
+    /// queue cannot cost a neighbor the news that this node is leaving. The writer writes what
+    /// is queued before them, then them, then shuts the write half down at once (the neighbor
+    /// reads the frames, then EOF): nothing may be queued after them.
+    pub fn try_send_final(&self, bodies: &[Bytes]) -> Result<(), QueueError> {
+        for body in bodies {
+            self.send(body.clone())?;
+        }
+        // Only now: a writer that sees the flag finds the last frame in the queue, or has it.
         self.final_queued.store(true, Ordering::Release);
-        self.send(body)
+        Ok(())
+    }
+
+    /// Whether the frame the writer has just taken from `queue` was the last one: the last
+    /// frames are queued and nothing waits behind the one taken. (Should the writer take the last frame
+    /// before the flag is set, it sees false and the stream closes with
+    /// [`StreamHandle::close`], as any stream does.)
+    pub(crate) fn took_final(&self, queue: &mpsc::Receiver<Bytes>) -> bool {
+        self.final_queued.load(Ordering::Acquire) && queue.is_empty()
     }
 
     fn send(&self, body: Bytes) -> Result<(), QueueError> {

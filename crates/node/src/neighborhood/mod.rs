@@ -15,6 +15,9 @@ mod outbox;
 mod pace;
 #[cfg(test)]
 mod props_support;
+mod reach;
+#[cfg(test)]
+mod reach_tests;
 mod state;
 #[cfg(test)]
 mod tests;

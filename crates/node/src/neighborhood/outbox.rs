@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use bytes::Bytes;
-use meshnode_protocol::{Frame, NodeId, VerifiedRecord};
+use meshnode_protocol::{Frame, NodeId};
 
 use super::state::{Neighborhood, sig_prefix};
 use crate::link::QueueError;
@@ -45,6 +45,7 @@ impl Neighborhood {
     /// drained. Each distinct set of records is encoded once.
     pub(super) fn flush(&mut self) {
         let now = tokio::time::Instant::now();
+        self.settle_reach();
         self.pace_own(now);
         let outbox = std::mem::take(&mut self.outbox);
         self.urgent = false;
@@ -60,6 +61,13 @@ impl Neighborhood {
         // bytes; no record is encoded here.
         let mut encoded: HashMap<Vec<NodeId>, Vec<(Bytes, usize)>> = HashMap::new();
         let me = self.own.id();
+        // What can matter of the database, for the newly connected neighbors (held records
+        // are not sent).
+        let sync = if outbox.full_sync.is_empty() {
+            BTreeSet::new()
+        } else {
+            self.sync_ids()
+        };
         let publishes_own = outbox.changed.contains_key(&me);
         let mut own_published = 0;
         for (peer, streams) in &self.streams {
@@ -72,7 +80,11 @@ impl Neighborhood {
             // The same sets for as many neighbors as possible, so that they share one encoding:
             // a neighbor may be sent its own record (it is stale there).
             let mut ids: BTreeSet<NodeId> = if outbox.full_sync.contains(peer) {
-                self.db.records().map(VerifiedRecord::id).collect()
+                let mut ids = sync.clone();
+                if self.db.get(peer).is_some() {
+                    ids.insert(*peer);
+                }
+                ids
             } else {
                 outbox
                     .changed

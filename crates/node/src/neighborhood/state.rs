@@ -17,6 +17,7 @@ use super::connectivity::Connectivity;
 use super::digest::AntiEntropy;
 use super::outbox::Outbox;
 use super::pace::ByteBudget;
+use super::reach::Reach;
 use super::{GossipCounters, Merge, NeighborhoodMsg, NeighborhoodStatus, NodeDb};
 use crate::link::{ConnId, StreamHandle};
 
@@ -85,6 +86,8 @@ pub(super) struct Neighborhood {
     pub(super) anti_entropy: AntiEntropy,
     /// [`NodeDb::dropped`] when the maps keyed by record were last cleared of dropped ids.
     pub(super) forgotten_up_to: u64,
+    /// What is reachable, and the records held back because they are not.
+    pub(super) reach: Reach,
 }
 
 impl Neighborhood {
@@ -110,6 +113,7 @@ impl Neighborhood {
         db.merge(own.clone());
         // The own record is reachable from the start, so never evicted.
         db.prune(&own.id(), Instant::now(), super::database::TOMBSTONE_GRACE);
+        let reach = Reach::new(own.id());
         Ok(Self {
             clock,
             db,
@@ -138,6 +142,7 @@ impl Neighborhood {
             anti_entropy: AntiEntropy::new(&identity.id(), Instant::now()),
             forgotten_up_to: 0,
             identity,
+            reach,
         })
     }
 
@@ -190,6 +195,8 @@ impl Neighborhood {
                     Err(_) => break,
                 }
             }
+            // Once per batch: held records the batch made reachable join the outbox.
+            self.settle_reach();
             if self.window.is_zero() || self.urgent {
                 self.flush();
             } else if self.flush_at.is_none() && self.owes_gossip() {
@@ -207,6 +214,8 @@ impl Neighborhood {
     pub(super) fn prune(&mut self, now: Instant) {
         let dropped = self.db.prune(&self.own.id(), now, self.tombstone_grace);
         if !dropped.is_empty() {
+            self.reach.invalidate();
+            self.prune_held();
             debug!(
                 dropped = dropped.len(),
                 kept = self.db.len(),
@@ -413,15 +422,22 @@ impl Neighborhood {
         // link to it is gone: it waits for the window like any change, so that many newcomers
         // leave as one round.)
         let withdrawal = record.record().neighbors.is_empty() && self.db.get(&id).is_some();
+        self.note_merge(&record);
+        let dropped = self.db.dropped();
         let merged = self.db.merge(record);
+        if self.db.dropped() != dropped {
+            // Records evicted at the cap: one may have been reachable since the last prune.
+            self.reach.invalidate();
+        }
         match merged {
             Merge::Accepted => {
-                // A withdrawal is forwarded at once: it is what tells the mesh that every link
-                // to its node is gone.
-                self.urgent |= withdrawal;
                 self.counters.records_accepted += 1;
                 self.learned_at.insert(id, Instant::now());
-                self.outbox.changed.insert(id, source.into_iter().collect());
+                // Forwarded only if it can matter (reachable, or was); held otherwise. A
+                // withdrawal that is forwarded goes at once: it is what tells the mesh that
+                // every link to its node is gone.
+                let owed = self.owe_or_hold(id, source.into_iter().collect());
+                self.urgent |= withdrawal && owed;
             }
             Merge::Refused => {
                 self.counters.records_refused += 1;
@@ -483,6 +499,7 @@ impl Neighborhood {
                 self.own = own;
                 self.db.merge(self.own.clone());
                 self.learned_at.insert(self.own.id(), Instant::now());
+                self.reach.invalidate();
                 if publish == Publish::Now {
                     // The newest record goes out now, whatever lazy change it carries.
                     self.outbox.changed.insert(self.own.id(), BTreeSet::new());

@@ -281,17 +281,20 @@ async fn a_new_neighbor_gets_the_whole_database_and_is_listed_in_a_bumped_own_re
 #[tokio::test]
 async fn a_changed_record_goes_to_the_other_neighbors_only_and_a_stale_one_goes_nowhere() {
     let hood = Running::spawn(1);
+    let me = hood.me();
     let mut a = Neighbor::new(10, 1);
     let mut b = Neighbor::new(11, 2);
     let mut c = Neighbor::new(12, 3);
-    for n in [&a, &b, &c] {
-        hood.send(n.connected(1, &[])).await;
+    let x = identity(20);
+    // Full neighbors; A lists X, so X's record that lists A back is reachable.
+    hood.send(a.connected(1, &[me, x.id()])).await;
+    for n in [&b, &c] {
+        hood.send(n.connected(1, &[me])).await;
     }
     let base = hood.status().await.counters;
     for n in [&mut a, &mut b, &mut c] {
         n.queued();
     }
-    let x = identity(20);
 
     hood.send(a.gossip(vec![record(&x, 2, &[a.id()])])).await;
     let status = hood.status().await;
@@ -336,7 +339,7 @@ async fn a_changed_record_goes_to_the_other_neighbors_only_and_a_stale_one_goes_
         }
     );
 
-    // A newer one from C goes to A and B.
+    // A newer one from C goes to A and B (X's withdrawal: X was reachable).
     hood.send(c.gossip(vec![record(&x, 3, &[])])).await;
     let status = hood.status().await;
     assert_eq!(summary(&a.one_frame()), BTreeSet::from([(x.id(), 3)]));
@@ -353,17 +356,19 @@ async fn a_changed_record_goes_to_the_other_neighbors_only_and_a_stale_one_goes_
 #[tokio::test(start_paused = true)]
 async fn a_forwarded_record_leaves_byte_for_byte_as_it_came() {
     let hood = Running::spawn(1);
+    let me = hood.me();
     let mut a = Neighbor::new(10, 1);
     let mut b = Neighbor::new(11, 2);
     let mut c = Neighbor::new(12, 3);
-    for n in [&a, &b, &c] {
-        hood.send(n.connected(1, &[])).await;
+    let x = identity(20);
+    hood.send(a.connected(1, &[me, x.id()])).await;
+    for n in [&b, &c] {
+        hood.send(n.connected(1, &[me])).await;
     }
     hood.status().await;
     for n in [&mut a, &mut b, &mut c] {
         n.queued();
     }
-    let x = identity(20);
     let wire = record(&x, 2, &[a.id(), b.id()]).wire().clone();
     let received = meshnode_protocol::WireRecord::decode(&wire)
         .expect("well formed")
@@ -388,10 +393,17 @@ fn changes_handled_in_one_batch_leave_as_one_gossip_frame_per_neighbor() {
     let mut a = Neighbor::new(10, 1);
     let mut b = Neighbor::new(11, 2);
     let mut c = Neighbor::new(12, 3);
-    // Three neighbors connecting in one batch: three bumps, one full database each.
-    for n in [&a, &b, &c] {
-        hood.handle(n.connected(1, &[]));
-    }
+    let xs: Vec<Identity> = (20..25).map(identity).collect();
+    let listed = |xs: &[Identity]| {
+        let mut ids: Vec<NodeId> = xs.iter().map(Identity::id).collect();
+        ids.push(me.id());
+        ids
+    };
+    // Three neighbors connecting in one batch: three bumps, one full database each. A lists
+    // three newcomers, B two, so that their records are reachable once they list them back.
+    hood.handle(a.connected(1, &listed(&xs[..3])));
+    hood.handle(b.connected(1, &listed(&xs[3..])));
+    hood.handle(c.connected(1, &listed(&[])));
     a.nothing_queued();
     hood.flush();
     let others = |n: &Neighbor| {
@@ -409,12 +421,11 @@ fn changes_handled_in_one_batch_leave_as_one_gossip_frame_per_neighbor() {
     assert_eq!(summary(&c.one_frame()), want_c);
 
     // Five changes from two neighbors in one batch.
-    let xs: Vec<Identity> = (20..25).map(identity).collect();
     for x in &xs[..3] {
-        hood.handle(a.gossip(vec![record(x, 1, &[])]));
+        hood.handle(a.gossip(vec![record(x, 1, &[a.id()])]));
     }
     for x in &xs[3..] {
-        hood.handle(b.gossip(vec![record(x, 1, &[])]));
+        hood.handle(b.gossip(vec![record(x, 1, &[b.id()])]));
     }
     a.nothing_queued();
     hood.flush();
@@ -452,15 +463,17 @@ async fn messages_sent_back_to_back_to_the_running_task_are_flushed_as_one_batch
     let hood = Running::spawn(1);
     let mut a = Neighbor::new(10, 1);
     let mut b = Neighbor::new(11, 2);
-    hood.send(a.connected(1, &[])).await;
-    hood.send(b.connected(1, &[])).await;
+    let xs: Vec<Identity> = (20..26).map(identity).collect();
+    let mut listed: Vec<NodeId> = xs.iter().map(Identity::id).collect();
+    listed.push(hood.me());
+    hood.send(a.connected(1, &listed)).await;
+    hood.send(b.connected(1, &[hood.me()])).await;
     hood.status().await;
     a.queued();
     b.queued();
     // Back to back: the task does not run until the status request below waits for its answer.
-    let xs: Vec<Identity> = (20..26).map(identity).collect();
     for x in &xs {
-        hood.send(a.gossip(vec![record(x, 1, &[])])).await;
+        hood.send(a.gossip(vec![record(x, 1, &[a.id()])])).await;
     }
     let status = hood.status().await;
     let frame = b.one_frame();
@@ -601,8 +614,13 @@ async fn a_busy_neighbor_has_its_gossip_held_back_coalesced_and_sent_once_it_dra
     let hood = Running::spawn(1);
     let mut slow = Neighbor::new(10, 1);
     let mut fine = Neighbor::new(11, 2);
-    hood.send(slow.connected(1, &[])).await;
-    hood.send(fine.connected(1, &[])).await;
+    // `fine` lists the nodes whose records it relays, so that they are reachable.
+    let relayed: Vec<NodeId> = (100..=u8::MAX)
+        .map(|s| identity(s).id())
+        .chain([hood.me()])
+        .collect();
+    hood.send(slow.connected(1, &[hood.me()])).await;
+    hood.send(fine.connected(1, &relayed)).await;
     hood.status().await;
     fine.queued();
 
@@ -610,7 +628,7 @@ async fn a_busy_neighbor_has_its_gossip_held_back_coalesced_and_sent_once_it_dra
     // queue is busy.
     let mut seed = 100u8;
     while slow.queue.len() < BUSY_AT {
-        hood.send(fine.gossip(vec![record(&identity(seed), 1, &[])]))
+        hood.send(fine.gossip(vec![record(&identity(seed), 1, &[fine.id()])]))
             .await;
         assert_eq!(hood.status().await.counters.deferred, 0);
         seed += 1;
@@ -618,7 +636,7 @@ async fn a_busy_neighbor_has_its_gossip_held_back_coalesced_and_sent_once_it_dra
     // From here on `slow`'s gossip is held back, not queued, not dropped, and nothing is killed.
     let held: Vec<NodeId> = (seed..seed + 5).map(|s| identity(s).id()).collect();
     for s in seed..seed + 5 {
-        hood.send(fine.gossip(vec![record(&identity(s), 1, &[])]))
+        hood.send(fine.gossip(vec![record(&identity(s), 1, &[fine.id()])]))
             .await;
     }
     let status = hood.status().await;
@@ -648,20 +666,21 @@ async fn a_replaced_stream_whose_connect_arrives_late_does_not_cost_the_neighbor
     let mut a_old = Neighbor::new(10, 1);
     let mut a_new = a_old.new_stream(2);
     let mut b = Neighbor::new(11, 3);
-    hood.send(b.connected(1, &[])).await;
+    let x = identity(20);
+    hood.send(b.connected(1, &[me, x.id()])).await;
     hood.status().await;
     b.queued();
 
     // The pool admitted the old stream, then the new one, killing the old; the two stream tasks
     // raced, and the new one's connect arrived first.
     a_old.killed.cancel();
-    hood.send(a_new.connected(1, &[])).await;
+    hood.send(a_new.connected(1, &[me])).await;
     hood.status().await;
     assert_eq!(
         summary(&a_new.one_frame()),
         BTreeSet::from([(me, 3), (a_new.id(), 1), (b.id(), 1)])
     );
-    hood.send(a_old.connected(1, &[])).await;
+    hood.send(a_old.connected(1, &[me])).await;
     hood.status().await;
     a_old.queued();
     hood.send(a_old.disconnected()).await;
@@ -678,8 +697,7 @@ async fn a_replaced_stream_whose_connect_arrives_late_does_not_cost_the_neighbor
         summary(&a_new.one_frame()),
         BTreeSet::from([(me, 3), (a_new.id(), 1), (b.id(), 1)])
     );
-    let x = identity(20);
-    hood.send(b.gossip(vec![record(&x, 1, &[])])).await;
+    hood.send(b.gossip(vec![record(&x, 1, &[b.id()])])).await;
     hood.status().await;
     assert_eq!(summary(&a_new.one_frame()), BTreeSet::from([(x.id(), 1)]));
     a_old.nothing_queued();
@@ -946,18 +964,20 @@ fn hood_lists(hood: &mut Neighborhood, peer: NodeId) -> bool {
 #[test]
 fn a_change_is_not_sent_back_to_any_neighbor_that_sent_a_copy_of_it() {
     let me = identity(1);
+    let me_id = me.id();
     let mut hood = Neighborhood::new(me, ADDR.into()).expect("own record");
     let mut a = Neighbor::new(10, 1);
     let mut b = Neighbor::new(11, 2);
     let mut c = Neighbor::new(12, 3);
+    let news_id = identity(50).id();
     for n in [&a, &b, &c] {
-        hood.handle(n.connected(1, &[]));
+        hood.handle(n.connected(1, &[me_id, news_id]));
     }
     hood.flush();
     for n in [&mut a, &mut b, &mut c] {
         n.queued();
     }
-    let news = record(&identity(50), 1, &[]);
+    let news = record(&identity(50), 1, &[a.id()]);
     hood.handle(a.gossip(vec![news.clone()]));
     hood.handle(b.gossip(vec![news]));
     hood.flush();
@@ -1010,7 +1030,10 @@ fn a_full_sync_too_big_for_the_queue_sends_each_record_once_across_retries() {
     let me = identity(1);
     let mut hood = Neighborhood::new(me.clone(), ADDR.into()).expect("own record");
     let source = Neighbor::new(2, 1);
-    hood.handle(source.connected(1, &[]));
+    let owners: Vec<Identity> = (10..45).map(identity).collect();
+    let mut listed: Vec<NodeId> = owners.iter().map(Identity::id).collect();
+    listed.push(me.id());
+    hood.handle(source.connected(1, &listed));
     // Records of about 135 KB: one per gossip frame, more than a send queue holds.
     let fan: Vec<NodeId> = (0..2_000u32)
         .map(|i| {
@@ -1018,8 +1041,8 @@ fn a_full_sync_too_big_for_the_queue_sends_each_record_once_across_retries() {
             id[..4].copy_from_slice(&i.to_be_bytes());
             NodeId(id)
         })
+        .chain([source.id()])
         .collect();
-    let owners: Vec<Identity> = (10..45).map(identity).collect();
     hood.handle(source.gossip(owners.iter().map(|o| record(o, 1, &fan)).collect()));
     hood.flush();
 
@@ -1213,7 +1236,8 @@ async fn a_large_own_record_is_published_within_its_byte_budget_and_changes_coal
     for index in [121, 122] {
         tokio::time::advance(window).await;
         let mut newcomer = many(index);
-        hood.handle(newcomer.connected(1, &[]));
+        // A newcomer that lists this node: reachable, so its record is forwarded.
+        hood.handle(newcomer.connected(1, &[me.id()]));
         hood.flush();
         let sync = frames(&mut newcomer).concat();
         let own = own_in(&sync, me.id()).expect("the full sync holds the own record");

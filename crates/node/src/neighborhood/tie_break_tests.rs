@@ -2,8 +2,6 @@
 //! key), which the database orders by signature: the one it keeps reaches every neighbor that
 //! sent the other.
 
-use std::collections::BTreeSet;
-
 use bytes::Bytes;
 use meshnode_protocol::{Frame, Identity, NodeRecord, SignedRecord, VerifiedRecord};
 use tokio::sync::mpsc;
@@ -14,13 +12,13 @@ use super::database::supersedes;
 use super::state::Neighborhood;
 use crate::link::{ConnId, StreamHandle};
 
-fn record(owner: &Identity, addr: &str) -> VerifiedRecord {
+fn record(owner: &Identity, addr: &str, neighbors: &[&Identity]) -> VerifiedRecord {
     owner
         .sign_verified(NodeRecord {
             id: owner.id(),
             addr: addr.into(),
             version: 3,
-            neighbors: BTreeSet::new(),
+            neighbors: neighbors.iter().map(|n| n.id()).collect(),
         })
         .expect("a well-formed record verifies")
 }
@@ -40,22 +38,26 @@ fn queued(queue: &mut mpsc::Receiver<Bytes>) -> Vec<SignedRecord> {
 #[test]
 fn the_record_kept_at_a_tie_goes_to_the_neighbor_that_sent_the_other() {
     let me = Identity::from_seed([1; 32]);
-    let mut hood = Neighborhood::new(me, "127.0.0.1:4000".into()).expect("own record");
+    let mut hood = Neighborhood::new(me.clone(), "127.0.0.1:4000".into()).expect("own record");
     let (a, b) = (Identity::from_seed([10; 32]), Identity::from_seed([11; 32]));
+    // A lists the owner, so the owner's records (which list A) are reachable.
+    let owner = Identity::from_seed([50; 32]);
     let (a_stream, mut a_queue) = StreamHandle::new(ConnId(1), a.id(), CancellationToken::new());
     let (b_stream, mut b_queue) = StreamHandle::new(ConnId(2), b.id(), CancellationToken::new());
-    for (stream, who) in [(a_stream, &a), (b_stream, &b)] {
+    for (stream, who, lists) in [(a_stream, &a, vec![&me, &owner]), (b_stream, &b, vec![&me])] {
         hood.handle(NeighborhoodMsg::NeighborConnected {
             stream,
-            record: record(who, "127.0.0.1:5000"),
+            record: record(who, "127.0.0.1:5000", &lists),
         });
     }
     hood.flush();
     queued(&mut a_queue);
     queued(&mut b_queue);
 
-    let owner = Identity::from_seed([50; 32]);
-    let (x, y) = (record(&owner, "10.0.0.1:1"), record(&owner, "10.0.0.2:1"));
+    let (x, y) = (
+        record(&owner, "10.0.0.1:1", &[&a]),
+        record(&owner, "10.0.0.2:1", &[&a]),
+    );
     let (kept, lost) = if supersedes(&x, &y) { (x, y) } else { (y, x) };
     hood.handle(NeighborhoodMsg::Gossip {
         from: a.id(),

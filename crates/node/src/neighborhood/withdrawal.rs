@@ -36,9 +36,7 @@ impl Neighborhood {
         let mut notified = 0;
         let mut gone = Vec::new();
         for stream in &targets {
-            let queued = bodies
-                .iter()
-                .all(|body| stream.try_send_final(body.clone()).is_ok());
+            let queued = stream.try_send_final(&bodies).is_ok();
             if queued {
                 notified += 1;
                 self.counters.frames_sent += bodies.len() as u64;

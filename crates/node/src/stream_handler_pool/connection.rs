@@ -12,7 +12,6 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::{Admission, Counters, HANDSHAKE_TIMEOUT, MAX_STRIKES, PoolMsg, Shared, StreamHandle};
@@ -20,10 +19,6 @@ use crate::link::handshake::FEATURE_DIGEST;
 use crate::link::{HandshakeError, LinkCodec, LinkItem, LinkWriter, Negotiated, handshake};
 use crate::neighborhood::NeighborhoodMsg;
 use meshnode_protocol::NodeId;
-
-/// Longest the writer holds this node's last frame waiting for the close, before sending it
-/// alone.
-const FINAL_HOLD: Duration = Duration::from_millis(20);
 
 /// How a stream task ended, for the dialer that may have started it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -407,9 +402,10 @@ async fn verify(shared: &Shared, records: Vec<WireRecord>) -> Vec<VerifiedRecord
     tokio::task::spawn_blocking(check).await.unwrap_or_default()
 }
 
-/// Drains the stream's queue into the link, in order, until cancelled or asked to close.
-/// Closing writes everything queued before it, then shuts the write half down, so the
-/// neighbor reads every frame this node handed over before it reads EOF. A link with nothing to
+/// Drains the stream's queue into the link, in order, until cancelled, asked to close, or
+/// past this node's last frame ([`StreamHandle::try_send_final`]). Closing writes everything
+/// queued before it, then shuts the write half down, so the neighbor reads every frame this
+/// node handed over before it reads EOF. A link with nothing to
 /// send for `keepalive` sends a keepalive, so that the neighbor knows this node is alive.
 async fn write_loop<W>(
     mut writer: LinkWriter<W>,
@@ -439,27 +435,16 @@ async fn write_loop<W>(
                 }
             }
         };
-        // The withdrawal is this node's last frame: hold it for the close that follows at once,
-        // so that it leaves with the FIN and the neighbor reads both in one go. (If no close
-        // comes soon, it goes out alone.)
-        if queue.is_empty() && stream.final_queued.load(Ordering::Acquire) {
-            tokio::select! {
-                biased;
-                () = cancel.cancelled() => return,
-                () = drain.cancelled() => {
-                    let last = async {
-                        writer.send_frame(&body).await?;
-                        close(&mut writer, &mut queue, &cancel).await
-                    };
-                    break cancel.run_until_cancelled(last).await.unwrap_or(Ok(()));
-                }
-                () = tokio::time::sleep(FINAL_HOLD) => {}
-            }
-        }
         match cancel.run_until_cancelled(writer.send_frame(&body)).await {
             None => return,
             Some(Ok(())) => {}
             Some(Err(e)) => break Err(e),
+        }
+        // The withdrawal is this node's last frame: shut the write half down right behind it,
+        // in this same wake-up, so that it leaves with the FIN and the neighbor reads both in
+        // one go, without waiting for the pool to close the stream.
+        if stream.took_final(&queue) {
+            break close(&mut writer, &mut queue, &cancel).await;
         }
     };
     if let Err(e) = result {

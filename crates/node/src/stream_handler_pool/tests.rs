@@ -1059,3 +1059,56 @@ async fn the_streams_a_shutdown_waits_for_are_published_and_each_leaves_the_list
     tracker.close();
     within("the neighborhood stops", tracker.wait()).await;
 }
+
+/// The withdrawal is this node's last frame on a stream: the writer shuts the write half down
+/// right behind it, in the same step, without waiting for the pool to close the stream (here
+/// the test plays the pool and never closes it).
+#[tokio::test(start_paused = true)]
+async fn the_withdrawal_is_followed_by_the_fin_without_waiting_for_the_pools_close() {
+    let (rig, mut pool) = Rig::without_pool(1);
+    let me = rig.me.id();
+    let mut a = rig.open(10, false);
+    a.handshake(&rig.me).await;
+    let Some(PoolMsg::Admit { stream, reply, .. }) =
+        within("the stream asks to be admitted", pool.recv()).await
+    else {
+        panic!("an admission request expected");
+    };
+    reply
+        .send(Admission::Admitted)
+        .expect("the stream waits for its answer");
+    // The node lists A once it knows it.
+    until("the node lists A", || {
+        let neighbors = rig.neighbors();
+        async { neighbors.await.contains(&a.id()).then_some(()) }
+    })
+    .await;
+
+    let (done, wait) = meshnode_shutdown::channel("neighborhood");
+    let withdraw = crate::neighborhood::NeighborhoodMsg::WithdrawFromNetwork {
+        streams: vec![stream.clone()],
+        reply: done,
+    };
+    within("the neighborhood takes it", rig.neighborhood.send(withdraw))
+        .await
+        .expect("the neighborhood is running");
+    let report = within("the neighborhood answers", wait.wait()).await;
+    assert!(report.outcome.is_done(), "{report:?}");
+
+    // Every frame up to EOF: the last is the withdrawal, and it is the only one.
+    let frames = a.rest().await;
+    let withdrawals: Vec<usize> = frames
+        .iter()
+        .enumerate()
+        .filter(|(_, frame)| {
+            matches!(frame, Frame::Gossip { records }
+                if records.iter().any(|r| r.id() == me && r.record.neighbors.is_empty()))
+        })
+        .map(|(at, _)| at)
+        .collect();
+    assert_eq!(withdrawals, vec![frames.len() - 1], "{frames:?}");
+    // Nothing closed the stream but its writer: the handle was never asked to.
+    assert!(!stream.drain.is_cancelled());
+
+    rig.stop().await;
+}

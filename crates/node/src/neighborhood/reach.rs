@@ -1,0 +1,139 @@
+//! Forward only what can matter: the set of nodes reachable over full neighborships, kept once
+//! per batch, and the records held back because they are not reachable (docs/protocol.md, "Only
+//! what can matter is forwarded").
+//!
+//! A stored record goes to the neighbors only if its node is reachable from this one, or was
+//! at the end of the previous batch (a withdrawal, a change that cuts a node off). Any other
+//! record is held: stored, but sent nowhere, until it becomes reachable (a newcomer whose
+//! neighbor's record listing it back comes later). So a flood of fresh keys that nobody lists
+//! stops at the node it reaches, and a record evicted and received again cannot circulate.
+
+use std::collections::{BTreeSet, HashSet};
+
+use meshnode_protocol::{NodeId, VerifiedRecord};
+
+use super::state::Neighborhood;
+
+/// The reachable set as of the last settle, and the records held back.
+#[derive(Debug, Default)]
+pub(super) struct Reach {
+    /// The nodes reachable from this one over full neighborships at the last settle, this node
+    /// included.
+    reachable: HashSet<NodeId>,
+    /// Set when a merge may have changed what is reachable since the last settle.
+    dirty: bool,
+    /// Records stored while not reachable and not forwarded since. Only ids stored in the
+    /// database (pruned with it), so bounded by its cap.
+    held: HashSet<NodeId>,
+}
+
+impl Reach {
+    /// A reach that knows only `me` and must be settled before it is trusted.
+    pub(super) fn new(me: NodeId) -> Self {
+        Self {
+            reachable: HashSet::from([me]),
+            dirty: true,
+            held: HashSet::new(),
+        }
+    }
+
+    /// Whether `id` was reachable at the last settle.
+    pub(super) fn was_reachable(&self, id: &NodeId) -> bool {
+        self.reachable.contains(id)
+    }
+
+    /// How many records are held back.
+    #[cfg(test)]
+    pub(super) fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Notes that what is reachable may have changed (the own record changed, a record was
+    /// dropped).
+    pub(super) fn invalidate(&mut self) {
+        self.dirty = true;
+    }
+}
+
+impl Neighborhood {
+    /// Before `record` is merged: notes whether storing it can change what is reachable. It can
+    /// only if its node is reachable and its neighbors change, or it lists a reachable node
+    /// that lists it back (then it becomes reachable itself, and perhaps others through it). A
+    /// record of a fresh key that lists nobody changes nothing, and costs nothing here.
+    pub(super) fn note_merge(&mut self, record: &VerifiedRecord) {
+        if self.reach.dirty {
+            return;
+        }
+        let id = record.id();
+        let neighbors = &record.record().neighbors;
+        let changes = if self.reach.reachable.contains(&id) {
+            self.db
+                .get(&id)
+                .is_none_or(|stored| &stored.record().neighbors != neighbors)
+        } else {
+            neighbors
+                .iter()
+                .any(|n| self.reach.reachable.contains(n) && self.db.lists(n, &id))
+        };
+        self.reach.dirty |= changes;
+    }
+
+    /// A record was stored: it is owed to the neighbors (with those known to have it, `have`)
+    /// if its node was reachable at the last settle or a version of it is owed already;
+    /// otherwise it is held until a settle finds it reachable.
+    pub(super) fn owe_or_hold(&mut self, id: NodeId, have: BTreeSet<NodeId>) -> bool {
+        if self.reach.was_reachable(&id) || self.outbox.changed.contains_key(&id) {
+            self.reach.held.remove(&id);
+            self.outbox.changed.insert(id, have);
+            true
+        } else {
+            self.reach.held.insert(id);
+            false
+        }
+    }
+
+    /// Recomputes what is reachable if the batch may have changed it, and puts the held records
+    /// that became reachable in the outbox. Once per batch: a search from the own record that
+    /// visits only the reachable records.
+    pub(super) fn settle_reach(&mut self) {
+        if !self.reach.dirty {
+            return;
+        }
+        self.reach.dirty = false;
+        let now = self.db.reachable_from(&self.own.id());
+        for id in now.difference(&self.reach.reachable) {
+            if self.reach.held.remove(id) {
+                self.outbox.changed.entry(*id).or_default();
+            }
+        }
+        self.reach.reachable = now;
+    }
+
+    /// Forgets held records the database no longer stores.
+    pub(super) fn prune_held(&mut self) {
+        let db = &self.db;
+        self.reach.held.retain(|id| db.get(id).is_some());
+    }
+
+    /// What a newly admitted neighbor is sent of the database: every reachable record and
+    /// every record a reachable one lists (a neighbor not yet full, a withdrawal a former
+    /// neighbor still lists); not the held ones. The flush adds the peer's own stored record.
+    /// Call after [`Self::settle_reach`].
+    pub(super) fn sync_ids(&self) -> BTreeSet<NodeId> {
+        let mut ids = BTreeSet::new();
+        for id in &self.reach.reachable {
+            let Some(record) = self.db.get(id) else {
+                continue;
+            };
+            ids.insert(*id);
+            ids.extend(
+                record
+                    .record()
+                    .neighbors
+                    .iter()
+                    .filter(|n| self.db.get(n).is_some()),
+            );
+        }
+        ids
+    }
+}
