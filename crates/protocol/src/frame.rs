@@ -529,7 +529,7 @@ mod tests {
 
     #[test]
     fn an_unknown_type_byte_is_told_apart_from_a_malformed_frame() {
-        for kind in [0u8, 3, 0x7b, 255] {
+        for kind in [0u8, 4, 0x7b, 255] {
             assert!(matches!(
                 Frame::decode(&[kind, 1, 2, 3]),
                 Err(FrameError::UnknownType(k)) if k == kind
