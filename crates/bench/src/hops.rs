@@ -84,6 +84,47 @@ pub fn slope(hops: &[Hop]) -> Option<f64> {
     (den > 0.0).then(|| num / den)
 }
 
+/// What the kernel says the benchmark process's threads did over a stretch of time: ran on a
+/// core, or waited for one while runnable (other processes had the cores).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Cpu {
+    pub wall_ms: f64,
+    pub ran_ms: f64,
+    pub waited_ms: f64,
+}
+
+/// The threads' run and run-queue wait times so far, in ns, summed over /proc/self/task/*/
+/// schedstat (threads that ended are not counted).
+pub fn sched_ns() -> (u64, u64) {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return (0, 0);
+    };
+    let mut total = (0, 0);
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        let mut fields = stat
+            .split_whitespace()
+            .map(|f| f.parse::<u64>().unwrap_or(0));
+        total.0 += fields.next().unwrap_or(0);
+        total.1 += fields.next().unwrap_or(0);
+    }
+    total
+}
+
+impl Cpu {
+    /// From `before` ([`sched_ns`] then) and `wall` until now.
+    pub fn since(before: (u64, u64), wall: std::time::Duration) -> Self {
+        let now = sched_ns();
+        Self {
+            wall_ms: wall.as_secs_f64() * 1000.0,
+            ran_ms: now.0.saturating_sub(before.0) as f64 / 1e6,
+            waited_ms: now.1.saturating_sub(before.1) as f64 / 1e6,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -282,10 +282,13 @@ async fn run(args: &Args) -> Result<(), String> {
                 .map(|h| format!("{}: {} ({} nodes)", h.hops, ms(h.median_ms), h.nodes))
                 .collect();
             println!(
-                "  round {}: graceful, median ms by hops from the departed node: {}; {} ms per hop",
+                "  round {}: graceful, median ms by hops from the departed node: {}; {} ms per hop; the process's threads meanwhile ran {} ms and waited for a core {} ms in {} ms",
                 i + 1,
                 hops.join(", "),
-                hops::slope(&r.graceful_hops).map_or("-".into(), ms)
+                hops::slope(&r.graceful_hops).map_or("-".into(), ms),
+                ms(r.graceful_cpu.ran_ms),
+                ms(r.graceful_cpu.waited_ms),
+                ms(r.graceful_cpu.wall_ms)
             );
             println!(
                 "  round {}: graceful {} frames / {} B over {} links (then {} frames / {} B settled), crash {} frames / {} B over {} links",

@@ -51,6 +51,9 @@ pub struct Round {
     pub graceful: Departure,
     /// When the nodes at each distance from the gracefully departed node learned of it.
     pub graceful_hops: Vec<crate::hops::Hop>,
+    /// The process's threads from the request until the poll saw every node with the
+    /// withdrawal stored (a poll's interval, at most, after the last stored it).
+    pub graceful_cpu: crate::hops::Cpu,
     pub crash: Departure,
     /// From the last node started until every node knew the whole mesh.
     pub converged_ms: f64,
@@ -346,13 +349,17 @@ pub async fn round(n: usize, k: usize, seed: u64, window: Duration) -> Result<Ro
     let departed = departing.id().to_string();
     let changed = vec![departing.id()];
     let controller = departing.controller();
+    let sched = crate::hops::sched_ns();
     let start = Instant::now();
     let asked = tokio::spawn(async move { controller.shutdown().await });
+    until_learned(&nodes, changed[0], start).await?;
+    let graceful_cpu = crate::hops::Cpu::since(sched, start.elapsed());
+    let learned = last_learned(&nodes, &changed).await?;
+    // What the cheap poll found, checked once on the statuses.
     until(&nodes, "news of the withdrawal", |_, s| {
         withdrawn(s, &departed)
     })
     .await?;
-    let learned = last_learned(&nodes, &changed).await?;
     let graceful_hops = learned_by_hop(&nodes, &edges, leaving, changed[0], start).await?;
     let report = departing.wait().await;
     let _ = asked.await;
@@ -427,6 +434,7 @@ pub async fn round(n: usize, k: usize, seed: u64, window: Duration) -> Result<Ro
     Ok(Round {
         graceful,
         graceful_hops,
+        graceful_cpu,
         crash,
         converged_ms: millis(converged.duration_since(started)),
     })
@@ -480,6 +488,34 @@ async fn last_learned(nodes: &[Node], changed: &[NodeId]) -> Result<Instant, Str
         }
     }
     last.ok_or_else(|| "nobody learned anything".to_owned())
+}
+
+/// Waits until every node stored a record of `id` after `start`: a poll of one instant per
+/// node, so that the waiting costs the nodes, which share the machine's cores with it, next to
+/// nothing (a status lists every record).
+async fn until_learned(nodes: &[Node], id: NodeId, start: Instant) -> Result<(), String> {
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    let mut pending: Vec<usize> = (0..nodes.len()).collect();
+    loop {
+        let answers = join_all(pending.iter().map(|&i| nodes[i].learned_at(vec![id]))).await;
+        pending = pending
+            .into_iter()
+            .zip(answers)
+            .filter(|(_, at)| !matches!(at.as_deref(), Some([Some(at)]) if *at > start))
+            .map(|(i, _)| i)
+            .collect();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "timed out waiting for news of the withdrawal ({} of {} nodes without it)",
+                pending.len(),
+                nodes.len()
+            ));
+        }
+        tokio::time::sleep(POLL).await;
+    }
 }
 
 /// When each node (`nodes`: the mesh of `edges` without node `left`) stored the record of
