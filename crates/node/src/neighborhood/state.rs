@@ -204,14 +204,14 @@ impl Neighborhood {
     pub(super) fn prune(&mut self, now: Instant) {
         let dropped = self.db.prune(&self.own.id(), now, self.tombstone_grace);
         if !dropped.is_empty() {
-            self.reach.invalidate();
-            self.prune_held();
+            self.reach.shrink();
             debug!(
                 dropped = dropped.len(),
                 kept = self.db.len(),
                 "unreachable records past their grace dropped"
             );
         }
+        self.prune_reach();
         let db = &self.db;
         self.learned_at.retain(|id, _| db.get(id).is_some());
         for known in self.peer_has.values_mut() {
@@ -405,7 +405,7 @@ impl Neighborhood {
         let merged = self.db.merge(record);
         if self.db.dropped() != dropped {
             // Records evicted at the cap: one may have been reachable since the last prune.
-            self.reach.invalidate();
+            self.reach.shrink();
         }
         match merged {
             Merge::Accepted => {
