@@ -5,7 +5,7 @@ mod support;
 use std::collections::BTreeSet;
 
 use meshnode::{Config, Node};
-use meshnode_protocol::{Frame, Identity, NodeRecord};
+use meshnode_protocol::{Frame, Identity, NodeId, NodeRecord};
 
 use support::{FakePeer, eventually, node, status};
 
@@ -182,4 +182,67 @@ async fn forged_gossip_changes_nothing() {
         .expect("victim");
     assert_eq!((v.version, v.addr.as_str()), (5, "127.0.0.1:5005"));
     assert!(a.stop().await);
+}
+
+/// Only what can matter is forwarded (docs/protocol.md): records of keys that nobody lists,
+/// sent to A by a neighbor, stay at A. A node joining the mesh through that neighbor, sent after
+/// them on the same link, reaches B: A forwards over one link in order, so had A forwarded the
+/// fresh keys, B would hold them by then.
+#[tokio::test]
+async fn records_of_keys_nobody_lists_stop_at_the_node_that_got_them() {
+    let a = node(31, &[]).await;
+    let b = node(32, &[&a]).await;
+    eventually("A and B are full neighbors", || {
+        has_full_neighbors(&b, ids(&[&a]))
+    })
+    .await;
+    let mut peer = FakePeer::connect(a.listen_addr(), Identity::from_seed([33; 32])).await;
+    let sign = |owner: &Identity, version: u64, neighbors: BTreeSet<NodeId>| {
+        owner.sign(NodeRecord {
+            id: owner.id(),
+            addr: "127.0.0.1:9".into(),
+            version,
+            neighbors,
+        })
+    };
+    let fresh: Vec<Identity> = (40..60).map(|s| Identity::from_seed([s; 32])).collect();
+    peer.send(&Frame::Gossip {
+        records: fresh.iter().map(|f| sign(f, 1, BTreeSet::new())).collect(),
+    })
+    .await;
+    let fresh_ids: BTreeSet<String> = fresh.iter().map(|f| f.id().to_string()).collect();
+    eventually("A stores the fresh keys' records", || {
+        knows(&a, fresh_ids.clone())
+    })
+    .await;
+
+    // The neighbor lists A back, and a newcomer that lists it joins: both are reachable.
+    let newcomer = Identity::from_seed([61; 32]);
+    let joined = sign(
+        &peer.identity,
+        2,
+        [a.id(), newcomer.id()].into_iter().collect(),
+    );
+    let arrived = sign(&newcomer, 1, [peer.id()].into_iter().collect());
+    peer.send(&Frame::Gossip {
+        records: vec![joined, arrived],
+    })
+    .await;
+    let newcomer_id = newcomer.id().to_string();
+    eventually("B stores the newcomer's record", || {
+        knows(&b, [newcomer_id.clone()].into_iter().collect())
+    })
+    .await;
+    let at_b: BTreeSet<String> = status(&b)
+        .await
+        .known_nodes
+        .into_iter()
+        .map(|k| k.node_id)
+        .collect();
+    assert!(
+        at_b.is_disjoint(&fresh_ids),
+        "B holds records of keys nobody lists"
+    );
+    assert!(at_b.contains(&peer.id().to_string()));
+    assert!(b.stop().await && a.stop().await);
 }

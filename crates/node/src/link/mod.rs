@@ -142,12 +142,18 @@ impl StreamHandle {
         Ok(())
     }
 
+    /// Whether this node's last frames were queued on the stream: the neighborhood has
+    /// withdrawn from the network, and takes no more notice of streams that end.
+    pub(crate) fn final_queued(&self) -> bool {
+        self.final_queued.load(Ordering::Acquire)
+    }
+
     /// Whether the frame the writer has just taken from `queue` was the last one: the last
     /// frames are queued and nothing waits behind the one taken. (Should the writer take the last frame
     /// before the flag is set, it sees false and the stream closes with
     /// [`StreamHandle::close`], as any stream does.)
     pub(crate) fn took_final(&self, queue: &mpsc::Receiver<Bytes>) -> bool {
-        self.final_queued.load(Ordering::Acquire) && queue.is_empty()
+        self.final_queued() && queue.is_empty()
     }
 
     fn send(&self, body: Bytes) -> Result<(), QueueError> {

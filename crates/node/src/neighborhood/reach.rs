@@ -20,11 +20,20 @@ pub(super) struct Reach {
     /// The nodes reachable from this one over full neighborships at the last settle, this node
     /// included.
     reachable: HashSet<NodeId>,
-    /// Set when a merge may have changed what is reachable since the last settle.
+    /// Set when a merge may have made more nodes reachable since the last settle: the search
+    /// runs at the end of the batch, so that held records that became reachable leave with it.
     dirty: bool,
+    /// Set when a change can only have made fewer nodes reachable (a withdrawal, a dropped
+    /// neighbor, an evicted record): no held record can have become reachable, so the search
+    /// waits for the next prune. Meanwhile the nodes cut off still count as reachable, which
+    /// is what forwarding wants anyway: the news of a node that was reachable is still news.
+    shrunk: bool,
     /// Records stored while not reachable and not forwarded since. Only ids stored in the
     /// database (pruned with it), so bounded by its cap.
     held: HashSet<NodeId>,
+    /// Searches run, for tests.
+    #[cfg(test)]
+    pub(super) searches: u64,
 }
 
 impl Reach {
@@ -33,7 +42,10 @@ impl Reach {
         Self {
             reachable: HashSet::from([me]),
             dirty: true,
+            shrunk: false,
             held: HashSet::new(),
+            #[cfg(test)]
+            searches: 0,
         }
     }
 
@@ -48,10 +60,14 @@ impl Reach {
         self.held.len()
     }
 
-    /// Notes that what is reachable may have changed (the own record changed, a record was
-    /// dropped).
+    /// Notes that more nodes may be reachable (the own record changed).
     pub(super) fn invalidate(&mut self) {
         self.dirty = true;
+    }
+
+    /// Notes that fewer nodes may be reachable (records were dropped).
+    pub(super) fn shrink(&mut self) {
+        self.shrunk = true;
     }
 }
 
@@ -60,22 +76,27 @@ impl Neighborhood {
     /// only if its node is reachable and its neighbors change, or it lists a reachable node
     /// that lists it back (then it becomes reachable itself, and perhaps others through it). A
     /// record of a fresh key that lists nobody changes nothing, and costs nothing here.
+    ///
+    /// A reachable record that only loses neighbors (a withdrawal) can only make fewer nodes
+    /// reachable: that search waits for the next prune (see [`Reach::shrunk`]).
     pub(super) fn note_merge(&mut self, record: &VerifiedRecord) {
         if self.reach.dirty {
             return;
         }
         let id = record.id();
         let neighbors = &record.record().neighbors;
-        let changes = if self.reach.reachable.contains(&id) {
-            self.db
-                .get(&id)
-                .is_none_or(|stored| &stored.record().neighbors != neighbors)
-        } else {
-            neighbors
-                .iter()
-                .any(|n| self.reach.reachable.contains(n) && self.db.lists(n, &id))
-        };
-        self.reach.dirty |= changes;
+        if self.reach.reachable.contains(&id) {
+            match self.db.get(&id).map(|stored| &stored.record().neighbors) {
+                Some(stored) if stored == neighbors => {}
+                Some(stored) if neighbors.is_subset(stored) => self.reach.shrunk = true,
+                _ => self.reach.dirty = true,
+            }
+        } else if neighbors
+            .iter()
+            .any(|n| self.reach.reachable.contains(n) && self.db.lists(n, &id))
+        {
+            self.reach.dirty = true;
+        }
     }
 
     /// A record was stored: it is owed to the neighbors (with those known to have it, `have`)
@@ -100,6 +121,11 @@ impl Neighborhood {
             return;
         }
         self.reach.dirty = false;
+        self.reach.shrunk = false;
+        #[cfg(test)]
+        {
+            self.reach.searches += 1;
+        }
         let now = self.db.reachable_from(&self.own.id());
         for id in now.difference(&self.reach.reachable) {
             if self.reach.held.remove(id) {
@@ -109,10 +135,15 @@ impl Neighborhood {
         self.reach.reachable = now;
     }
 
-    /// Forgets held records the database no longer stores.
-    pub(super) fn prune_held(&mut self) {
+    /// At a prune: forgets held records the database no longer stores, and runs the search
+    /// that changes which could only shrink what is reachable put off.
+    pub(super) fn prune_reach(&mut self) {
         let db = &self.db;
         self.reach.held.retain(|id| db.get(id).is_some());
+        if self.reach.shrunk {
+            self.reach.dirty = true;
+            self.settle_reach();
+        }
     }
 
     /// What a newly admitted neighbor is sent of the database: every reachable record and

@@ -251,3 +251,39 @@ async fn the_whole_database_sent_to_a_newcomer_holds_the_withdrawal_a_reachable_
     assert!(sync.contains(&(d.id(), 2)), "the withdrawal: {sync:?}");
     assert!(sync.contains(&(a.id(), 1)) && sync.contains(&(b.id(), 1)));
 }
+
+/// The search for what is reachable runs once per batch that can make more nodes reachable (a
+/// join: held records must leave with that batch), and not for a change that can only make
+/// fewer reachable (a withdrawal, at every node of the mesh at once): that one waits for the
+/// next prune, and the withdrawn node's news is forwarded all the same.
+#[tokio::test(start_paused = true)]
+async fn a_withdrawal_puts_the_search_off_until_the_prune_and_a_join_does_not() {
+    let x = identity(30);
+    let (mut hood, a, mut b) = node_with_a_and_b(&[x.id()]);
+    hood.handle(a.gossip(vec![record(&x, 1, &[a.id()])]));
+    let before = hood.reach.searches;
+    after_window(&mut hood).await;
+    assert_eq!(
+        hood.reach.searches,
+        before + 1,
+        "the join: searched at once"
+    );
+    assert_eq!(b.received(), BTreeSet::from([(x.id(), 1)]));
+
+    // X withdraws: forwarded at once, no search.
+    let searches = hood.reach.searches;
+    hood.handle(a.gossip(vec![record(&x, 2, &[])]));
+    hood.flush();
+    assert_eq!(b.received(), BTreeSet::from([(x.id(), 2)]));
+    assert_eq!(hood.reach.searches, searches, "no search for a withdrawal");
+    assert!(hood.reach.was_reachable(&x.id()), "until the prune");
+    // The next prune runs it.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    hood.run_due();
+    assert_eq!(hood.reach.searches, searches + 1);
+    assert!(!hood.reach.was_reachable(&x.id()));
+    // And nothing that comes of X now is forwarded: it is cut off.
+    hood.handle(a.gossip(vec![record(&x, 3, &[])]));
+    after_window(&mut hood).await;
+    assert_eq!(b.received(), BTreeSet::new());
+}

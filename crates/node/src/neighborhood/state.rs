@@ -214,14 +214,14 @@ impl Neighborhood {
     pub(super) fn prune(&mut self, now: Instant) {
         let dropped = self.db.prune(&self.own.id(), now, self.tombstone_grace);
         if !dropped.is_empty() {
-            self.reach.invalidate();
-            self.prune_held();
+            self.reach.shrink();
             debug!(
                 dropped = dropped.len(),
                 kept = self.db.len(),
                 "unreachable records past their grace dropped"
             );
         }
+        self.prune_reach();
         // Records leave the database here and at a merge that evicts; when none left since the
         // last look there is nothing to forget (with a thousand records and their neighbors'
         // knowledge, that look is not free every second).
@@ -427,7 +427,7 @@ impl Neighborhood {
         let merged = self.db.merge(record);
         if self.db.dropped() != dropped {
             // Records evicted at the cap: one may have been reachable since the last prune.
-            self.reach.invalidate();
+            self.reach.shrink();
         }
         match merged {
             Merge::Accepted => {

@@ -117,10 +117,15 @@ where
     };
     info!(peer = %peer.short(), %conn, %reason, "stream ended");
     cancel.cancel();
-    let _ = shared
-        .neighborhood
-        .send(NeighborhoodMsg::NeighborDisconnected { conn, peer })
-        .await;
+    // A stream that carried this node's withdrawal ends after the neighborhood has withdrawn,
+    // which ignores it: at the end of a shutdown, one message per stream less to hand over
+    // while other neighbors still wait for their EOF.
+    if !handle.final_queued() {
+        let _ = shared
+            .neighborhood
+            .send(NeighborhoodMsg::NeighborDisconnected { conn, peer })
+            .await;
+    }
     let _ = shared.pool.send(PoolMsg::Closed { conn, peer }).await;
     if shared.cancel.is_cancelled() {
         Ended::Cancelled
