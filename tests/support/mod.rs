@@ -24,7 +24,11 @@ use tokio_util::codec::FramedRead;
 
 /// The link settings of a neighbor played by a test: a timeout no test reaches.
 pub fn test_link(identity: Identity) -> LocalLink {
-    LocalLink::new(identity, Duration::from_secs(3600)).expect("a Noise key")
+    let mut link = LocalLink::new(identity, Duration::from_secs(3600)).expect("a Noise key");
+    // A played neighbor reads gossip only: it does not offer digests (anti-entropy), so the
+    // node sends it none.
+    link.features = 0;
+    link
 }
 
 /// A neighbor that does the handshake, sends its record and then neither reads nor hangs up,

@@ -291,6 +291,14 @@ async fn run(args: &Args) -> Result<(), String> {
                 ms(r.graceful_cpu.wall_ms)
             );
             println!(
+                "  round {}: {:.1} s to start the nodes, converged {} ms later with {} records repaired by digests; digests then {:.0} B per node per second (not gossip)",
+                i + 1,
+                r.started_s,
+                ms(r.converged_ms),
+                r.repaired_to_converge,
+                r.digest_bytes_per_node_s
+            );
+            println!(
                 "  round {}: graceful {} frames / {} B over {} links (then {} frames / {} B settled), crash {} frames / {} B over {} links",
                 i + 1,
                 r.graceful.frames,

@@ -15,8 +15,13 @@ use tokio::time::Instant;
 
 use crate::stats::Spread;
 
-/// Longest the mesh may take to converge, or news of a departure to settle.
+/// Longest a mesh of up to [`SETTLE_NODES`] nodes may take to converge, or news of a departure
+/// to settle.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Past this many nodes the time-out grows as the square of the nodes: every node checks the
+/// signature of every version of every record once, so a mesh's set-up in one process is
+/// O(N^2) work on the machine's cores (about 150 s of CPU at 600 nodes).
+const SETTLE_NODES: usize = 500;
 /// How often the mesh is polled for completion; the times themselves come from each node's
 /// own record of when it stored what.
 const POLL: Duration = Duration::from_millis(50);
@@ -57,6 +62,14 @@ pub struct Round {
     pub crash: Departure,
     /// From the last node started until every node knew the whole mesh.
     pub converged_ms: f64,
+    /// Records the nodes sent one another in answer to digests (anti-entropy) until the mesh
+    /// converged: records that gossip alone had not brought.
+    pub repaired_to_converge: u64,
+    /// Digest bytes (anti-entropy, not gossip) each node sent per second, on average, from
+    /// the convergence to the end of the round.
+    pub digest_bytes_per_node_s: f64,
+    /// Seconds the nodes took to start, one by one, before the convergence is timed.
+    pub started_s: f64,
 }
 
 /// Every round of one mesh size.
@@ -75,6 +88,8 @@ pub struct Summary {
     pub settled_bytes_per_edge: Spread,
     /// How long each fresh mesh took to converge (set-up excluded), in ms.
     pub converged_ms: Spread,
+    /// Seconds each mesh's nodes took to start (the benchmark starts them one by one).
+    pub started_s: Spread,
 }
 
 pub async fn summary(
@@ -111,6 +126,7 @@ pub async fn summary(
                 .collect(),
         ),
         converged_ms: Spread::of(all.iter().map(|r| r.converged_ms).collect()),
+        started_s: Spread::of(all.iter().map(|r| r.started_s).collect()),
         rounds: all,
     })
 }
@@ -153,10 +169,25 @@ pub fn graph(n: usize, k: usize, seed: u64) -> Vec<(usize, usize)> {
     edges.into_iter().collect()
 }
 
+/// How long to wait for a mesh of `nodes` nodes (see [`SETTLE_NODES`]).
+fn settle_timeout(nodes: usize) -> Duration {
+    let scale = (nodes as f64 / SETTLE_NODES as f64).max(1.0);
+    SETTLE_TIMEOUT.mul_f64(scale * scale)
+}
+
+/// The pause after a round of polls that took `took`: at least [`POLL`], and three times the
+/// round, so that asking a thousand nodes for statuses (each a copy of its whole database)
+/// takes at most a quarter of the machine from the mesh it measures. Departure times do not
+/// depend on it (each node records when it stored what); the convergence time is known to
+/// within a pause.
+fn pause_after(took: Duration) -> Duration {
+    POLL.max(took * 3)
+}
+
 /// Every node's status, asked [`POLL_AT_ONCE`] at a time (a thousand at once on 2 cores miss
 /// their deadline); a node that does not answer in time is asked again, until the deadline.
 async fn statuses(nodes: &[Node]) -> Result<Vec<StatusPayload>, String> {
-    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    let deadline = Instant::now() + settle_timeout(nodes.len());
     let mut all = Vec::with_capacity(nodes.len());
     for chunk in nodes.chunks(POLL_AT_ONCE) {
         loop {
@@ -185,9 +216,10 @@ async fn until(
     what: &str,
     done: impl Fn(usize, &StatusPayload) -> bool,
 ) -> Result<Instant, String> {
-    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    let deadline = Instant::now() + settle_timeout(nodes.len());
     let mut pending: Vec<usize> = (0..nodes.len()).collect();
     loop {
+        let round = Instant::now();
         let mut still = Vec::new();
         let mut lacking = Lacking::default();
         for chunk in pending.chunks(POLL_AT_ONCE) {
@@ -217,7 +249,7 @@ async fn until(
             ));
         }
         pending = still;
-        tokio::time::sleep(POLL).await;
+        tokio::time::sleep(pause_after(round.elapsed())).await;
     }
 }
 
@@ -230,6 +262,13 @@ struct Lacking {
     most_known: usize,
     links_not_full: usize,
     unanswered: usize,
+    /// Records the nodes not there lack although a record they hold lists them.
+    listed_missing: usize,
+    timed_out: u64,
+    abuse: u64,
+    handshakes_failed: u64,
+    deferred: u64,
+    useless: u64,
 }
 
 impl Lacking {
@@ -239,6 +278,20 @@ impl Lacking {
         self.fewest_known = Some(self.fewest_known.map_or(known, |f| f.min(known)));
         self.most_known = self.most_known.max(known);
         self.links_not_full += s.neighbors.iter().filter(|n| !n.full).count();
+        let held: std::collections::HashSet<&str> =
+            s.known_nodes.iter().map(|k| k.node_id.as_str()).collect();
+        let listed: std::collections::HashSet<&str> = s
+            .known_nodes
+            .iter()
+            .flat_map(|k| k.neighbors.iter().map(String::as_str))
+            .filter(|id| !held.contains(id))
+            .collect();
+        self.listed_missing += listed.len();
+        self.timed_out += s.stats.peers_timed_out;
+        self.abuse += s.stats.peers_disconnected_for_abuse;
+        self.handshakes_failed += s.stats.handshakes_failed;
+        self.deferred += s.stats.gossip_deferred;
+        self.useless += s.stats.gossip_frames_useless;
     }
 }
 
@@ -246,11 +299,20 @@ impl std::fmt::Display for Lacking {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "they know {} to {} records, {} of their links are not full, {} did not answer",
+            "they know {} to {} records, {} of their links are not full, {} did not answer; \
+             {} records they lack are listed by records they hold; their counters: {} peers \
+             timed out, {} disconnected for abuse, {} handshakes failed, {} gossip deferred, \
+             {} useless frames",
             self.fewest_known.unwrap_or(0),
             self.most_known,
             self.links_not_full,
-            self.unanswered
+            self.unanswered,
+            self.listed_missing,
+            self.timed_out,
+            self.abuse,
+            self.handshakes_failed,
+            self.deferred,
+            self.useless
         )
     }
 }
@@ -274,8 +336,9 @@ impl Sent {
 /// Waits until no node's gossip counters move for a while; returns the sum of them.
 async fn quiet(nodes: &[Node]) -> Result<Sent, String> {
     let mut last = None;
-    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    let deadline = Instant::now() + settle_timeout(nodes.len());
     loop {
+        let round = Instant::now();
         let all = statuses(nodes).await?;
         let sent: Vec<(u64, u64)> = all
             .iter()
@@ -291,7 +354,7 @@ async fn quiet(nodes: &[Node]) -> Result<Sent, String> {
             return Err("gossip did not settle".into());
         }
         last = Some(sent);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(pause_after(round.elapsed()).max(Duration::from_millis(100))).await;
     }
 }
 
@@ -322,7 +385,9 @@ pub async fn start(
 
 pub async fn round(n: usize, k: usize, seed: u64, window: Duration) -> Result<Round, String> {
     let edges = graph(n, k, seed);
+    let starting = Instant::now();
     let mut nodes = start(n, &edges, window).await?;
+    let started_s = starting.elapsed().as_secs_f64();
     let degree: Vec<usize> = (0..n)
         .map(|i| edges.iter().filter(|(a, b)| *a == i || *b == i).count())
         .collect();
@@ -333,6 +398,17 @@ pub async fn round(n: usize, k: usize, seed: u64, window: Duration) -> Result<Ro
             && s.known_nodes.len() == n
     })
     .await?;
+    let at_convergence = statuses(&nodes).await?;
+    let repaired_to_converge = at_convergence
+        .iter()
+        .map(|s| s.stats.records_repaired)
+        .sum();
+    let digest_bytes_then: std::collections::HashMap<String, u64> = at_convergence
+        .iter()
+        .map(|s| (s.node_id.clone(), s.stats.digest_bytes_sent))
+        .collect();
+    let measuring = Instant::now();
+    drop(at_convergence);
 
     // A graceful withdrawal of the best-connected node whose loss leaves the mesh connected.
     let mut adjacency = vec![Vec::new(); n];
@@ -422,6 +498,17 @@ pub async fn round(n: usize, k: usize, seed: u64, window: Duration) -> Result<Ro
     .await?;
     let learned = last_learned(&nodes, &changed).await?;
     let spent = quiet(&nodes).await?.since(before);
+    // The nodes still running, each from its figure at the convergence.
+    let digest_bytes: u64 = statuses(&nodes)
+        .await?
+        .iter()
+        .map(|s| {
+            let then = digest_bytes_then.get(&s.node_id).copied().unwrap_or(0);
+            s.stats.digest_bytes_sent.saturating_sub(then)
+        })
+        .sum();
+    let digest_bytes_per_node_s =
+        digest_bytes as f64 / nodes.len().max(1) as f64 / measuring.elapsed().as_secs_f64();
     let crash = Departure {
         learned_ms: millis(learned.duration_since(start)),
         frames: spent.frames,
@@ -437,6 +524,9 @@ pub async fn round(n: usize, k: usize, seed: u64, window: Duration) -> Result<Ro
         graceful_cpu,
         crash,
         converged_ms: millis(converged.duration_since(started)),
+        repaired_to_converge,
+        digest_bytes_per_node_s,
+        started_s,
     })
 }
 

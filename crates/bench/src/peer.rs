@@ -85,8 +85,10 @@ pub type Joined = (
 /// as a dialer would. The link never times the node out; its keepalives keep the node from
 /// timing it out.
 pub async fn join(node: SocketAddr, me: &Identity, attempts: u32) -> Result<Joined, String> {
-    let local = LocalLink::new(me.clone(), Duration::from_secs(3600))
+    let mut local = LocalLink::new(me.clone(), Duration::from_secs(3600))
         .map_err(|e| format!("link key: {e}"))?;
+    // A light peer reads the node's record only: it offers no digests (anti-entropy).
+    local.features = 0;
     let mut attempt = 0;
     let (link, reader, mut writer) = loop {
         attempt += 1;

@@ -522,6 +522,11 @@ fn render_status(s: &StatusPayload) -> String {
     );
     let _ = writeln!(
         out,
+        "digests    {} sent ({} bytes), {} received, {} records repaired",
+        st.digests_sent, st.digest_bytes_sent, st.digests_received, st.records_repaired
+    );
+    let _ = writeln!(
+        out,
         "bad input  {} malformed, {} oversized frames, {} gossip rounds deferred, {} neighbors disconnected",
         st.frames_malformed,
         st.frames_oversized,

@@ -8,6 +8,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
+use crate::digest::{DIGEST, Digest, DigestError};
 use crate::record::{
     Cursor, NodeId, RECORD_FIXED_LEN, SignedRecord, VerifiedRecord, WireError, WireRecord,
     peek_record,
@@ -35,6 +36,8 @@ pub enum Frame {
     Hello { record: SignedRecord },
     /// Standard gossip: records the sender believes the receiver may not have.
     Gossip { records: Vec<SignedRecord> },
+    /// Anti-entropy: what the sender stores, by id and version (feature bit 0 only).
+    Digest(Digest),
 }
 
 /// A frame as read off the wire: each record with the exact bytes it came in, so that it can be
@@ -43,6 +46,7 @@ pub enum Frame {
 pub enum WireFrame {
     Hello(WireRecord),
     Gossip(Vec<WireRecord>),
+    Digest(Digest),
 }
 
 /// Why a frame could not be made or read.
@@ -56,6 +60,8 @@ pub enum FrameError {
     /// skipped; from any other peer it is a bad frame.
     #[error("frame of unknown type {0}")]
     UnknownType(u8),
+    #[error("digest is malformed: {0}")]
+    BadDigest(#[from] DigestError),
 }
 
 impl WireFrame {
@@ -95,6 +101,7 @@ impl WireFrame {
                 }
                 Ok(WireFrame::Gossip(records))
             }
+            DIGEST => Ok(WireFrame::Digest(Digest::decode(body)?)),
             other => Err(FrameError::UnknownType(other)),
         }
     }
@@ -109,6 +116,7 @@ impl From<WireFrame> for Frame {
             WireFrame::Gossip(records) => Frame::Gossip {
                 records: records.into_iter().map(WireRecord::into_signed).collect(),
             },
+            WireFrame::Digest(digest) => Frame::Digest(digest),
         }
     }
 }
@@ -138,6 +146,9 @@ impl Frame {
                 for record in records {
                     record.encode_into(&mut body);
                 }
+            }
+            Frame::Digest(digest) => {
+                body.extend_from_slice(&digest.encode()?);
             }
         }
         if body.len() > MAX_FRAME_LEN {
@@ -518,7 +529,7 @@ mod tests {
 
     #[test]
     fn an_unknown_type_byte_is_told_apart_from_a_malformed_frame() {
-        for kind in [0u8, 3, 0x7b, 255] {
+        for kind in [0u8, 4, 0x7b, 255] {
             assert!(matches!(
                 Frame::decode(&[kind, 1, 2, 3]),
                 Err(FrameError::UnknownType(k)) if k == kind

@@ -3,10 +3,12 @@
 //! envelope with the status payload ([`ui`]).
 #![forbid(unsafe_code)]
 
+pub mod digest;
 pub mod frame;
 pub mod record;
 pub mod ui;
 
+pub use digest::{Digest, DigestError, MAX_DIGEST_ENTRIES};
 pub use frame::{
     Frame, FrameCodec, FrameError, Inbound, MAX_FRAME_LEN, PROTOCOL_VERSION, WireFrame,
     frame_header, gossip_records,

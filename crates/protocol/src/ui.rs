@@ -321,6 +321,19 @@ pub struct Stats {
     /// Neighbors dropped for silence longer than the neighbor timeout, as if they had crashed.
     #[serde(default)]
     pub peers_timed_out: u64,
+    /// Digests sent to neighbors (anti-entropy): not gossip, not in the gossip counters.
+    #[serde(default)]
+    pub digests_sent: u64,
+    /// Bytes of those digests' bodies.
+    #[serde(default)]
+    pub digest_bytes_sent: u64,
+    /// Digests received from neighbors.
+    #[serde(default)]
+    pub digests_received: u64,
+    /// Records sent in answer to neighbors' digests, because they lacked them or held an older
+    /// version (their frames are counted as gossip).
+    #[serde(default)]
+    pub records_repaired: u64,
 }
 
 #[cfg(test)]

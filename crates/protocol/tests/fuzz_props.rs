@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use meshnode_protocol::{
-    Frame, FrameError, Identity, Inbound, MAX_FRAME_LEN, NodeId, NodeRecord, SignedRecord,
+    Digest, Frame, FrameError, Identity, Inbound, MAX_FRAME_LEN, NodeId, NodeRecord, SignedRecord,
     WireFrame, wire_len,
 };
 use proptest::prelude::*;
@@ -195,7 +195,31 @@ fn any_frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
         any_record().prop_map(|record| Frame::Hello { record }),
         prop::collection::vec(any_record(), 0..6).prop_map(|records| Frame::Gossip { records }),
+        any_digest().prop_map(Frame::Digest),
     ]
+}
+
+/// A valid digest: ascending ids from its start, complete or not (an incomplete one has an
+/// entry).
+fn any_digest() -> impl Strategy<Value = Digest> {
+    (
+        any::<[u8; 32]>(),
+        prop::collection::btree_map(any::<[u8; 32]>(), any::<u64>(), 0..8),
+        any::<bool>(),
+    )
+        .prop_map(|(start, entries, complete)| {
+            let start = NodeId(start);
+            let entries: Vec<(NodeId, u64)> = entries
+                .into_iter()
+                .map(|(id, v)| (NodeId(id), v))
+                .filter(|(id, _)| *id >= start)
+                .collect();
+            Digest {
+                start,
+                complete: complete || entries.is_empty(),
+                entries,
+            }
+        })
 }
 
 /// A change to a valid frame body.
@@ -377,6 +401,7 @@ proptest! {
                 .iter()
                 .map(|r| wire_len(r.record.addr.len(), r.record.neighbors.len()))
                 .sum::<usize>(),
+            Frame::Digest(digest) => 1 + 32 + 1 + 4 + 40 * digest.entries.len(),
         };
         prop_assert_eq!(body.len(), expected);
         prop_assert_eq!(&Frame::decode(&body).expect("own encoding decodes"), &frame);
@@ -398,7 +423,10 @@ proptest! {
         let body = frame.encode().expect("small frames encode");
         let cut = at.index(body.len());
         prop_assert!(
-            matches!(WireFrame::decode(&body[..cut]), Err(FrameError::Malformed(_))),
+            matches!(
+                WireFrame::decode(&body[..cut]),
+                Err(FrameError::Malformed(_) | FrameError::BadDigest(_))
+            ),
             "cut at {} of {}", cut, body.len()
         );
     }
@@ -418,7 +446,7 @@ proptest! {
         }
         check_frame_body(&body);
         if let Err(FrameError::UnknownType(kind)) = WireFrame::decode(&body) {
-            prop_assert!(kind != 1 && kind != 2);
+            prop_assert!(kind != 1 && kind != 2 && kind != 3);
         }
         body.extend_from_slice(&extra);
         check_frame_body(&body);

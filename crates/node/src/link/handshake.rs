@@ -26,8 +26,10 @@ pub const IDENTITY_DOMAIN: &[u8] = b"meshnode-link-identity-v1\0";
 /// The protocol versions this node speaks: 3, binary frames (version 1 was the plaintext hello,
 /// 2 the JSON frames; neither is spoken any more).
 pub const VERSIONS: (u16, u16) = (PROTOCOL_VERSION, PROTOCOL_VERSION);
-/// Feature bits this node speaks: none defined yet.
-pub const FEATURES: u32 = 0;
+/// Feature bit 0: `digest` frames (anti-entropy) on the link, both ways.
+pub const FEATURE_DIGEST: u32 = 1;
+/// Feature bits this node speaks.
+pub const FEATURES: u32 = FEATURE_DIGEST;
 /// Bytes of the identity payload before its optional extension bytes.
 pub const PAYLOAD_LEN: usize = 2 + 2 + 4 + 4 + 32 + 64;
 /// Largest handshake message either side accepts: the longest one is the second (an ephemeral

@@ -66,6 +66,8 @@ pub struct StreamHandle {
     /// having written it, shuts the write half down in the same step, so that frame and FIN
     /// leave together without waiting for [`StreamHandle::close`].
     final_queued: Arc<AtomicBool>,
+    /// Whether the link settled on the digest feature: digests may go both ways.
+    digest: bool,
 }
 
 impl StreamHandle {
@@ -84,8 +86,20 @@ impl StreamHandle {
             drain: CancellationToken::new(),
             departed: Arc::default(),
             final_queued: Arc::default(),
+            digest: false,
         };
         (handle, rx)
+    }
+
+    /// The handle of a link that settled on the digest feature (or not).
+    pub(crate) fn with_digest(mut self, digest: bool) -> Self {
+        self.digest = digest;
+        self
+    }
+
+    /// Whether this link may carry digests.
+    pub fn speaks_digest(&self) -> bool {
+        self.digest
     }
 
     pub fn id(&self) -> ConnId {

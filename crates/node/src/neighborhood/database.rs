@@ -60,6 +60,16 @@ pub struct NodeDb {
     unreachable_since: HashMap<NodeId, Instant>,
     /// Records dropped (evicted at the cap or past the grace) since start.
     dropped: u64,
+    /// Set when the records changed since the last prune: only then is reachability worked
+    /// out again (a prune of an unchanged database only drops what its grace ends for).
+    changed: bool,
+    /// What the last prune was for (the own id, the grace), and when the first tombstone not
+    /// listed by a reachable record ends its grace.
+    last_prune: Option<(NodeId, Duration)>,
+    next_expiry: Option<Instant>,
+    /// The tombstones a reachable record listed at the last full prune: their grace starts
+    /// again at every prune, the quick ones included.
+    listed_tombstones: Vec<NodeId>,
 }
 
 impl Default for NodeDb {
@@ -85,6 +95,10 @@ impl NodeDb {
             next_seq: 0,
             unreachable_since: HashMap::new(),
             dropped: 0,
+            changed: true,
+            last_prune: None,
+            next_expiry: None,
+            listed_tombstones: Vec::new(),
         }
     }
 
@@ -120,6 +134,7 @@ impl NodeDb {
         for victim in evict {
             self.remove(&victim);
         }
+        self.changed = true;
         if let Some(old) = self.records.insert(id, record) {
             self.bytes -= record_bytes(&old);
         }
@@ -147,6 +162,7 @@ impl NodeDb {
         let Some(old) = self.records.remove(id) else {
             return false;
         };
+        self.changed = true;
         self.bytes -= record_bytes(&old);
         if let Some(seq) = self.evictable_seq.remove(id) {
             self.evictable.remove(&seq);
@@ -165,6 +181,22 @@ impl NodeDb {
     /// prune: it is kept, so that a replayed earlier record of that node, which would list the
     /// neighbor back, stays stale. It is still evictable at the cap.
     pub fn prune(&mut self, me: &NodeId, now: Instant, grace: Duration) -> Vec<NodeId> {
+        // Nothing changed since the last prune (and it was for the same node and grace): the
+        // same records are reachable and listed, so only a grace that ended can drop anything.
+        // With a thousand records this saves a walk of the whole mesh every second.
+        if !self.changed
+            && self.last_prune == Some((*me, grace))
+            && self.next_expiry.is_none_or(|at| at > now)
+        {
+            for id in &self.listed_tombstones {
+                self.unreachable_since.insert(*id, now);
+            }
+            return Vec::new();
+        }
+        self.changed = false;
+        self.last_prune = Some((*me, grace));
+        self.next_expiry = None;
+        self.listed_tombstones.clear();
         let reachable = self.reachable_from(me);
         let listed: HashSet<NodeId> = reachable
             .iter()
@@ -184,6 +216,7 @@ impl NodeDb {
             }
             let since = if listed.contains(&id) {
                 self.unreachable_since.insert(id, now);
+                self.listed_tombstones.push(id);
                 now
             } else {
                 *self.unreachable_since.entry(id).or_insert(now)
@@ -191,7 +224,13 @@ impl NodeDb {
             if now.duration_since(since) >= grace {
                 self.remove(&id);
                 dropped.push(id);
-            } else if !self.evictable_seq.contains_key(&id) {
+                continue;
+            }
+            if !listed.contains(&id) {
+                let ends = since + grace;
+                self.next_expiry = Some(self.next_expiry.map_or(ends, |at| at.min(ends)));
+            }
+            if !self.evictable_seq.contains_key(&id) {
                 self.mark_evictable(id);
             }
         }
@@ -228,6 +267,17 @@ impl NodeDb {
 
     pub fn get(&self, id: &NodeId) -> Option<&VerifiedRecord> {
         self.records.get(id)
+    }
+
+    /// The stored records from id `start` up, in id order.
+    pub fn records_from(&self, start: &NodeId) -> impl Iterator<Item = &VerifiedRecord> {
+        self.records.range(start..).map(|(_, r)| r)
+    }
+
+    /// Whether the record of `id` is stored and was reachable at the last prune (only such
+    /// records are sent in answer to a digest: never a tombstone or a stray).
+    pub fn reachable_at_last_prune(&self, id: &NodeId) -> bool {
+        self.records.contains_key(id) && !self.evictable_seq.contains_key(id)
     }
 
     pub fn records(&self) -> impl Iterator<Item = &VerifiedRecord> {

@@ -8,6 +8,9 @@ pub mod connectivity;
 mod database;
 #[cfg(test)]
 mod departure_props;
+mod digest;
+#[cfg(test)]
+mod digest_tests;
 mod outbox;
 mod pace;
 #[cfg(test)]
@@ -23,7 +26,7 @@ mod tie_break_tests;
 mod withdrawal;
 
 use meshnode_protocol::ui::{KnownNode, NeighborStatus};
-use meshnode_protocol::{Identity, NodeId, RecordError, VerifiedRecord};
+use meshnode_protocol::{Digest, Identity, NodeId, RecordError, VerifiedRecord};
 use meshnode_shutdown::DoneReply;
 use std::time::Duration;
 
@@ -35,6 +38,7 @@ use tracing::Instrument;
 
 pub use connectivity::Connectivity;
 pub use database::{Merge, NodeDb};
+pub use digest::{DIGEST_EVERY, MAX_REPAIR_BYTES, REPAIR_AGE};
 
 use crate::link::{ConnId, StreamHandle};
 
@@ -73,6 +77,9 @@ pub enum NeighborhoodMsg {
         from: NodeId,
         records: Vec<VerifiedRecord>,
     },
+    /// A digest from an immediate neighbor (anti-entropy): it is answered with the records
+    /// stored here that it lacks or lists older.
+    Digest { from: NodeId, digest: Digest },
     /// The stream `conn` to `peer` has ended.
     NeighborDisconnected { conn: ConnId, peer: NodeId },
     /// This node's current signed record (with its wire bytes), for a handshake.
@@ -128,6 +135,14 @@ pub struct GossipCounters {
     pub peers_disconnected_for_flooding: u64,
     /// Records of new ids refused because the database was full of reachable records.
     pub records_refused: u64,
+    /// Digests sent (anti-entropy; not counted as gossip).
+    pub digests_sent: u64,
+    /// Bytes of those digests' bodies.
+    pub digest_bytes_sent: u64,
+    /// Digests received.
+    pub digests_received: u64,
+    /// Records sent in answer to digests (their frames count as gossip).
+    pub records_repaired: u64,
 }
 
 /// The neighborhood task has stopped and can no longer answer.

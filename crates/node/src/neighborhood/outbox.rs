@@ -22,7 +22,7 @@ pub(super) struct Outbox {
 
 impl Neighborhood {
     /// Whether `peer` is known to have the stored record of `id` (it sent it here).
-    fn peer_knows(&self, peer: &NodeId, id: &NodeId) -> bool {
+    pub(super) fn peer_knows(&self, peer: &NodeId, id: &NodeId) -> bool {
         let Some(stored) = self.db.get(id) else {
             return false;
         };

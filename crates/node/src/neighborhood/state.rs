@@ -14,6 +14,7 @@ use tracing::{debug, error, info};
 
 use super::budget::Budget;
 use super::connectivity::Connectivity;
+use super::digest::AntiEntropy;
 use super::outbox::Outbox;
 use super::pace::ByteBudget;
 use super::reach::Reach;
@@ -79,6 +80,12 @@ pub(super) struct Neighborhood {
     pub(super) own_budget: ByteBudget,
     /// Set while a change of the own record is held back for that budget.
     pub(super) own_held: bool,
+    /// Set while the own record carries a change published lazily, not sent yet.
+    pub(super) own_unpublished: bool,
+    /// The digests this node sends (anti-entropy).
+    pub(super) anti_entropy: AntiEntropy,
+    /// [`NodeDb::dropped`] when the maps keyed by record were last cleared of dropped ids.
+    pub(super) forgotten_up_to: u64,
     /// What is reachable, and the records held back because they are not.
     pub(super) reach: Reach,
 }
@@ -108,7 +115,6 @@ impl Neighborhood {
         db.prune(&own.id(), Instant::now(), super::database::TOMBSTONE_GRACE);
         let reach = Reach::new(own.id());
         Ok(Self {
-            identity,
             clock,
             db,
             own,
@@ -132,6 +138,10 @@ impl Neighborhood {
             connectivity: watch::Sender::new(Connectivity::default()),
             own_budget: ByteBudget::full(),
             own_held: false,
+            own_unpublished: false,
+            anti_entropy: AntiEntropy::new(&identity.id(), Instant::now()),
+            forgotten_up_to: 0,
+            identity,
             reach,
         })
     }
@@ -212,6 +222,13 @@ impl Neighborhood {
             );
         }
         self.prune_reach();
+        // Records leave the database here and at a merge that evicts; when none left since the
+        // last look there is nothing to forget (with a thousand records and their neighbors'
+        // knowledge, that look is not free every second).
+        if self.db.dropped() == self.forgotten_up_to {
+            return;
+        }
+        self.forgotten_up_to = self.db.dropped();
         let db = &self.db;
         self.learned_at.retain(|id, _| db.get(id).is_some());
         for known in self.peer_has.values_mut() {
@@ -226,6 +243,7 @@ impl Neighborhood {
             self.retry_at,
             self.own_due(),
             Some(self.prune_at),
+            Some(self.anti_entropy.at),
         ]
         .into_iter()
         .flatten()
@@ -255,6 +273,9 @@ impl Neighborhood {
             self.prune_at = now + PRUNE_EVERY;
             self.prune(now);
         }
+        if self.anti_entropy.at <= now {
+            self.send_digest(now);
+        }
         if self.backlog.is_empty() {
             self.retry_at = None;
         } else if self.retry_at.is_none() {
@@ -268,6 +289,7 @@ impl Neighborhood {
                 self.neighbor_connected(stream, record)
             }
             NeighborhoodMsg::Gossip { from, records } => self.gossip(from, records),
+            NeighborhoodMsg::Digest { from, digest } => self.answer_digest(from, digest),
             NeighborhoodMsg::NeighborDisconnected { conn, peer } => {
                 self.neighbor_disconnected(conn, peer)
             }
@@ -476,10 +498,14 @@ impl Neighborhood {
             Ok(own) => {
                 self.own = own;
                 self.db.merge(self.own.clone());
+                self.learned_at.insert(self.own.id(), Instant::now());
                 self.reach.invalidate();
                 if publish == Publish::Now {
                     // The newest record goes out now, whatever lazy change it carries.
                     self.outbox.changed.insert(self.own.id(), BTreeSet::new());
+                    self.own_unpublished = false;
+                } else {
+                    self.own_unpublished = true;
                 }
                 true
             }

@@ -15,6 +15,7 @@ use tracing::{Instrument, debug, info, warn};
 use std::time::Duration;
 
 use super::{Admission, Counters, HANDSHAKE_TIMEOUT, MAX_STRIKES, PoolMsg, Shared, StreamHandle};
+use crate::link::handshake::FEATURE_DIGEST;
 use crate::link::{HandshakeError, LinkCodec, LinkItem, LinkWriter, Negotiated, handshake};
 use crate::neighborhood::NeighborhoodMsg;
 use meshnode_protocol::NodeId;
@@ -76,6 +77,7 @@ where
     let peer = record.id();
     let conn = shared.next_conn_id();
     let (handle, queue) = StreamHandle::new(conn, peer, cancel.clone());
+    let handle = handle.with_digest(link.features & FEATURE_DIGEST != 0);
 
     let (reply, admission) = oneshot::channel();
     let admit = PoolMsg::Admit {
@@ -327,6 +329,25 @@ where
                 Ok(WireFrame::Hello(_)) => {
                     Counters::bump(&counters.frames_malformed);
                     debug!("hello out of turn");
+                    true
+                }
+                Ok(WireFrame::Digest(digest)) if stream.speaks_digest() => {
+                    let msg = NeighborhoodMsg::Digest { from: peer, digest };
+                    if shared.neighborhood.send(msg).await.is_err() {
+                        return "the neighborhood has stopped".to_owned();
+                    }
+                    false
+                }
+                // A digest on a link that did not settle on the feature: from a newer peer,
+                // an optional frame skipped; from any other, a bad frame.
+                Ok(WireFrame::Digest(_)) if link.peer_is_newer() => {
+                    Counters::bump(&counters.frames_unknown);
+                    debug!("digest on a link without the feature skipped");
+                    false
+                }
+                Ok(WireFrame::Digest(_)) => {
+                    Counters::bump(&counters.frames_malformed);
+                    debug!("digest on a link without the feature");
                     true
                 }
                 Err(FrameError::UnknownType(kind)) if link.peer_is_newer() => {

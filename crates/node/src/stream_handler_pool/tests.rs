@@ -105,7 +105,12 @@ impl Rig {
         let pool = PoolHandle { tx };
         let shared = Shared {
             me: me.id(),
-            link: Arc::new(test_link(me.clone())),
+            link: Arc::new({
+                // The node under test offers what a node offers; played peers offer none.
+                let mut link = test_link(me.clone());
+                link.features = crate::link::handshake::FEATURES;
+                link
+            }),
             limits: Limits::from_fd_limit(1 << 20),
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
             verifiers: Arc::new(tokio::sync::Semaphore::new(2)),
@@ -140,6 +145,7 @@ impl Rig {
             link: None,
             node_dialed: dialed,
             versions: crate::link::handshake::VERSIONS,
+            features: 0,
             ended,
         }
     }
@@ -199,6 +205,8 @@ struct Remote {
     node_dialed: bool,
     /// The protocol versions this peer offers.
     versions: (u16, u16),
+    /// The feature bits this peer offers (none unless a test sets them).
+    features: u32,
     ended: JoinHandle<Ended>,
 }
 
@@ -271,6 +279,7 @@ impl Remote {
         let (read, write) = self.raw.take().expect("one handshake per stream");
         let mut local = test_link(self.identity.clone());
         local.versions = self.versions;
+        local.features = self.features;
         let (link, reader, writer) = within(
             "the link handshake",
             handshake(read, write, !self.node_dialed, &local),
@@ -564,6 +573,59 @@ async fn an_unknown_frame_type_is_skipped_from_a_newer_peer_and_a_strike_from_an
     })
     .await;
     assert_eq!(counters.frames_unknown, u64::from(MAX_STRIKES));
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_digest_is_answered_on_a_link_with_the_feature_and_a_bad_frame_on_one_without() {
+    use crate::link::handshake::FEATURE_DIGEST;
+    use meshnode_protocol::Digest;
+    let rig = Rig::start(1).await;
+    let lacking_everything = Frame::Digest(Digest {
+        start: NodeId([0; 32]),
+        complete: true,
+        entries: Vec::new(),
+    });
+
+    // A peer that settled on digests: its digest that lacks the node's record is answered
+    // with it, once that record is no longer on its way by gossip.
+    let mut speaks = rig.open(10, false);
+    speaks.features = FEATURE_DIGEST;
+    let link = speaks.link_up().await;
+    assert_eq!(link.features, FEATURE_DIGEST);
+    let hello = speaks.hello();
+    speaks.send(&hello).await;
+    assert!(matches!(speaks.next().await, Some(Frame::Hello { .. })));
+    speaks.next_gossip().await;
+    tokio::time::sleep(crate::neighborhood::REPAIR_AGE * 2).await;
+    speaks.send(&lacking_everything).await;
+    let repaired = loop {
+        match speaks.next().await {
+            Some(Frame::Gossip { records }) => break records,
+            // The node's own digests: it too speaks the feature.
+            Some(Frame::Digest(_)) => continue,
+            other => panic!("gossip expected, got {other:?}"),
+        }
+    };
+    assert!(
+        repaired.iter().any(|r| r.id() == rig.me.id()),
+        "{repaired:?}"
+    );
+    assert!(
+        repaired.iter().all(|r| r.id() != speaks.id()),
+        "its own it sent"
+    );
+    assert_eq!(rig.counters().await.frames_malformed, 0);
+
+    // A peer of the same version that did not settle on them has no business sending one.
+    let mut other = rig.open(11, false);
+    other.handshake(&rig.me).await;
+    other.send(&lacking_everything).await;
+    until("the bad frame is counted", || async {
+        (rig.counters().await.frames_malformed == 1).then_some(())
+    })
+    .await;
+    assert_eq!(rig.counters().await.frames_unknown, 0);
     rig.stop().await;
 }
 

@@ -151,6 +151,26 @@ pub const STATS_METRICS: &[StatMetric] = &[
         "peers_timed_out",
         "Neighbors dropped for silence longer than the neighbor timeout.",
     ),
+    counter(
+        "digestsSent",
+        "digests_sent",
+        "Digests (anti-entropy) sent to neighbors; not gossip.",
+    ),
+    counter(
+        "digestBytesSent",
+        "digest_bytes_sent",
+        "Bytes of the digest frame bodies sent to neighbors.",
+    ),
+    counter(
+        "digestsReceived",
+        "digests_received",
+        "Digests received from neighbors.",
+    ),
+    counter(
+        "recordsRepaired",
+        "records_repaired",
+        "Records sent in answer to neighbors' digests (their frames count as gossip).",
+    ),
 ];
 
 /// What a scrape shows, gathered by the gateway.

@@ -457,6 +457,10 @@ async fn gather(
             handshakes_failed: pool.handshakes_failed,
             frames_unknown: pool.frames_unknown,
             peers_timed_out: pool.peers_timed_out,
+            digests_sent: hood.counters.digests_sent,
+            digest_bytes_sent: hood.counters.digest_bytes_sent,
+            digests_received: hood.counters.digests_received,
+            records_repaired: hood.counters.records_repaired,
         },
     })
 }

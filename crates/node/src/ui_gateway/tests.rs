@@ -159,10 +159,14 @@ async fn the_status_opcode_answers_with_the_whole_payload_in_camel_case() {
         "handshakesFailed",
         "framesUnknown",
         "peersTimedOut",
+        "digestsSent",
+        "digestBytesSent",
+        "digestsReceived",
+        "recordsRepaired",
     ] {
         assert_eq!(stats.get(key), Some(&json!(0)), "stats.{key}");
     }
-    assert_eq!(stats.len(), 19, "{stats:?}");
+    assert_eq!(stats.len(), 23, "{stats:?}");
     let typed: StatusPayload = serde_json::from_value(payload).expect("the payload parses");
     assert_eq!(typed.node_id, node.id().to_string());
 
