@@ -17,6 +17,8 @@ mod pace;
 mod props_support;
 mod reach;
 #[cfg(test)]
+mod reach_growth_tests;
+#[cfg(test)]
 mod reach_tests;
 mod state;
 #[cfg(test)]

@@ -8,7 +8,7 @@
 //! neighbor's record listing it back comes later). So a flood of fresh keys that nobody lists
 //! stops at the node it reaches, and a record evicted and received again cannot circulate.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashSet, VecDeque};
 
 use meshnode_protocol::{NodeId, VerifiedRecord};
 
@@ -23,6 +23,14 @@ pub(super) struct Reach {
     /// Set when a merge may have made more nodes reachable since the last settle: the search
     /// runs at the end of the batch, so that held records that became reachable leave with it.
     dirty: bool,
+    /// Set when the next search must start from this node (the first, and after the own record
+    /// changed or a prune that found fewer nodes reachable); otherwise a search only grows the
+    /// reachable set from the records in [`Reach::grow`].
+    full: bool,
+    /// The records whose merges may have made more nodes reachable since the last settle: the
+    /// search starts from them, not from this node, so that each of the thousands of changes
+    /// of a mesh that converges costs what it adds, not a walk of the whole mesh.
+    grow: Vec<NodeId>,
     /// Set when a change can only have made fewer nodes reachable (a withdrawal, a dropped
     /// neighbor, an evicted record): no held record can have become reachable, so the search
     /// waits for the next prune. Meanwhile the nodes cut off still count as reachable, which
@@ -42,6 +50,8 @@ impl Reach {
         Self {
             reachable: HashSet::from([me]),
             dirty: true,
+            full: true,
+            grow: Vec::new(),
             shrunk: false,
             held: HashSet::new(),
             #[cfg(test)]
@@ -54,6 +64,12 @@ impl Reach {
         self.reachable.contains(id)
     }
 
+    /// The nodes reachable at the last settle.
+    #[cfg(test)]
+    pub(super) fn reachable(&self) -> HashSet<NodeId> {
+        self.reachable.clone()
+    }
+
     /// How many records are held back.
     #[cfg(test)]
     pub(super) fn held(&self) -> usize {
@@ -63,6 +79,7 @@ impl Reach {
     /// Notes that more nodes may be reachable (the own record changed).
     pub(super) fn invalidate(&mut self) {
         self.dirty = true;
+        self.full = true;
     }
 
     /// Notes that fewer nodes may be reachable (records were dropped).
@@ -80,7 +97,7 @@ impl Neighborhood {
     /// A reachable record that only loses neighbors (a withdrawal) can only make fewer nodes
     /// reachable: that search waits for the next prune (see [`Reach::shrunk`]).
     pub(super) fn note_merge(&mut self, record: &VerifiedRecord) {
-        if self.reach.dirty {
+        if self.reach.dirty && self.reach.full {
             return;
         }
         let id = record.id();
@@ -89,13 +106,26 @@ impl Neighborhood {
             match self.db.get(&id).map(|stored| &stored.record().neighbors) {
                 Some(stored) if stored == neighbors => {}
                 Some(stored) if neighbors.is_subset(stored) => self.reach.shrunk = true,
-                _ => self.reach.dirty = true,
+                Some(stored) => {
+                    // Neighbors added (and perhaps others dropped: that search waits for the
+                    // prune, as for a withdrawal).
+                    if !neighbors.is_superset(stored) {
+                        self.reach.shrunk = true;
+                    }
+                    self.reach.dirty = true;
+                    self.reach.grow.push(id);
+                }
+                None => {
+                    self.reach.dirty = true;
+                    self.reach.grow.push(id);
+                }
             }
         } else if neighbors
             .iter()
             .any(|n| self.reach.reachable.contains(n) && self.db.lists(n, &id))
         {
             self.reach.dirty = true;
+            self.reach.grow.push(id);
         }
     }
 
@@ -121,11 +151,17 @@ impl Neighborhood {
             return;
         }
         self.reach.dirty = false;
-        self.reach.shrunk = false;
         #[cfg(test)]
         {
             self.reach.searches += 1;
         }
+        if !self.reach.full {
+            self.grow_reach();
+            return;
+        }
+        self.reach.full = false;
+        self.reach.shrunk = false;
+        self.reach.grow.clear();
         let now = self.db.reachable_from(&self.own.id());
         for id in now.difference(&self.reach.reachable) {
             if self.reach.held.remove(id) {
@@ -135,6 +171,53 @@ impl Neighborhood {
         self.reach.reachable = now;
     }
 
+    /// The search of [`Self::settle_reach`] when only additions can have made more nodes
+    /// reachable: from each record in [`Reach::grow`] that is reachable now (it was, or it lists
+    /// a reachable node that lists it back), over full neighborships, through the nodes not
+    /// reachable yet. A node newly reachable is linked by a neighborship that became full in
+    /// this batch to one reachable already, and one of the two records changed: so this finds
+    /// every node a search from this node would add.
+    fn grow_reach(&mut self) {
+        let db = &self.db;
+        let reach = &mut self.reach;
+        let mut frontier = VecDeque::new();
+        let mut added = Vec::new();
+        for id in std::mem::take(&mut reach.grow) {
+            if reach.reachable.contains(&id) {
+                frontier.push_back(id);
+                continue;
+            }
+            let linked = db.get(&id).is_some_and(|r| {
+                r.record()
+                    .neighbors
+                    .iter()
+                    .any(|n| reach.reachable.contains(n) && db.lists(n, &id))
+            });
+            if linked {
+                reach.reachable.insert(id);
+                added.push(id);
+                frontier.push_back(id);
+            }
+        }
+        while let Some(x) = frontier.pop_front() {
+            let Some(record) = db.get(&x) else {
+                continue;
+            };
+            for y in &record.record().neighbors {
+                if !reach.reachable.contains(y) && db.lists(y, &x) {
+                    reach.reachable.insert(*y);
+                    added.push(*y);
+                    frontier.push_back(*y);
+                }
+            }
+        }
+        for id in added {
+            if self.reach.held.remove(&id) {
+                self.outbox.changed.entry(id).or_default();
+            }
+        }
+    }
+
     /// At a prune: forgets held records the database no longer stores, and runs the search
     /// that changes which could only shrink what is reachable put off.
     pub(super) fn prune_reach(&mut self) {
@@ -142,6 +225,7 @@ impl Neighborhood {
         self.reach.held.retain(|id| db.get(id).is_some());
         if self.reach.shrunk {
             self.reach.dirty = true;
+            self.reach.full = true;
             self.settle_reach();
         }
     }

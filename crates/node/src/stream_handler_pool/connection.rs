@@ -380,7 +380,7 @@ const INLINE_VERIFY: usize = 4;
 /// The records of `records` whose signatures check out. A few are checked inline. More (a
 /// 1 MiB frame holds thousands: tens of milliseconds of signature checks) are checked with
 /// `spawn_blocking`, so that they never hold a runtime worker while other streams, the UI and
-/// the neighborhood wait; at most [`Shared::verifiers`] frames of one node at a time (one per
+/// the neighborhood wait; at most [`Shared::verifiers`] frames of the whole process at a time (one per
 /// core), so a flood of fresh keys costs the node its spare cores, not its threads, and the
 /// flooding streams wait for their turn (back-pressure to their sockets). Not ed25519-dalek's
 /// batch verification: it is not `verify_strict` (it accepts what strict checking refuses) and

@@ -221,7 +221,8 @@ struct Shared {
     limits: Limits,
     /// One permit per accepted connection still in its handshake ([`Limits::max_handshakes`]).
     handshakes: Arc<tokio::sync::Semaphore>,
-    /// One permit per large gossip frame being verified on the blocking pool: one per core.
+    /// One permit per large gossip frame being verified on the blocking pool: one per core,
+    /// shared by every node of the process ([`verifiers`]).
     verifiers: Arc<tokio::sync::Semaphore>,
     neighborhood: NeighborhoodHandle,
     pool: PoolHandle,
@@ -248,6 +249,21 @@ fn verify_workers() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
 
+/// The permits to verify large frames on the blocking pool, one per core, for the whole
+/// process: cores are the process's, not a node's. A process that runs many nodes (a benchmark
+/// runs a thousand in one runtime) would otherwise let each of them start one check per core:
+/// tokio's blocking pool grows to 512 busy threads, the kernel shares the cores among them and
+/// the runtime's workers alike, and the workers, which run every node's streams, keepalives,
+/// handshakes and statuses, get a few hundredths of the machine: links time out, handshakes
+/// fail, statuses go unanswered. With one permit per core the checks wait their turn (back
+/// pressure to the sockets of the frames they hold) and the workers keep their share.
+pub(crate) fn verifiers() -> Arc<tokio::sync::Semaphore> {
+    static VERIFIERS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
+    VERIFIERS
+        .get_or_init(|| Arc::new(tokio::sync::Semaphore::new(verify_workers())))
+        .clone()
+}
+
 /// Starts the pool on an already bound listener, dialing each of `neighbors` (`HOST:PORT`);
 /// `link` is this node's side of every handshake.
 pub fn spawn(
@@ -267,7 +283,7 @@ pub fn spawn(
         link: Arc::new(link),
         limits,
         handshakes: Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes)),
-        verifiers: Arc::new(tokio::sync::Semaphore::new(verify_workers())),
+        verifiers: verifiers(),
         neighborhood,
         pool: handle.clone(),
         intake: cancel.child_token(),

@@ -1112,3 +1112,14 @@ async fn the_withdrawal_is_followed_by_the_fin_without_waiting_for_the_pools_clo
 
     rig.stop().await;
 }
+
+#[test]
+fn every_node_of_a_process_checks_large_frames_with_one_permit_per_core_in_all() {
+    // Two nodes' pools take their verifier permits from one semaphore: a process that runs a
+    // thousand nodes runs at most one check per core on the blocking pool, not a thousand.
+    let (first, second) = (super::verifiers(), super::verifiers());
+    assert!(Arc::ptr_eq(&first, &second));
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    // Other tests of this process may hold some at this moment; never more than the cores.
+    assert!(first.available_permits() <= cores);
+}
