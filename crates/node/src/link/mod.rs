@@ -13,7 +13,7 @@ pub use transport::{LinkCodec, LinkItem, LinkWriter, next_inbound};
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use meshnode_protocol::NodeId;
@@ -62,10 +62,13 @@ pub struct StreamHandle {
     pub(crate) drain: CancellationToken,
     /// Set when the neighbor withdrew from the network, so that its dialer does not redial it.
     departed: Arc<AtomicBool>,
-    /// Set once this node's last frame is in the queue (after it is put there): the writer,
-    /// having written it, shuts the write half down in the same step, so that frame and FIN
-    /// leave together without waiting for [`StreamHandle::close`].
+    /// Set once this node's last frames are in the queue (after they are put there).
     final_queued: Arc<AtomicBool>,
+    /// The address of the last frame's bytes, set before it is queued (0: none): the writer,
+    /// having written the frame whose bytes start there, shuts the write half down in the same
+    /// step, so that frame and FIN leave together without waiting for
+    /// [`StreamHandle::close`]. Frames alive at the same time never share an address.
+    final_frame: Arc<AtomicUsize>,
     /// Whether the link settled on the digest feature: digests may go both ways.
     digest: bool,
 }
@@ -86,6 +89,7 @@ impl StreamHandle {
             drain: CancellationToken::new(),
             departed: Arc::default(),
             final_queued: Arc::default(),
+            final_frame: Arc::default(),
             digest: false,
         };
         (handle, rx)
@@ -134,10 +138,14 @@ impl StreamHandle {
     /// is queued before them, then them, then shuts the write half down at once (the neighbor
     /// reads the frames, then EOF): nothing may be queued after them.
     pub fn try_send_final(&self, bodies: &[Bytes]) -> Result<(), QueueError> {
+        // Before it is queued, so that the writer, which takes it after, always knows it.
+        if let Some(last) = bodies.last() {
+            self.final_frame
+                .store(last.as_ptr() as usize, Ordering::Release);
+        }
         for body in bodies {
             self.send(body.clone())?;
         }
-        // Only now: a writer that sees the flag finds the last frame in the queue, or has it.
         self.final_queued.store(true, Ordering::Release);
         Ok(())
     }
@@ -148,12 +156,10 @@ impl StreamHandle {
         self.final_queued.load(Ordering::Acquire)
     }
 
-    /// Whether the frame the writer has just taken from `queue` was the last one: the last
-    /// frames are queued and nothing waits behind the one taken. (Should the writer take the last frame
-    /// before the flag is set, it sees false and the stream closes with
-    /// [`StreamHandle::close`], as any stream does.)
-    pub(crate) fn took_final(&self, queue: &mpsc::Receiver<Bytes>) -> bool {
-        self.final_queued() && queue.is_empty()
+    /// Whether `body`, the frame the writer has just taken from `queue`, was this node's last
+    /// one on the stream (and nothing waits behind it).
+    pub(crate) fn took_final(&self, body: &Bytes, queue: &mpsc::Receiver<Bytes>) -> bool {
+        self.final_frame.load(Ordering::Acquire) == body.as_ptr() as usize && queue.is_empty()
     }
 
     fn send(&self, body: Bytes) -> Result<(), QueueError> {

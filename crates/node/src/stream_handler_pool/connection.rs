@@ -448,7 +448,7 @@ async fn write_loop<W>(
         // The withdrawal is this node's last frame: shut the write half down right behind it,
         // in this same wake-up, so that it leaves with the FIN and the neighbor reads both in
         // one go, without waiting for the pool to close the stream.
-        if stream.took_final(&queue) {
+        if stream.took_final(&body, &queue) {
             break close(&mut writer, &mut queue, &cancel).await;
         }
     };
