@@ -13,6 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::join_all;
 use meshnode::link::next_inbound;
+use meshnode::stream_handler_pool::Verifiers;
 use meshnode::{Config, Node};
 use meshnode_protocol::ui::StatusPayload;
 use meshnode_protocol::{Frame, Identity, Inbound, NodeId, NodeRecord, VerifiedRecord};
@@ -112,9 +113,11 @@ pub async fn measure(n: usize, records: usize, window: Duration) -> Result<Flood
     let frames = bodies.len();
 
     let edges = mesh::graph(n, 2, 0xf100d);
-    let mut nodes = mesh::start(n, &edges, window).await?;
+    // Every node of the process, the joiners too, shares the process's cores for its checks.
+    let verifiers = Verifiers::for_cores();
+    let mut nodes = mesh::start(n, &edges, window, &verifiers).await?;
     nodes.reserve(2);
-    let result = run(&mut nodes, &edges, bodies, records, window).await;
+    let result = run(&mut nodes, &edges, bodies, records, window, &verifiers).await;
     join_all(nodes.into_iter().map(Node::stop)).await;
     let (mut flood, frames_sent) = result?;
     flood.generate_ms = generate_ms;
@@ -129,6 +132,7 @@ async fn run(
     bodies: Vec<Bytes>,
     records: usize,
     window: Duration,
+    verifiers: &Verifiers,
 ) -> Result<(Flood, usize), String> {
     let n = nodes.len();
     let degree: Vec<usize> = (0..n)
@@ -144,7 +148,7 @@ async fn run(
     .await?;
     // The node farthest from the attacked one (node 0) is where the honest joins happen.
     let far = n / 2;
-    let join_quiet = join(nodes, far, window).await?;
+    let join_quiet = join(nodes, far, window, verifiers).await?;
     let quiet_joiner = nodes.len() - 1;
 
     // The attacker links to node 0 and waits until node 0 lists it.
@@ -186,7 +190,7 @@ async fn run(
     let start = Instant::now();
     let attack = tokio::spawn(link.flood(bodies, quarter_tx));
     let _ = quarter.await;
-    let join_flood = join(nodes, far, window).await?;
+    let join_flood = join(nodes, far, window, verifiers).await?;
     let (sent, failed, link) = attack.await.map_err(|e| e.to_string())?;
     let send_ms = millis(sent.elapsed_since(start));
     // Over once the attacked node has judged every record sent (or the link is gone) and no
@@ -363,9 +367,15 @@ impl Attacker {
 
 /// A new node joins by dialing node `at`: how long until every node (the new one included)
 /// stored the new node's record and `at`'s changed record. The new node stays in `nodes`.
-async fn join(nodes: &mut Vec<Node>, at: usize, window: Duration) -> Result<Join, String> {
+async fn join(
+    nodes: &mut Vec<Node>,
+    at: usize,
+    window: Duration,
+    verifiers: &Verifiers,
+) -> Result<Join, String> {
     let mut config = Config::new(Identity::generate().map_err(|e| e.to_string())?);
     config.gossip_window = window;
+    config.verifiers = verifiers.clone();
     config.neighbors = vec![nodes[at].listen_addr().to_string()];
     let start = Instant::now();
     let joiner = meshnode::start(config).await.map_err(|e| e.to_string())?;

@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use futures::future::join_all;
+use meshnode::stream_handler_pool::Verifiers;
 use meshnode::{Config, Node};
 use meshnode_protocol::ui::StatusPayload;
 use meshnode_protocol::{Identity, NodeId};
@@ -363,16 +364,18 @@ fn millis(d: Duration) -> f64 {
 }
 
 /// Starts `n` real nodes with gossip window `window`, in order, each dialing the earlier nodes
-/// that `edges` (dialer, dialed) give it.
+/// that `edges` (dialer, dialed) give it. They share `verifiers`: the process's cores.
 pub async fn start(
     n: usize,
     edges: &[(usize, usize)],
     window: Duration,
+    verifiers: &Verifiers,
 ) -> Result<Vec<Node>, String> {
     let mut nodes: Vec<Node> = Vec::with_capacity(n);
     for i in 0..n {
         let mut config = Config::new(Identity::generate().map_err(|e| e.to_string())?);
         config.gossip_window = window;
+        config.verifiers = verifiers.clone();
         config.neighbors = edges
             .iter()
             .filter(|(dialer, _)| *dialer == i)
@@ -386,7 +389,7 @@ pub async fn start(
 pub async fn round(n: usize, k: usize, seed: u64, window: Duration) -> Result<Round, String> {
     let edges = graph(n, k, seed);
     let starting = Instant::now();
-    let mut nodes = start(n, &edges, window).await?;
+    let mut nodes = start(n, &edges, window, &Verifiers::for_cores()).await?;
     let started_s = starting.elapsed().as_secs_f64();
     let degree: Vec<usize> = (0..n)
         .map(|i| edges.iter().filter(|(a, b)| *a == i || *b == i).count())

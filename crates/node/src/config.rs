@@ -8,7 +8,7 @@ use std::time::Duration;
 use meshnode_protocol::Identity;
 
 use crate::neighborhood::DEFAULT_GOSSIP_WINDOW;
-use crate::stream_handler_pool::DEFAULT_NEIGHBOR_TIMEOUT;
+use crate::stream_handler_pool::{DEFAULT_NEIGHBOR_TIMEOUT, Verifiers};
 use crate::ui_gateway::{DEFAULT_SHUTDOWN_DEADLINE, WebPolicy};
 
 /// Everything [`crate::start`] needs. Build it with [`Config::new`] and adjust the fields.
@@ -35,6 +35,10 @@ pub struct Config {
     /// The address put in the node's record for neighbors to dial, when it is not the bound
     /// listen address (a wildcard listen, NAT); see [`advertised_addr`].
     pub advertise: Option<Advertise>,
+    /// The permits to check large gossip frames off the runtime's workers: one per core by
+    /// default. Nodes that share a process should share one (clone it into each config): the
+    /// cores are the process's.
+    pub verifiers: Verifiers,
 }
 
 impl Config {
@@ -51,6 +55,7 @@ impl Config {
             neighbor_timeout: DEFAULT_NEIGHBOR_TIMEOUT,
             ui_web: WebPolicy::strict(),
             advertise: None,
+            verifiers: Verifiers::for_cores(),
         }
     }
 }

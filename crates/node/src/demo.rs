@@ -140,9 +140,12 @@ async fn start_mesh(
     }
     // Node i dials nodes i-1 and i-2: a connected mesh where most nodes have four neighbors.
     let mut mesh: Vec<Node> = Vec::with_capacity(nodes);
+    // The nodes share the process's cores for their signature checks.
+    let verifiers = crate::stream_handler_pool::Verifiers::for_cores();
     for index in 0..nodes {
         let identity = Identity::generate().map_err(|e| DemoError::Stuck(e.to_string()))?;
         let mut config = Config::new(identity);
+        config.verifiers = verifiers.clone();
         config.neighbors = mesh
             .iter()
             .rev()

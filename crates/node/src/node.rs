@@ -74,6 +74,7 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
         neighbor_timeout,
         ui_web,
         advertise,
+        verifiers,
     } = config;
     let listen_err = |source| StartError::Listen {
         addr: listen,
@@ -116,6 +117,7 @@ pub async fn start(config: Config) -> Result<Node, StartError> {
     )?;
     let pool = stream_handler_pool::spawn(
         link,
+        verifiers,
         listener,
         neighbors,
         neighborhood.clone(),

@@ -542,6 +542,7 @@ fn panic_with(reply: meshnode_shutdown::DoneReply, _: &mut Vec<meshnode_shutdown
 async fn real_pool(neighborhood: NeighborhoodHandle, tracker: &TaskTracker) -> PoolHandle {
     crate::stream_handler_pool::spawn(
         crate::test_support::test_link(identity(1)),
+        crate::stream_handler_pool::Verifiers::new(2),
         loopback().await,
         Vec::new(),
         neighborhood,

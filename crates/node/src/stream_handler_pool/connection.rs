@@ -392,7 +392,7 @@ async fn verify(shared: &Shared, records: Vec<WireRecord>) -> Vec<VerifiedRecord
             .filter_map(|r| shared.verified.verify(r).ok())
             .collect();
     }
-    let Ok(permit) = shared.verifiers.clone().acquire_owned().await else {
+    let Some(permit) = shared.verifiers.acquire().await else {
         return Vec::new();
     };
     let cache = shared.verified.clone();

@@ -221,9 +221,9 @@ struct Shared {
     limits: Limits,
     /// One permit per accepted connection still in its handshake ([`Limits::max_handshakes`]).
     handshakes: Arc<tokio::sync::Semaphore>,
-    /// One permit per large gossip frame being verified on the blocking pool: one per core,
-    /// shared by every node of the process ([`verifiers`]).
-    verifiers: Arc<tokio::sync::Semaphore>,
+    /// One permit per large gossip frame being verified on the blocking pool, shared by every
+    /// node of the process that was given the same [`Verifiers`].
+    verifiers: Verifiers,
     neighborhood: NeighborhoodHandle,
     pool: PoolHandle,
     /// Cancelled when the node stops; each stream's token is a child of it.
@@ -244,30 +244,58 @@ impl Shared {
     }
 }
 
-/// Frames verified on the blocking pool at once: one per core.
-fn verify_workers() -> usize {
-    std::thread::available_parallelism().map_or(1, usize::from)
+/// The permits to check large gossip frames on tokio's blocking pool: one per core, by default.
+///
+/// Cores belong to the process, not to a node, so a process that runs many nodes in one
+/// runtime (the benchmarks run a thousand, the demo a mesh) gives them all one `Verifiers`
+/// (clones share the permits; see [`Config::verifiers`](crate::Config::verifiers)). Were each
+/// node to let one check per core run, a thousand nodes would grow tokio's blocking pool to its
+/// 512 threads, the kernel would share the cores among them and the runtime's workers alike,
+/// and the workers, which run every node's streams, keepalives, handshakes and statuses, would
+/// get a few hundredths of the machine: links time out, handshakes fail, statuses go
+/// unanswered. With one permit per core the checks wait their turn (back-pressure to the
+/// sockets of the frames they hold) and the workers keep their share.
+#[derive(Debug, Clone)]
+pub struct Verifiers(Arc<tokio::sync::Semaphore>);
+
+impl Verifiers {
+    /// One permit per core of the machine (as the standard library counts them).
+    pub fn for_cores() -> Self {
+        Self::new(std::thread::available_parallelism().map_or(1, usize::from))
+    }
+
+    /// `permits` checks at a time (at least one).
+    pub fn new(permits: usize) -> Self {
+        Self(Arc::new(tokio::sync::Semaphore::new(permits.max(1))))
+    }
+
+    /// Whether `other` shares these permits.
+    pub fn shares_with(&self, other: &Verifiers) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
+    /// Permits free at this moment.
+    pub fn available(&self) -> usize {
+        self.0.available_permits()
+    }
+
+    async fn acquire(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.0.clone().acquire_owned().await.ok()
+    }
 }
 
-/// The permits to verify large frames on the blocking pool, one per core, for the whole
-/// process: cores are the process's, not a node's. A process that runs many nodes (a benchmark
-/// runs a thousand in one runtime) would otherwise let each of them start one check per core:
-/// tokio's blocking pool grows to 512 busy threads, the kernel shares the cores among them and
-/// the runtime's workers alike, and the workers, which run every node's streams, keepalives,
-/// handshakes and statuses, get a few hundredths of the machine: links time out, handshakes
-/// fail, statuses go unanswered. With one permit per core the checks wait their turn (back
-/// pressure to the sockets of the frames they hold) and the workers keep their share.
-pub(crate) fn verifiers() -> Arc<tokio::sync::Semaphore> {
-    static VERIFIERS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
-    VERIFIERS
-        .get_or_init(|| Arc::new(tokio::sync::Semaphore::new(verify_workers())))
-        .clone()
+impl Default for Verifiers {
+    fn default() -> Self {
+        Self::for_cores()
+    }
 }
 
 /// Starts the pool on an already bound listener, dialing each of `neighbors` (`HOST:PORT`);
-/// `link` is this node's side of every handshake.
+/// `link` is this node's side of every handshake; `verifiers` bounds the large frames checked on
+/// the blocking pool at once.
 pub fn spawn(
     link: LocalLink,
+    verifiers: Verifiers,
     listener: TcpListener,
     neighbors: Vec<String>,
     neighborhood: NeighborhoodHandle,
@@ -283,7 +311,7 @@ pub fn spawn(
         link: Arc::new(link),
         limits,
         handshakes: Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes)),
-        verifiers: verifiers(),
+        verifiers,
         neighborhood,
         pool: handle.clone(),
         intake: cancel.child_token(),

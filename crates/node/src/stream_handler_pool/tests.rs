@@ -113,7 +113,7 @@ impl Rig {
             }),
             limits: Limits::from_fd_limit(1 << 20),
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
-            verifiers: Arc::new(tokio::sync::Semaphore::new(2)),
+            verifiers: super::Verifiers::new(2),
             neighborhood: neighborhood.clone(),
             pool: pool.clone(),
             cancel: cancel.child_token(),
@@ -862,7 +862,7 @@ async fn idle_pool(me: &Identity, tracker: &TaskTracker, cancel: &CancellationTo
         link: Arc::new(test_link(me.clone())),
         limits: Limits::from_fd_limit(1 << 20),
         handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
-        verifiers: Arc::new(tokio::sync::Semaphore::new(2)),
+        verifiers: super::Verifiers::new(2),
         neighborhood,
         pool: PoolHandle { tx },
         cancel: cancel.child_token(),
@@ -1114,12 +1114,20 @@ async fn the_withdrawal_is_followed_by_the_fin_without_waiting_for_the_pools_clo
 }
 
 #[test]
-fn every_node_of_a_process_checks_large_frames_with_one_permit_per_core_in_all() {
-    // Two nodes' pools take their verifier permits from one semaphore: a process that runs a
-    // thousand nodes runs at most one check per core on the blocking pool, not a thousand.
-    let (first, second) = (super::verifiers(), super::verifiers());
-    assert!(Arc::ptr_eq(&first, &second));
+fn nodes_given_one_verifiers_share_its_permits_and_a_config_has_one_per_core() {
+    // A process that runs many nodes gives them one `Verifiers`: its clones share the permits,
+    // so a thousand nodes run at most one check per core on the blocking pool, not a thousand.
+    let shared = super::Verifiers::new(2);
+    let (first, second) = (shared.clone(), shared.clone());
+    assert!(first.shares_with(&second));
+    assert!(!first.shares_with(&super::Verifiers::new(2)));
+    let held = first.0.clone().try_acquire_owned().expect("a free permit");
+    assert_eq!(second.available(), 1);
+    drop(held);
+    assert_eq!(second.available(), 2);
+    // A config, by default, has one permit per core; never none.
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    // Other tests of this process may hold some at this moment; never more than the cores.
-    assert!(first.available_permits() <= cores);
+    let config = crate::Config::new(meshnode_protocol::Identity::from_seed([9; 32]));
+    assert_eq!(config.verifiers.available(), cores);
+    assert_eq!(super::Verifiers::new(0).available(), 1);
 }

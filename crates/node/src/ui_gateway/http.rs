@@ -328,6 +328,7 @@ mod tests {
         .expect("the neighborhood starts");
         let pool = crate::stream_handler_pool::spawn(
             test_link(me),
+            crate::stream_handler_pool::Verifiers::new(2),
             listen,
             Vec::new(),
             neighborhood.clone(),

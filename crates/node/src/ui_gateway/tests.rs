@@ -339,6 +339,7 @@ async fn a_node_whose_neighborhood_has_stopped_answers_node_not_running() {
             .expect("the node's first record is valid");
     let pool = crate::stream_handler_pool::spawn(
         crate::test_support::test_link(identity.clone()),
+        crate::stream_handler_pool::Verifiers::new(2),
         neighbors,
         Vec::new(),
         neighborhood.clone(),
