@@ -149,7 +149,8 @@ impl Neighborhood {
     /// Answers `from`'s digest: sends it, in gossip frames, the records this node could reach at
     /// its last prune that the digest lacks or lists at a lower version, but not those still
     /// on their way by gossip (stored less than [`REPAIR_AGE`] ago, or owed in the outbox) nor
-    /// the own record while a change of it waits; at most [`MAX_REPAIR_BYTES`] of them.
+    /// the own record while a change of it waits; at most [`MAX_REPAIR_BYTES`] of them. Nothing
+    /// while gossip to the neighbor is held back (its queue busy, or a backlog owed to it).
     pub(super) fn answer_digest(&mut self, from: NodeId, digest: Digest) {
         self.counters.digests_received += 1;
         if self.withdrawn || self.departed.contains(&from) {
@@ -158,7 +159,9 @@ impl Neighborhood {
         let Some(stream) = self.streams.get(&from).and_then(|s| s.last()) else {
             return;
         };
-        if stream.is_busy() {
+        // Gossip to it held back (its queue was busy): what it is owed leaves with the backlog's
+        // retry, and a repair now would send it twice. The next digest asks again.
+        if stream.is_busy() || self.backlog.contains_key(&from) {
             return;
         }
         let now = Instant::now();

@@ -304,6 +304,39 @@ async fn a_tombstone_is_not_repaired_and_a_change_on_its_way_is_not_sent_twice()
 }
 
 #[tokio::test(start_paused = true)]
+async fn no_repair_goes_to_a_neighbor_owed_held_back_gossip_so_nothing_is_sent_twice() {
+    let mut pair = Pair::new();
+    let (ia, _) = pair.ids();
+    // B's queue to A fills up (its writer behind a slow socket), so the gossip of B's next
+    // change (Z's record, and B's own listing Z) is held back for A.
+    let to_a = pair.b.streams[&ia].last().expect("B's stream to A").clone();
+    while !to_a.is_busy() {
+        to_a.try_send(Bytes::new())
+            .expect("room below the busy mark");
+    }
+    let z = identity(3);
+    let _b_to_z = connect_z_to_b(&mut pair, &z);
+    assert!(pair.b.backlog.contains_key(&ia), "gossip to A is held back");
+    // The writer drains its queue; long enough later that Z's record is no longer on its way
+    // by gossip in the digest's eyes, A's digest (which lacks Z) reaches B before the backlog's
+    // retry has run.
+    while pair.b_to_a.try_recv().is_ok() {}
+    tokio::time::advance(REPAIR_AGE * 2).await;
+    let digest = Digest {
+        start: NodeId([0; 32]),
+        complete: true,
+        entries: vec![(ia, pair.a.own.version())],
+    };
+    deliver(&mut pair.b, NeighborhoodMsg::Digest { from: ia, digest });
+    // No repair: what A lacks goes once, with the held-back gossip the same batch sent.
+    assert_eq!(pair.b.counters.records_repaired, 0);
+    let sent = drain(&mut pair.b_to_a);
+    let copies_of_z = sent.gossip.iter().filter(|r| r.id() == z.id()).count();
+    assert_eq!(copies_of_z, 1, "{sent:?}");
+    assert!(!pair.b.backlog.contains_key(&ia));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_digest_is_bounded_and_a_large_database_is_described_in_turns() {
     // The bound itself (1024 entries, 40,998 bytes) is pinned by the protocol crate's tests; a
     // bound of 8 here keeps the records to sign few.
