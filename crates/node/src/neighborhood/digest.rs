@@ -184,12 +184,17 @@ impl Neighborhood {
                     .learned_at
                     .get(&id)
                     .is_some_and(|at| now.saturating_duration_since(*at) < REPAIR_AGE);
-            if has.is_some_and(|v| v >= record.version())
-                || !self.db.reachable_at_last_prune(&id)
-                || in_flight
-                || (id == me && own_waits)
-                || self.peer_knows(&from, &id)
-            {
+            if has.is_some_and(|v| v >= record.version()) {
+                continue;
+            }
+            // The digest is the neighbor's word on what it holds now: what it once sent here
+            // may have been dropped since (unreachable there at the end of its grace). Trusted
+            // any longer, that memory would keep the record from it for ever: gossip sends a
+            // record again only when it changes.
+            if let Some(known) = self.peer_has.get_mut(&from) {
+                known.remove(&id);
+            }
+            if !self.db.reachable_at_last_prune(&id) || in_flight || (id == me && own_waits) {
                 continue;
             }
             bytes += record.wire().len();

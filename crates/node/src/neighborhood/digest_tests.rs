@@ -250,6 +250,33 @@ async fn a_record_a_node_missed_comes_back_with_the_next_digest_and_only_it() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_record_a_neighbor_sent_here_and_dropped_since_is_repaired_by_its_digest() {
+    let mut pair = Pair::new();
+    let (ia, _) = pair.ids();
+    let z = identity(3);
+    let _b_to_z = connect_z_to_b(&mut pair, &z);
+    // A once sent B Z's record (so B remembers that A has it), and has dropped it since, as a
+    // node drops a record it could not reach by the end of its grace. B's gossip of it to A
+    // is lost on the way.
+    let z_record = pair.b.db.get(&z.id()).expect("B stored Z's record").clone();
+    deliver(
+        &mut pair.b,
+        NeighborhoodMsg::Gossip {
+            from: ia,
+            records: vec![z_record],
+        },
+    );
+    let _ = drain(&mut pair.b_to_a);
+    assert!(pair.a.db.get(&z.id()).is_none());
+
+    // A's digest, which lacks Z, is believed over what B remembers: Z's record comes back.
+    let (to_b, to_a) = pair.run_for(DIGEST_EVERY.mul_f64(1.25) + REPAIR_AGE).await;
+    assert!(!to_b.digests.is_empty(), "A sent B a digest");
+    assert!(to_a.gossip.iter().any(|r| r.id() == z.id()), "{to_a:?}");
+    assert_eq!(pair.a.db.get(&z.id()).map(VerifiedRecord::version), Some(1));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_converged_pair_sends_digests_and_nothing_else() {
     let mut pair = Pair::new();
     let gossip_before = (pair.a.counters.frames_sent, pair.b.counters.frames_sent);
