@@ -11,13 +11,14 @@ use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use bytes::Bytes;
-use meshnode_protocol::{Identity, NodeId, NodeRecord, VerifiedRecord};
+use meshnode_protocol::{NodeId, NodeRecord, VerifiedRecord};
 use proptest::prelude::*;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::NeighborhoodMsg;
 use super::props_support::cases;
+use super::props_support::identity;
 use super::state::Neighborhood;
 use crate::link::{ConnId, StreamHandle};
 
@@ -26,10 +27,6 @@ const OBSERVERS: u8 = 3;
 const P: u8 = 10;
 const Q: u8 = 11;
 const R: u8 = 12;
-
-fn identity(seed: u8) -> Identity {
-    Identity::from_seed([seed; 32])
-}
 
 fn sign(owner: u8, version: u64, neighbors: &[NodeId]) -> VerifiedRecord {
     identity(owner)

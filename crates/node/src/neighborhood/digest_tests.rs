@@ -12,12 +12,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::NeighborhoodMsg;
 use super::digest::{DIGEST_EVERY, REPAIR_AGE};
+use super::props_support::identity;
 use super::state::Neighborhood;
 use crate::link::{ConnId, StreamHandle};
-
-fn identity(seed: u8) -> Identity {
-    Identity::from_seed([seed; 32])
-}
 
 fn record(owner: &Identity, version: u64, neighbors: &[NodeId]) -> VerifiedRecord {
     owner
@@ -43,6 +40,15 @@ struct Queued {
     gossip: Vec<VerifiedRecord>,
     gossip_frames: usize,
     digests: Vec<(Digest, usize)>,
+}
+
+impl Queued {
+    /// Adds what `more` holds to this.
+    fn absorb(&mut self, more: Queued) {
+        self.gossip.extend(more.gossip);
+        self.gossip_frames += more.gossip_frames;
+        self.digests.extend(more.digests);
+    }
 }
 
 fn drain(queue: &mut mpsc::Receiver<Bytes>) -> Queued {
@@ -153,12 +159,8 @@ impl Pair {
                 && x.digests.is_empty()
                 && y.gossip_frames == 0
                 && y.digests.is_empty();
-            to_b.gossip.extend(x.gossip);
-            to_b.gossip_frames += x.gossip_frames;
-            to_b.digests.extend(x.digests);
-            to_a.gossip.extend(y.gossip);
-            to_a.gossip_frames += y.gossip_frames;
-            to_a.digests.extend(y.digests);
+            to_b.absorb(x);
+            to_a.absorb(y);
             if quiet {
                 return (to_b, to_a);
             }
@@ -179,12 +181,8 @@ impl Pair {
             self.a.run_due();
             self.b.run_due();
             let (x, y) = self.settle();
-            to_b.gossip.extend(x.gossip);
-            to_b.gossip_frames += x.gossip_frames;
-            to_b.digests.extend(x.digests);
-            to_a.gossip.extend(y.gossip);
-            to_a.gossip_frames += y.gossip_frames;
-            to_a.digests.extend(y.digests);
+            to_b.absorb(x);
+            to_a.absorb(y);
         }
         (to_b, to_a)
     }

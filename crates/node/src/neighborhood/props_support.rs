@@ -1,4 +1,4 @@
-//! What the neighborhood's property tests share.
+//! What the neighborhood's tests share.
 
 use meshnode_protocol::Identity;
 use proptest::test_runner::Config as ProptestConfig;
@@ -17,4 +17,9 @@ pub(super) fn identities(count: usize) -> Vec<Identity> {
     (1..=count)
         .map(|seed| Identity::from_seed([u8::try_from(seed).expect("at most 255 seeds"); 32]))
         .collect()
+}
+
+/// The identity of seed `seed`, the same in every run.
+pub(super) fn identity(seed: u8) -> Identity {
+    Identity::from_seed([seed; 32])
 }

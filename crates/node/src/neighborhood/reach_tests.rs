@@ -13,14 +13,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::NeighborhoodMsg;
 use super::database::{MAX_BYTES, NodeDb};
+use super::props_support::identity;
 use super::state::Neighborhood;
 use crate::link::{ConnId, StreamHandle};
 
 const WINDOW: Duration = Duration::from_millis(10);
-
-fn identity(seed: u8) -> Identity {
-    Identity::from_seed([seed; 32])
-}
 
 fn record(owner: &Identity, version: u64, neighbors: &[NodeId]) -> VerifiedRecord {
     owner

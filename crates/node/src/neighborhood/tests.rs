@@ -15,16 +15,13 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::props_support::identity;
 use super::state::Neighborhood;
 use super::{GossipCounters, NeighborhoodHandle, NeighborhoodMsg, NeighborhoodStatus};
 use crate::link::{BUSY_AT, ConnId, StreamHandle};
 use crate::test_support::within;
 
 const ADDR: &str = "127.0.0.1:4000";
-
-fn identity(seed: u8) -> Identity {
-    Identity::from_seed([seed; 32])
-}
 
 fn record(owner: &Identity, version: u64, neighbors: &[NodeId]) -> VerifiedRecord {
     owner
