@@ -4,6 +4,7 @@
 mod flood;
 mod handshake;
 mod hops;
+mod lacking;
 mod memory;
 mod mesh;
 mod operations;

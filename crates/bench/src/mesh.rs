@@ -28,6 +28,8 @@ const SETTLE_NODES: usize = 500;
 const POLL: Duration = Duration::from_millis(50);
 /// How many nodes are asked for their status at once.
 const POLL_AT_ONCE: usize = 50;
+/// How often a long wait says how far it got (on standard error).
+const PROGRESS_EVERY: Duration = Duration::from_secs(30);
 /// How long the mesh is watched, after a graceful departure's flood, for anything more.
 pub const SETTLED_WATCH: Duration = Duration::from_secs(2);
 
@@ -217,7 +219,9 @@ async fn until(
     what: &str,
     done: impl Fn(usize, &StatusPayload) -> bool,
 ) -> Result<Instant, String> {
-    let deadline = Instant::now() + settle_timeout(nodes.len());
+    let begun = Instant::now();
+    let deadline = begun + settle_timeout(nodes.len());
+    let mut progress_at = begun + PROGRESS_EVERY;
     let mut pending: Vec<usize> = (0..nodes.len()).collect();
     loop {
         let round = Instant::now();
@@ -243,11 +247,29 @@ async fn until(
             return Ok(Instant::now());
         }
         if Instant::now() > deadline {
+            let diagnosis = match statuses(nodes).await {
+                Ok(all) => crate::lacking::diagnose(&all),
+                Err(e) => format!("no diagnosis: {e}"),
+            };
             return Err(format!(
-                "timed out waiting for {what} ({} of {} nodes not there: {lacking})",
+                "timed out waiting for {what} ({} of {} nodes not there: {lacking}; {diagnosis})",
                 still.len(),
                 nodes.len()
             ));
+        }
+        if Instant::now() >= progress_at {
+            progress_at += PROGRESS_EVERY;
+            let diagnosis = match statuses(nodes).await {
+                Ok(all) => crate::lacking::diagnose(&all),
+                Err(e) => format!("no diagnosis: {e}"),
+            };
+            eprintln!(
+                "meshnode-bench: still waiting for {what} after {:.0} s: {} of {} nodes not \
+                 there ({lacking}; {diagnosis})",
+                begun.elapsed().as_secs_f64(),
+                still.len(),
+                nodes.len()
+            );
         }
         pending = still;
         tokio::time::sleep(pause_after(round.elapsed())).await;

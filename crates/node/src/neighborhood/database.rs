@@ -181,6 +181,19 @@ impl NodeDb {
     /// prune: it is kept, so that a replayed earlier record of that node, which would list the
     /// neighbor back, stays stale. It is still evictable at the cap.
     pub fn prune(&mut self, me: &NodeId, now: Instant, grace: Duration) -> Vec<NodeId> {
+        self.prune_reaching(me, None, now, grace)
+    }
+
+    /// [`Self::prune`] given what `me` reaches, if the caller keeps it (it must be exactly
+    /// [`Self::reachable_from`]`(me)`): the neighborhood does, so a prune does not search the
+    /// whole mesh again.
+    pub fn prune_reaching(
+        &mut self,
+        me: &NodeId,
+        reachable: Option<&HashSet<NodeId>>,
+        now: Instant,
+        grace: Duration,
+    ) -> Vec<NodeId> {
         // Nothing changed since the last prune (and it was for the same node and grace): the
         // same records are reachable and listed, so only a grace that ended can drop anything.
         // With a thousand records this saves a walk of the whole mesh every second.
@@ -197,7 +210,14 @@ impl NodeDb {
         self.last_prune = Some((*me, grace));
         self.next_expiry = None;
         self.listed_tombstones.clear();
-        let reachable = self.reachable_from(me);
+        let searched;
+        let reachable = match reachable {
+            Some(reachable) => reachable,
+            None => {
+                searched = self.reachable_from(me);
+                &searched
+            }
+        };
         let listed: HashSet<NodeId> = reachable
             .iter()
             .filter_map(|id| self.records.get(id))

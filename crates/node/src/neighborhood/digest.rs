@@ -16,8 +16,11 @@ use super::state::Neighborhood;
 pub const DIGEST_EVERY: Duration = Duration::from_secs(5);
 /// A record stored more recently than this is still on its way by gossip: not repaired.
 pub const REPAIR_AGE: Duration = Duration::from_secs(2);
-/// Most bytes of records sent in answer to one digest; the rest goes with a later answer.
-pub const MAX_REPAIR_BYTES: usize = 256 * 1024;
+/// Most bytes of records sent in answer to one digest (one record, whatever its size, if that
+/// one alone is larger); the rest goes with a later answer. Small, so that anti-entropy stays a
+/// trickle beside gossip: while a large mesh converges, much of what a digest lacks is on its
+/// way by gossip along another path, and an answer that sent all of it would send it twice.
+pub const MAX_REPAIR_BYTES: usize = 16 * 1024;
 
 /// Where this node's digests stand.
 #[derive(Debug)]
@@ -149,8 +152,10 @@ impl Neighborhood {
     /// Answers `from`'s digest: sends it, in gossip frames, the records this node could reach at
     /// its last prune that the digest lacks or lists at a lower version, but not those still
     /// on their way by gossip (stored less than [`REPAIR_AGE`] ago, or owed in the outbox) nor
-    /// the own record while a change of it waits; at most [`MAX_REPAIR_BYTES`] of them. Nothing
-    /// while gossip to the neighbor is held back (its queue busy, or a backlog owed to it).
+    /// the own record while a change of it waits. At most [`MAX_REPAIR_BYTES`] of them, those
+    /// stored here longest ago first: they are the surest to have been missed rather than to be
+    /// on their way by another path. Nothing while gossip to the neighbor is held back (its
+    /// queue busy, or a backlog owed to it).
     pub(super) fn answer_digest(&mut self, from: NodeId, digest: Digest) {
         self.counters.digests_received += 1;
         if self.withdrawn || self.departed.contains(&from) {
@@ -167,8 +172,7 @@ impl Neighborhood {
         let now = Instant::now();
         let me = self.own.id();
         let own_waits = self.own_held || self.own_unpublished;
-        let mut bytes = 0;
-        let mut owed: Vec<&VerifiedRecord> = Vec::new();
+        let mut lacked: Vec<(Option<Instant>, &VerifiedRecord)> = Vec::new();
         for record in self.db.records_from(&digest.start) {
             let id = record.id();
             if !digest.covers(&id) {
@@ -179,11 +183,6 @@ impl Neighborhood {
                 .binary_search_by(|(e, _)| e.cmp(&id))
                 .ok()
                 .map(|at| digest.entries[at].1);
-            let in_flight = self.outbox.changed.contains_key(&id)
-                || self
-                    .learned_at
-                    .get(&id)
-                    .is_some_and(|at| now.saturating_duration_since(*at) < REPAIR_AGE);
             if has.is_some_and(|v| v >= record.version()) {
                 continue;
             }
@@ -194,9 +193,19 @@ impl Neighborhood {
             if let Some(known) = self.peer_has.get_mut(&from) {
                 known.remove(&id);
             }
+            let learned = self.learned_at.get(&id).copied();
+            let in_flight = self.outbox.changed.contains_key(&id)
+                || learned.is_some_and(|at| now.saturating_duration_since(at) < REPAIR_AGE);
             if !self.db.reachable_at_last_prune(&id) || in_flight || (id == me && own_waits) {
                 continue;
             }
+            lacked.push((learned, record));
+        }
+        // Oldest first (a record with no time kept counts as the oldest); by id among equals.
+        lacked.sort_by_key(|(learned, record)| (*learned, record.id()));
+        let mut bytes = 0;
+        let mut owed: Vec<&VerifiedRecord> = Vec::new();
+        for (_, record) in lacked {
             bytes += record.wire().len();
             if bytes > MAX_REPAIR_BYTES && !owed.is_empty() {
                 break;

@@ -59,6 +59,11 @@ impl Reach {
         }
     }
 
+    /// The nodes reachable at the last settle.
+    pub(super) fn reachable_set(&self) -> &HashSet<NodeId> {
+        &self.reachable
+    }
+
     /// Whether `id` was reachable at the last settle.
     pub(super) fn was_reachable(&self, id: &NodeId) -> bool {
         self.reachable.contains(id)
@@ -101,6 +106,16 @@ impl Neighborhood {
             return;
         }
         let id = record.id();
+        // A copy, or an older version (one that took a longer path here): not stored, so it
+        // changes nothing. Many of them arrive while a mesh converges; each would otherwise
+        // cost a search.
+        if self
+            .db
+            .get(&id)
+            .is_some_and(|stored| !super::database::supersedes(record, stored))
+        {
+            return;
+        }
         let neighbors = &record.record().neighbors;
         if self.reach.reachable.contains(&id) {
             match self.db.get(&id).map(|stored| &stored.record().neighbors) {
@@ -218,16 +233,27 @@ impl Neighborhood {
         }
     }
 
-    /// At a prune: forgets held records the database no longer stores, and runs the search
-    /// that changes which could only shrink what is reachable put off.
-    pub(super) fn prune_reach(&mut self) {
-        let db = &self.db;
-        self.reach.held.retain(|id| db.get(id).is_some());
+    /// Before a prune: settles the reach, running the search that changes which could only
+    /// shrink what is reachable put off, so that the reachable set is exactly what a search
+    /// from this node finds now.
+    pub(super) fn reach_exactly(&mut self) {
         if self.reach.shrunk {
             self.reach.dirty = true;
             self.reach.full = true;
-            self.settle_reach();
         }
+        self.settle_reach();
+        #[cfg(test)]
+        assert_eq!(
+            self.reach.reachable,
+            self.db.reachable_from(&self.own.id()),
+            "the reach kept is what a search finds"
+        );
+    }
+
+    /// After a prune: forgets held records the database no longer stores.
+    pub(super) fn prune_reach(&mut self) {
+        let db = &self.db;
+        self.reach.held.retain(|id| db.get(id).is_some());
     }
 
     /// What a newly admitted neighbor is sent of the database: every reachable record and

@@ -284,3 +284,25 @@ async fn a_withdrawal_puts_the_search_off_until_the_prune_and_a_join_does_not() 
     after_window(&mut hood).await;
     assert_eq!(b.received(), BTreeSet::new());
 }
+
+/// Copies and older versions of a reachable node's record (those that took a longer path, by
+/// the thousand while a large mesh converges) are not stored, so they change nothing: no
+/// search at the batch's end, none put off to the prune.
+#[tokio::test(start_paused = true)]
+async fn a_copy_or_an_older_version_of_a_reachable_record_costs_no_search() {
+    let x = identity(30);
+    let (mut hood, a, b) = node_with_a_and_b(&[x.id()]);
+    hood.handle(a.gossip(vec![record(&x, 2, &[a.id()])]));
+    after_window(&mut hood).await;
+    assert!(hood.reach.was_reachable(&x.id()));
+    let searches = hood.reach.searches;
+
+    // The same version again, and an older one that listed fewer neighbors (a subset: as a
+    // stored change, it could only shrink what is reachable).
+    hood.handle(b.gossip(vec![record(&x, 2, &[a.id()]), record(&x, 1, &[])]));
+    after_window(&mut hood).await;
+    tokio::time::advance(Duration::from_secs(1)).await;
+    hood.run_due();
+    assert_eq!(hood.reach.searches, searches, "nothing to search for");
+    assert!(hood.reach.was_reachable(&x.id()));
+}

@@ -212,9 +212,18 @@ impl Neighborhood {
 
     /// Prunes the database (see [`NodeDb::prune`]) and forgets what it dropped everywhere else.
     pub(super) fn prune(&mut self, now: Instant) {
-        let dropped = self.db.prune(&self.own.id(), now, self.tombstone_grace);
+        // The prune judges by the reach's set, searched again first only if a change since the
+        // last search may have shrunk it; the records it drops were not in it, so it stays
+        // exact.
+        self.reach_exactly();
+        let me = self.own.id();
+        let dropped = self.db.prune_reaching(
+            &me,
+            Some(self.reach.reachable_set()),
+            now,
+            self.tombstone_grace,
+        );
         if !dropped.is_empty() {
-            self.reach.shrink();
             debug!(
                 dropped = dropped.len(),
                 kept = self.db.len(),
