@@ -101,8 +101,8 @@ pub fn diagnose(all: &[StatusPayload]) -> String {
     format!(
         "{} nodes changed their record in the last 10 s, {} in the last 60 s; all nodes: {} \
          peers timed out, {} streams set up; {lacking_nodes} nodes lack {pairs} records ({} distinct ids, each missed by 1 to {} \
-         nodes; {missing_is_lacking} of the pairs are a lacking node's own record); in {a_neighbor_has} \
-         pairs a neighbor of the node holds the record, in {no_neighbor_has} none does; \
+         nodes; in {missing_is_lacking} pairs the record's node lacks records too); in \
+         {a_neighbor_has} pairs a neighbor of the node holds the record, in {no_neighbor_has} none does; \
          {stale_pairs} records held at an older version than their node's own; the lacking \
          nodes have {} to {} neighbors, sent {} digests, received {}, repaired {} records",
         changed_within(10),
@@ -117,4 +117,72 @@ pub fn diagnose(all: &[StatusPayload]) -> String {
         digests.1,
         digests.2,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use meshnode_protocol::ui::{KnownNode, NeighborStatus, NodeState, Stats};
+
+    use super::*;
+
+    fn status(id: &str, version: u64, neighbors: &[&str], known: &[(&str, u64)]) -> StatusPayload {
+        StatusPayload {
+            node_id: id.into(),
+            listen: String::new(),
+            ui: String::new(),
+            state: NodeState::Running,
+            version,
+            software_version: String::new(),
+            neighbors: neighbors
+                .iter()
+                .map(|n| NeighborStatus {
+                    node_id: (*n).into(),
+                    addr: String::new(),
+                    full: true,
+                    stream: None,
+                })
+                .collect(),
+            known_nodes: known
+                .iter()
+                .map(|(k, v)| KnownNode {
+                    node_id: (*k).into(),
+                    addr: String::new(),
+                    version: *v,
+                    neighbors: Vec::new(),
+                })
+                .collect(),
+            stats: Stats::default(),
+        }
+    }
+
+    /// A line a - b - c: c lacks a's record, which its neighbor b holds, and holds b's at an
+    /// older version; d lacks a's too, and no neighbor of it has a's.
+    #[test]
+    fn the_diagnosis_counts_what_is_lacking_and_where_it_is() {
+        let all = vec![
+            status("a", 1, &["b"], &[("a", 1), ("b", 2), ("c", 1), ("d", 1)]),
+            status(
+                "b",
+                2,
+                &["a", "c"],
+                &[("a", 1), ("b", 2), ("c", 1), ("d", 1)],
+            ),
+            status("c", 1, &["b", "d"], &[("b", 1), ("c", 1), ("d", 1)]),
+            status("d", 1, &["c"], &[("b", 2), ("c", 1), ("d", 1)]),
+        ];
+        let text = diagnose(&all);
+        assert!(text.contains("2 nodes lack 2 records (1 distinct ids, each missed by 1 to 2 nodes; in 0 pairs the record's node lacks records too)"), "{text}");
+        assert!(
+            text.contains("in 1 pairs a neighbor of the node holds the record, in 1 none does"),
+            "{text}"
+        );
+        assert!(
+            text.contains("1 records held at an older version"),
+            "{text}"
+        );
+        assert!(
+            text.contains("the lacking nodes have 1 to 2 neighbors"),
+            "{text}"
+        );
+    }
 }

@@ -423,6 +423,10 @@ pub async fn round(n: usize, k: usize, seed: u64, window: Duration) -> Result<Ro
             && s.known_nodes.len() == n
     })
     .await?;
+    eprintln!(
+        "meshnode-bench: {n} nodes converged {:.1} s after the last one started; measuring",
+        converged.duration_since(started).as_secs_f64()
+    );
     let at_convergence = statuses(&nodes).await?;
     let repaired_to_converge = at_convergence
         .iter()

@@ -218,22 +218,52 @@ impl NodeDb {
                 &searched
             }
         };
-        let listed: HashSet<NodeId> = reachable
-            .iter()
-            .filter_map(|id| self.records.get(id))
-            .flat_map(|r| r.record().neighbors.iter().copied())
-            .filter(|id| !reachable.contains(id))
+        // Every reachable node but `me` is stored (a search reaches a node only through its
+        // record). When every stored record is reachable, which is the usual case, there is
+        // nothing to drop or to keep as a tombstone, and no need to look at every record.
+        let stored_reachable = reachable.len() - usize::from(!self.records.contains_key(me));
+        let unreachable: Vec<NodeId> = if stored_reachable == self.records.len() {
+            Vec::new()
+        } else {
+            self.records
+                .keys()
+                .filter(|id| !reachable.contains(*id))
+                .copied()
+                .collect()
+        };
+        // Records that were evictable and are reachable now are protected from here on.
+        let protected: Vec<NodeId> = self
+            .evictable_seq
+            .keys()
+            .filter(|id| reachable.contains(*id))
+            .copied()
             .collect();
-        let mut dropped = Vec::new();
-        let ids: Vec<NodeId> = self.records.keys().copied().collect();
-        for id in ids {
-            if reachable.contains(&id) {
-                self.unreachable_since.remove(&id);
-                if let Some(seq) = self.evictable_seq.remove(&id) {
-                    self.evictable.remove(&seq);
-                }
-                continue;
+        for id in protected {
+            if let Some(seq) = self.evictable_seq.remove(&id) {
+                self.evictable.remove(&seq);
             }
+        }
+        if unreachable.is_empty() {
+            self.unreachable_since.clear();
+            return Vec::new();
+        }
+        let unreachable_set: HashSet<NodeId> = unreachable.iter().copied().collect();
+        self.unreachable_since
+            .retain(|id, _| unreachable_set.contains(id));
+        // The tombstones a reachable record lists; the search stops once it found them all.
+        let mut listed: HashSet<NodeId> = HashSet::new();
+        'search: for record in reachable.iter().filter_map(|id| self.records.get(id)) {
+            for n in &record.record().neighbors {
+                if unreachable_set.contains(n)
+                    && listed.insert(*n)
+                    && listed.len() == unreachable.len()
+                {
+                    break 'search;
+                }
+            }
+        }
+        let mut dropped = Vec::new();
+        for id in unreachable {
             let since = if listed.contains(&id) {
                 self.unreachable_since.insert(id, now);
                 self.listed_tombstones.push(id);
