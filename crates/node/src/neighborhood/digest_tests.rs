@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::NeighborhoodMsg;
-use super::digest::{DIGEST_EVERY, REPAIR_AGE};
+use super::digest::{DIGEST_EVERY, MAX_REPAIR_BYTES, REPAIR_AGE};
 use super::props_support::identity;
 use super::state::Neighborhood;
 use crate::link::{ConnId, StreamHandle};
@@ -429,4 +429,110 @@ async fn a_digest_does_not_publish_an_own_record_whose_change_waits_to_ride_alon
     assert_eq!(pair.a.db.get(&ib).map(VerifiedRecord::version), published);
     // Z's withdrawal itself went out as gossip at once, as ever.
     assert_eq!(pair.a.db.get(&z.id()).map(VerifiedRecord::version), Some(2));
+}
+
+/// An answer is a trickle: at most `MAX_REPAIR_BYTES` of records, those stored longest ago
+/// first (not the lowest ids), and what did not fit goes with the answer to the next digest.
+#[tokio::test(start_paused = true)]
+async fn an_answer_is_bounded_and_sends_the_records_stored_longest_ago_first() {
+    let mut pair = Pair::new();
+    let (ia, ib) = pair.ids();
+    let z = identity(3);
+    let _b_to_z = connect_z_to_b(&mut pair, &z);
+    // Z lists B and 150 nodes W that list Z back: all reachable from B, 158 bytes each.
+    let ws: Vec<Identity> = (100..250).map(identity).collect();
+    let mut z_lists: Vec<NodeId> = ws.iter().map(Identity::id).collect();
+    z_lists.push(ib);
+    deliver(
+        &mut pair.b,
+        NeighborhoodMsg::Gossip {
+            from: z.id(),
+            records: vec![record(&z, 2, &z_lists)],
+        },
+    );
+    // B stores them one by one, 10 ms apart, in descending id order: the order they were
+    // stored in is not the order of their ids.
+    let mut stored: Vec<&Identity> = ws.iter().collect();
+    stored.sort_by_key(|w| std::cmp::Reverse(w.id()));
+    for w in &stored {
+        deliver(
+            &mut pair.b,
+            NeighborhoodMsg::Gossip {
+                from: z.id(),
+                records: vec![record(w, 1, &[z.id()])],
+            },
+        );
+        tokio::time::advance(Duration::from_millis(10)).await;
+    }
+    // A gets all of B's gossip but the Ws (lost on the way).
+    let gossip = drain(&mut pair.b_to_a);
+    let w_ids: BTreeSet<NodeId> = ws.iter().map(Identity::id).collect();
+    deliver(
+        &mut pair.a,
+        NeighborhoodMsg::Gossip {
+            from: ib,
+            records: gossip
+                .gossip
+                .into_iter()
+                .filter(|r| !w_ids.contains(&r.id()))
+                .collect(),
+        },
+    );
+    let _ = drain(&mut pair.a_to_b);
+    // Past the repair age, B's prune has found them reachable.
+    tokio::time::advance(REPAIR_AGE * 2).await;
+    pair.b.run_due();
+    let _ = drain(&mut pair.b_to_a);
+    let digest_of = |node: &Neighborhood| Digest {
+        start: NodeId([0; 32]),
+        complete: true,
+        entries: node.db.records().map(|r| (r.id(), r.version())).collect(),
+    };
+
+    deliver(
+        &mut pair.b,
+        NeighborhoodMsg::Digest {
+            from: ia,
+            digest: digest_of(&pair.a),
+        },
+    );
+    let first = drain(&mut pair.b_to_a);
+    let bytes: usize = first.gossip.iter().map(|r| r.wire().len()).sum();
+    assert!(bytes <= MAX_REPAIR_BYTES, "{bytes}");
+    let fits = MAX_REPAIR_BYTES / first.gossip[0].wire().len();
+    let oldest: Vec<NodeId> = stored.iter().take(fits).map(|w| w.id()).collect();
+    let sent: Vec<NodeId> = first.gossip.iter().map(VerifiedRecord::id).collect();
+    assert_eq!(
+        sent.iter().copied().collect::<BTreeSet<_>>(),
+        oldest.iter().copied().collect::<BTreeSet<_>>(),
+        "the {fits} stored longest ago"
+    );
+    assert!(fits < ws.len());
+
+    // A stores them; its next digest gets the rest.
+    deliver(
+        &mut pair.a,
+        NeighborhoodMsg::Gossip {
+            from: ib,
+            records: first.gossip,
+        },
+    );
+    deliver(
+        &mut pair.b,
+        NeighborhoodMsg::Digest {
+            from: ia,
+            digest: digest_of(&pair.a),
+        },
+    );
+    let second = drain(&mut pair.b_to_a);
+    let rest: BTreeSet<NodeId> = stored.iter().skip(fits).map(|w| w.id()).collect();
+    assert_eq!(
+        second
+            .gossip
+            .iter()
+            .map(VerifiedRecord::id)
+            .collect::<BTreeSet<_>>(),
+        rest
+    );
+    assert_eq!(pair.b.counters.records_repaired, ws.len() as u64);
 }

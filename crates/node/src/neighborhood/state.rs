@@ -431,6 +431,25 @@ impl Neighborhood {
         // link to it is gone: it waits for the window like any change, so that many newcomers
         // leave as one round.)
         let withdrawal = record.record().neighbors.is_empty() && self.db.get(&id).is_some();
+        // A withdrawing node sends its withdrawal to every immediate neighbor itself: those it
+        // had a full neighborship with, as this database saw it, have it already (or will have
+        // it by that direct frame), and are not sent it again.
+        let direct: Vec<NodeId> = if withdrawal {
+            self.db
+                .get(&id)
+                .map(|stored| {
+                    stored
+                        .record()
+                        .neighbors
+                        .iter()
+                        .filter(|n| self.db.lists(n, &id))
+                        .copied()
+                        .collect()
+                })
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         self.note_merge(&record);
         let dropped = self.db.dropped();
         let merged = self.db.merge(record);
@@ -445,7 +464,8 @@ impl Neighborhood {
                 // Forwarded only if it can matter (reachable, or was); held otherwise. A
                 // withdrawal that is forwarded goes at once: it is what tells the mesh that
                 // every link to its node is gone.
-                let owed = self.owe_or_hold(id, source.into_iter().collect());
+                let have = source.into_iter().chain(direct).collect();
+                let owed = self.owe_or_hold(id, have);
                 self.urgent |= withdrawal && owed;
             }
             Merge::Refused => {
