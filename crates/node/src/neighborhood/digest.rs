@@ -150,7 +150,8 @@ impl Neighborhood {
     }
 
     /// Answers `from`'s digest: sends it, in gossip frames, the records this node could reach at
-    /// its last prune that the digest lacks or lists at a lower version, but not those still
+    /// its last prune that the digest lacks or lists at a lower version, and the others that it
+    /// lists at a lower version (never a tombstone it lacks), but not those still
     /// on their way by gossip (stored less than [`REPAIR_AGE`] ago, or owed in the outbox) nor
     /// the own record while a change of it waits. At most [`MAX_REPAIR_BYTES`] of them, those
     /// stored here longest ago first: they are the surest to have been missed rather than to be
@@ -196,7 +197,11 @@ impl Neighborhood {
             let learned = self.learned_at.get(&id).copied();
             let in_flight = self.outbox.changed.contains_key(&id)
                 || learned.is_some_and(|at| now.saturating_duration_since(at) < REPAIR_AGE);
-            if !self.db.reachable_at_last_prune(&id) || in_flight || (id == me && own_waits) {
+            // A record not reachable at the last prune (a tombstone, a stray) is sent only as a
+            // newer version of one the neighbor holds: then it brings nothing back that the
+            // neighbor dropped (a withdrawal whose direct frame it missed is such a record).
+            let unreachable = !self.db.reachable_at_last_prune(&id) && has.is_none();
+            if unreachable || in_flight || (id == me && own_waits) {
                 continue;
             }
             lacked.push((learned, record));

@@ -536,3 +536,64 @@ async fn an_answer_is_bounded_and_sends_the_records_stored_longest_ago_first() {
     );
     assert_eq!(pair.b.counters.records_repaired, ws.len() as u64);
 }
+
+/// A withdrawal is not relayed to the departed node's full neighbors, which it told itself. One
+/// of them that missed that frame (its stream broke first) holds the departed node's previous
+/// record, and its digest says so: the answer brings the withdrawal, a tombstone at the
+/// answerer, because it is a newer version of a record the digest lists.
+#[tokio::test(start_paused = true)]
+async fn a_withdrawal_a_neighbor_of_the_departed_node_missed_comes_with_its_next_digest() {
+    let mut pair = Pair::new();
+    let (ia, ib) = pair.ids();
+    let w = identity(7);
+    // W is a full neighbor of both A and B.
+    let (aw, _a_to_w) = stream(4, w.id(), false);
+    deliver(
+        &mut pair.a,
+        NeighborhoodMsg::NeighborConnected {
+            stream: aw,
+            record: record(&w, 1, &[ia]),
+        },
+    );
+    let _b_to_w = connect_z_to_b(&mut pair, &w);
+    let both = record(&w, 2, &[ia, ib]);
+    for node in [&mut pair.a, &mut pair.b] {
+        deliver(
+            node,
+            NeighborhoodMsg::Gossip {
+                from: w.id(),
+                records: vec![both.clone()],
+            },
+        );
+    }
+    pair.settle();
+    tokio::time::advance(REPAIR_AGE * 2).await;
+    pair.a.run_due();
+    pair.b.run_due();
+    pair.settle();
+    assert!(pair.b.db.lists(&ia, &w.id()) && pair.b.db.lists(&w.id(), &ia));
+
+    // W withdraws: B gets its frame; A's is lost. B does not relay it to A.
+    let withdrawal = record(&w, 3, &[]);
+    deliver(
+        &mut pair.b,
+        NeighborhoodMsg::Gossip {
+            from: w.id(),
+            records: vec![withdrawal],
+        },
+    );
+    let relayed = drain(&mut pair.b_to_a);
+    assert!(
+        relayed.gossip.iter().all(|r| r.id() != w.id()),
+        "{relayed:?}"
+    );
+    assert_eq!(pair.a.db.get(&w.id()).map(VerifiedRecord::version), Some(2));
+
+    // A's next digest lists W at version 2; B answers with the withdrawal.
+    let _ = pair.run_for(DIGEST_EVERY.mul_f64(2.5) + REPAIR_AGE).await;
+    assert_eq!(pair.a.db.get(&w.id()).map(VerifiedRecord::version), Some(3));
+    assert!(
+        !pair.a.db.lists(&w.id(), &ia),
+        "no full neighborship with W is left"
+    );
+}
