@@ -153,9 +153,10 @@ impl Neighborhood {
     /// its last prune that the digest lacks or lists at a lower version, and the others that it
     /// lists at a lower version (never a tombstone it lacks), but not those still
     /// on their way by gossip (stored less than [`REPAIR_AGE`] ago, or owed in the outbox) nor
-    /// the own record while a change of it waits. At most [`MAX_REPAIR_BYTES`] of them, those
-    /// stored here longest ago first: they are the surest to have been missed rather than to be
-    /// on their way by another path. Nothing while gossip to the neighbor is held back (its
+    /// the own record while a change of it waits. At most [`MAX_REPAIR_BYTES`] of them: newer
+    /// versions of records the digest lists first, then those it lacks, each stored here longest
+    /// ago first (the surest to have been missed rather than to be on their way by another
+    /// path). Nothing while gossip to the neighbor is held back (its
     /// queue busy, or a backlog owed to it).
     pub(super) fn answer_digest(&mut self, from: NodeId, digest: Digest) {
         self.counters.digests_received += 1;
@@ -173,7 +174,7 @@ impl Neighborhood {
         let now = Instant::now();
         let me = self.own.id();
         let own_waits = self.own_held || self.own_unpublished;
-        let mut lacked: Vec<(Option<Instant>, &VerifiedRecord)> = Vec::new();
+        let mut lacked: Vec<(bool, Option<Instant>, &VerifiedRecord)> = Vec::new();
         for record in self.db.records_from(&digest.start) {
             let id = record.id();
             if !digest.covers(&id) {
@@ -204,13 +205,17 @@ impl Neighborhood {
             if unreachable || in_flight || (id == me && own_waits) {
                 continue;
             }
-            lacked.push((learned, record));
+            lacked.push((has.is_none(), learned, record));
         }
-        // Oldest first (a record with no time kept counts as the oldest); by id among equals.
-        lacked.sort_by_key(|(learned, record)| (*learned, record.id()));
+        // Newer versions of records the neighbor holds first: they are what connects the rest
+        // (a bridge node's changed record, without which the records behind it are
+        // unreachable there and dropped at the end of their grace, to come back in the next
+        // answer and be dropped again). Then the records it lacks. Each oldest first (a record
+        // with no time kept counts as the oldest), by id among equals.
+        lacked.sort_by_key(|(lacks, learned, record)| (*lacks, *learned, record.id()));
         let mut bytes = 0;
         let mut owed: Vec<&VerifiedRecord> = Vec::new();
-        for (_, record) in lacked {
+        for (_, _, record) in lacked {
             bytes += record.wire().len();
             if bytes > MAX_REPAIR_BYTES && !owed.is_empty() {
                 break;

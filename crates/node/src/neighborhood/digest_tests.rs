@@ -431,8 +431,9 @@ async fn a_digest_does_not_publish_an_own_record_whose_change_waits_to_ride_alon
     assert_eq!(pair.a.db.get(&z.id()).map(VerifiedRecord::version), Some(2));
 }
 
-/// An answer is a trickle: at most `MAX_REPAIR_BYTES` of records, those stored longest ago
-/// first (not the lowest ids), and what did not fit goes with the answer to the next digest.
+/// An answer is a trickle: at most `MAX_REPAIR_BYTES` of records, newer versions of records
+/// the digest lists first (what connects the rest), then those it lacks, stored longest ago
+/// first (not the lowest ids); what did not fit goes with the answer to the next digest.
 #[tokio::test(start_paused = true)]
 async fn an_answer_is_bounded_and_sends_the_records_stored_longest_ago_first() {
     let mut pair = Pair::new();
@@ -464,7 +465,15 @@ async fn an_answer_is_bounded_and_sends_the_records_stored_longest_ago_first() {
         );
         tokio::time::advance(Duration::from_millis(10)).await;
     }
-    // A gets all of B's gossip but the Ws (lost on the way).
+    // Z changes last (the same neighbors, a newer version): A holds its previous version.
+    deliver(
+        &mut pair.b,
+        NeighborhoodMsg::Gossip {
+            from: z.id(),
+            records: vec![record(&z, 3, &z_lists)],
+        },
+    );
+    // A gets all of B's gossip but the Ws and Z's last change (lost on the way).
     let gossip = drain(&mut pair.b_to_a);
     let w_ids: BTreeSet<NodeId> = ws.iter().map(Identity::id).collect();
     deliver(
@@ -474,7 +483,10 @@ async fn an_answer_is_bounded_and_sends_the_records_stored_longest_ago_first() {
             records: gossip
                 .gossip
                 .into_iter()
-                .filter(|r| !w_ids.contains(&r.id()))
+                .filter(|r| {
+                    let z_change = r.id() == z.id() && r.version() == 3;
+                    !w_ids.contains(&r.id()) && !z_change
+                })
                 .collect(),
         },
     );
@@ -496,17 +508,25 @@ async fn an_answer_is_bounded_and_sends_the_records_stored_longest_ago_first() {
             digest: digest_of(&pair.a),
         },
     );
+    assert_eq!(pair.a.db.get(&z.id()).map(VerifiedRecord::version), Some(2));
     let first = drain(&mut pair.b_to_a);
     let bytes: usize = first.gossip.iter().map(|r| r.wire().len()).sum();
     assert!(bytes <= MAX_REPAIR_BYTES, "{bytes}");
-    let fits = MAX_REPAIR_BYTES / first.gossip[0].wire().len();
-    let oldest: Vec<NodeId> = stored.iter().take(fits).map(|w| w.id()).collect();
-    let sent: Vec<NodeId> = first.gossip.iter().map(VerifiedRecord::id).collect();
-    assert_eq!(
-        sent.iter().copied().collect::<BTreeSet<_>>(),
-        oldest.iter().copied().collect::<BTreeSet<_>>(),
-        "the {fits} stored longest ago"
-    );
+    // Z's newer version first, though B stored it last (A holds Z: it is an update), then
+    // the Ws stored longest ago, as many as fit.
+    let z_len = pair.b.db.get(&z.id()).expect("Z stored").wire().len();
+    let w_len = first
+        .gossip
+        .iter()
+        .find(|r| w_ids.contains(&r.id()))
+        .expect("some W")
+        .wire()
+        .len();
+    let fits = (MAX_REPAIR_BYTES - z_len) / w_len;
+    let mut expected: BTreeSet<NodeId> = stored.iter().take(fits).map(|w| w.id()).collect();
+    expected.insert(z.id());
+    let sent: BTreeSet<NodeId> = first.gossip.iter().map(VerifiedRecord::id).collect();
+    assert_eq!(sent, expected, "Z and the {fits} Ws stored longest ago");
     assert!(fits < ws.len());
 
     // A stores them; its next digest gets the rest.
@@ -534,7 +554,7 @@ async fn an_answer_is_bounded_and_sends_the_records_stored_longest_ago_first() {
             .collect::<BTreeSet<_>>(),
         rest
     );
-    assert_eq!(pair.b.counters.records_repaired, ws.len() as u64);
+    assert_eq!(pair.b.counters.records_repaired, ws.len() as u64 + 1);
 }
 
 /// A withdrawal is not relayed to the departed node's full neighbors, which it told itself. One

@@ -433,7 +433,9 @@ impl Neighborhood {
         let withdrawal = record.record().neighbors.is_empty() && self.db.get(&id).is_some();
         // A withdrawing node sends its withdrawal to every immediate neighbor itself: those it
         // had a full neighborship with, as this database saw it, have it already (or will have
-        // it by that direct frame), and are not sent it again.
+        // it by that direct frame), and are not sent it again. Only over links that carry
+        // digests: one that missed the direct frame gets it with its next digest, which lists
+        // the departed node's previous record; over a link without them, it is sent.
         let direct: Vec<NodeId> = if withdrawal {
             self.db
                 .get(&id)
@@ -442,7 +444,14 @@ impl Neighborhood {
                         .record()
                         .neighbors
                         .iter()
-                        .filter(|n| self.db.lists(n, &id))
+                        .filter(|n| {
+                            self.db.lists(n, &id)
+                                && self
+                                    .streams
+                                    .get(n)
+                                    .and_then(|s| s.last())
+                                    .is_some_and(StreamHandle::speaks_digest)
+                        })
                         .copied()
                         .collect()
                 })
