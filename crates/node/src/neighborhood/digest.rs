@@ -3,6 +3,7 @@
 //! digest with the records it can reach that the digest lacks or lists older. Gossip sends a
 //! record only when it changes; this is what brings back a record a node missed or dropped.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use meshnode_protocol::{Digest, Frame, MAX_DIGEST_ENTRIES, NodeId, VerifiedRecord};
@@ -22,6 +23,12 @@ pub const REPAIR_AGE: Duration = Duration::from_secs(2);
 /// way by gossip along another path, and an answer that sent all of it would send it twice.
 pub const MAX_REPAIR_BYTES: usize = 16 * 1024;
 
+/// Least time between two digests of one neighbor that are answered. An honest neighbor sends
+/// this node a digest at most every 3.75 s (it takes its neighbors in turn); one sooner is not
+/// answered and counts as gossip that changes nothing (see `budget`), so that a digest of a few
+/// bytes that claims nothing cannot have this node walk its whole database again and again.
+pub const MIN_DIGEST_GAP: Duration = Duration::from_secs(1);
+
 /// Where this node's digests stand.
 #[derive(Debug)]
 pub(super) struct AntiEntropy {
@@ -35,6 +42,8 @@ pub(super) struct AntiEntropy {
     rng: u64,
     /// Most entries in one digest: [`MAX_DIGEST_ENTRIES`] (tests use fewer).
     pub(super) max_entries: usize,
+    /// When each immediate neighbor's digest was last answered (forgotten at its disconnect).
+    pub(super) answered: HashMap<NodeId, Instant>,
 }
 
 impl AntiEntropy {
@@ -48,6 +57,7 @@ impl AntiEntropy {
             last_peer: None,
             rng: u64::from_be_bytes(prefix),
             max_entries: MAX_DIGEST_ENTRIES,
+            answered: HashMap::new(),
         };
         state.at = now + state.period();
         state
@@ -172,6 +182,17 @@ impl Neighborhood {
             return;
         }
         let now = Instant::now();
+        // Sooner than an honest neighbor sends them: not answered, and charged to its budget.
+        if self
+            .anti_entropy
+            .answered
+            .get(&from)
+            .is_some_and(|at| now.saturating_duration_since(*at) < MIN_DIGEST_GAP)
+        {
+            self.useless_gossip(from);
+            return;
+        }
+        self.anti_entropy.answered.insert(from, now);
         let me = self.own.id();
         let own_waits = self.own_held || self.own_unpublished;
         let mut lacked: Vec<(bool, Option<Instant>, &VerifiedRecord)> = Vec::new();

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::NeighborhoodMsg;
-use super::digest::{DIGEST_EVERY, MAX_REPAIR_BYTES, REPAIR_AGE};
+use super::digest::{DIGEST_EVERY, MAX_REPAIR_BYTES, MIN_DIGEST_GAP, REPAIR_AGE};
 use super::props_support::identity;
 use super::state::Neighborhood;
 use crate::link::{ConnId, StreamHandle};
@@ -313,7 +313,9 @@ async fn a_tombstone_is_not_repaired_and_a_change_on_its_way_is_not_sent_twice()
     assert!(to_a.gossip.iter().all(|r| r.id() != stray.id()), "{to_a:?}");
     assert!(pair.a.db.get(&stray.id()).is_none());
 
-    // A digest that lacks a record B stored just now (on its way by gossip) gets nothing back.
+    // A digest that lacks a record B stored just now (on its way by gossip) gets nothing back
+    // (B does answer it: the last digest it answered was long enough ago).
+    tokio::time::advance(MIN_DIGEST_GAP).await;
     let z = identity(3);
     let _b_to_z = connect_z_to_b(&mut pair, &z);
     let _ = drain(&mut pair.b_to_a);
@@ -324,6 +326,11 @@ async fn a_tombstone_is_not_repaired_and_a_change_on_its_way_is_not_sent_twice()
         entries: vec![(ia, pair.a.own.version())],
     };
     deliver(&mut pair.b, NeighborhoodMsg::Digest { from: ia, digest });
+    assert_eq!(
+        pair.b.anti_entropy.answered.get(&ia),
+        Some(&tokio::time::Instant::now()),
+        "answered"
+    );
     let answer = drain(&mut pair.b_to_a);
     assert_eq!(answer.gossip_frames, 0, "{answer:?}");
 }
@@ -530,6 +537,7 @@ async fn an_answer_is_bounded_and_sends_the_records_stored_longest_ago_first() {
     assert!(fits < ws.len());
 
     // A stores them; its next digest gets the rest.
+    tokio::time::advance(MIN_DIGEST_GAP).await;
     deliver(
         &mut pair.a,
         NeighborhoodMsg::Gossip {
@@ -616,4 +624,45 @@ async fn a_withdrawal_a_neighbor_of_the_departed_node_missed_comes_with_its_next
         !pair.a.db.lists(&w.id(), &ia),
         "no full neighborship with W is left"
     );
+}
+
+/// A digest sooner than an honest neighbor sends them (a few bytes that claim nothing, sent
+/// again and again) is not answered, and counts as gossip that changes nothing: the database
+/// is walked at most once per `MIN_DIGEST_GAP` for each neighbor.
+#[tokio::test(start_paused = true)]
+async fn a_digest_sooner_than_the_gap_is_not_answered_and_counts_as_useless() {
+    let mut pair = Pair::new();
+    let (ia, _) = pair.ids();
+    // B holds a record A lacks: every answer to A would carry it.
+    let z = identity(3);
+    let _b_to_z = connect_z_to_b(&mut pair, &z);
+    tokio::time::advance(REPAIR_AGE * 2).await;
+    pair.b.run_due();
+    let _ = drain(&mut pair.b_to_a);
+    let claims_nothing = || NeighborhoodMsg::Digest {
+        from: ia,
+        digest: Digest {
+            start: NodeId([0; 32]),
+            complete: true,
+            entries: Vec::new(),
+        },
+    };
+    deliver(&mut pair.b, claims_nothing());
+    let first = drain(&mut pair.b_to_a);
+    assert!(first.gossip.iter().any(|r| r.id() == z.id()), "{first:?}");
+    let useless = pair.b.counters.frames_useless;
+
+    // Again, at once and just before the gap: nothing, and each one is useless.
+    deliver(&mut pair.b, claims_nothing());
+    tokio::time::advance(MIN_DIGEST_GAP - Duration::from_millis(1)).await;
+    deliver(&mut pair.b, claims_nothing());
+    assert_eq!(drain(&mut pair.b_to_a).gossip_frames, 0);
+    assert_eq!(pair.b.counters.frames_useless, useless + 2);
+    assert_eq!(pair.b.counters.digests_received, 3);
+
+    // Once the gap has passed since the last answer, it is answered again.
+    tokio::time::advance(Duration::from_millis(1)).await;
+    deliver(&mut pair.b, claims_nothing());
+    let again = drain(&mut pair.b_to_a);
+    assert!(again.gossip.iter().any(|r| r.id() == z.id()), "{again:?}");
 }

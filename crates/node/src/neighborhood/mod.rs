@@ -40,7 +40,7 @@ use tracing::Instrument;
 
 pub use connectivity::Connectivity;
 pub use database::{Merge, NodeDb};
-pub use digest::{DIGEST_EVERY, MAX_REPAIR_BYTES, REPAIR_AGE};
+pub use digest::{DIGEST_EVERY, MAX_REPAIR_BYTES, MIN_DIGEST_GAP, REPAIR_AGE};
 
 use crate::link::{ConnId, StreamHandle};
 

@@ -362,6 +362,7 @@ impl Neighborhood {
             self.peer_has.remove(&peer);
             self.backlog.remove(&peer);
             self.useless.remove(&peer);
+            self.anti_entropy.answered.remove(&peer);
             self.outbox.full_sync.remove(&peer);
             if self.change_own(|neighbors| neighbors.remove(&peer)) {
                 info!(peer = %peer.short(), %conn, "neighbor gone; half-neighborship removed");
