@@ -315,6 +315,7 @@ async fn a_stopping_node_shows_its_shutdown_in_metrics_and_no_descriptor() {
         0.0
     );
     assert_eq!(value(&during, "meshnode_shutdown_deadline_seconds"), 60.0);
+    assert_eq!(value(&during, "meshnode_shutdown_requests"), 1.0);
     assert!(value(&during, "meshnode_shutdown_elapsed_seconds") >= 0.0);
 
     // The neighbor reads its withdrawal and the end of stream, then hangs up: the end.

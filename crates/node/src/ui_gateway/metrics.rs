@@ -195,6 +195,8 @@ pub struct ShutdownFigures {
     /// Time since it started, or how long it took once it has ended.
     pub elapsed: Duration,
     pub deadline: Duration,
+    /// Requests for it so far, the first included (later ones join it).
+    pub requests: u64,
 }
 
 /// The label values of `meshnode_shutdown_outcome`, in order.
@@ -292,6 +294,13 @@ pub fn render(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
             "shutdown_deadline_seconds",
             "Longest the shutdown may take.",
             deadline,
+        );
+        let requests = Gauge::<i64>::default();
+        requests.set(i64::try_from(shutdown.requests).unwrap_or(i64::MAX));
+        registry.register(
+            "shutdown_requests",
+            "Requests for the shutdown so far, the first included; later ones join it.",
+            requests,
         );
     }
 
@@ -452,6 +461,7 @@ mod tests {
                 outcome: Some(ShutdownOutcome::DeadlineExpired),
                 elapsed: Duration::from_millis(1500),
                 deadline: Duration::from_secs(1),
+                requests: 3,
             }),
         };
         let text = render(&ended).expect("encodes");
@@ -461,6 +471,7 @@ mod tests {
             "meshnode_shutdown_outcome{outcome=\"in_progress\"} 0",
             "meshnode_shutdown_elapsed_seconds 1.5",
             "meshnode_shutdown_deadline_seconds 1.0",
+            "meshnode_shutdown_requests 3",
             "meshnode_records_accepted_total 4",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");

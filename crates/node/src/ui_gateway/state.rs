@@ -187,6 +187,7 @@ impl Gateway {
                     outcome: None,
                     elapsed: run.started.elapsed(),
                     deadline: self.deadline,
+                    requests: run.requests,
                 };
                 (NodeState::ShuttingDown, Some(figures))
             }
@@ -200,6 +201,7 @@ impl Gateway {
                         outcome: Some(report.outcome),
                         elapsed: Duration::from_millis(report.elapsed_ms),
                         deadline: self.deadline,
+                        requests: report.requests,
                     }),
                 };
                 let _ = reply.send(Ok(snapshot));
