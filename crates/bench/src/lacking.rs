@@ -100,7 +100,7 @@ pub fn diagnose(all: &[StatusPayload]) -> String {
         .sum();
     format!(
         "{} nodes changed their record in the last 10 s, {} in the last 60 s; all nodes: {} \
-         peers timed out, {} streams set up; {lacking_nodes} nodes lack {pairs} records ({} distinct ids, each missed by 1 to {} \
+         peers timed out, {} streams set up; {lacking_nodes} nodes lack {pairs} records ({} distinct ids, each missed by {} to {} \
          nodes; in {missing_is_lacking} pairs the record's node lacks records too); in \
          {a_neighbor_has} pairs a neighbor of the node holds the record, in {no_neighbor_has} none does; \
          {stale_pairs} records held at an older version than their node's own; the lacking \
@@ -110,6 +110,7 @@ pub fn diagnose(all: &[StatusPayload]) -> String {
         timed_out,
         streams,
         missing_ids.len(),
+        most_missed.first().copied().unwrap_or(0),
         most_missed.last().copied().unwrap_or(0),
         lacking_degree.iter().min().copied().unwrap_or(0),
         lacking_degree.iter().max().copied().unwrap_or(0),
@@ -171,7 +172,7 @@ mod tests {
             status("d", 1, &["c"], &[("b", 2), ("c", 1), ("d", 1)]),
         ];
         let text = diagnose(&all);
-        assert!(text.contains("2 nodes lack 2 records (1 distinct ids, each missed by 1 to 2 nodes; in 0 pairs the record's node lacks records too)"), "{text}");
+        assert!(text.contains("2 nodes lack 2 records (1 distinct ids, each missed by 2 to 2 nodes; in 0 pairs the record's node lacks records too)"), "{text}");
         assert!(
             text.contains("in 1 pairs a neighbor of the node holds the record, in 1 none does"),
             "{text}"

@@ -30,6 +30,10 @@ const POLL: Duration = Duration::from_millis(50);
 const POLL_AT_ONCE: usize = 50;
 /// How often a long wait says how far it got (on standard error).
 const PROGRESS_EVERY: Duration = Duration::from_secs(30);
+/// Longest a diagnosis of where records stop may take (it asks every node for its status): a
+/// node that does not answer must not stretch a progress line or a time-out by another
+/// [`settle_timeout`].
+const DIAGNOSIS_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the mesh is watched, after a graceful departure's flood, for anything more.
 pub const SETTLED_WATCH: Duration = Duration::from_secs(2);
 
@@ -211,6 +215,18 @@ async fn statuses(nodes: &[Node]) -> Result<Vec<StatusPayload>, String> {
     Ok(all)
 }
 
+/// Where records stop, from every node's status at one moment (see `crate::lacking`), or why
+/// there is no diagnosis; within [`DIAGNOSIS_TIMEOUT`].
+async fn diagnose(nodes: &[Node]) -> String {
+    match tokio::time::timeout(DIAGNOSIS_TIMEOUT, statuses(nodes)).await {
+        Ok(Ok(all)) => crate::lacking::diagnose(&all),
+        Ok(Err(e)) => format!("no diagnosis: {e}"),
+        Err(_) => format!(
+            "no diagnosis: the nodes' statuses were not all read within {DIAGNOSIS_TIMEOUT:?}"
+        ),
+    }
+}
+
 /// Waits until `done` holds for every node (given its status and its index). A node, once
 /// done, is not asked again: each condition waited for here stays true once it holds. Nodes
 /// are asked [`POLL_AT_ONCE`] at a time; one that does not answer in time is asked again.
@@ -247,10 +263,7 @@ async fn until(
             return Ok(Instant::now());
         }
         if Instant::now() > deadline {
-            let diagnosis = match statuses(nodes).await {
-                Ok(all) => crate::lacking::diagnose(&all),
-                Err(e) => format!("no diagnosis: {e}"),
-            };
+            let diagnosis = diagnose(nodes).await;
             return Err(format!(
                 "timed out waiting for {what} ({} of {} nodes not there: {lacking}; {diagnosis})",
                 still.len(),
@@ -259,10 +272,7 @@ async fn until(
         }
         if Instant::now() >= progress_at {
             progress_at += PROGRESS_EVERY;
-            let diagnosis = match statuses(nodes).await {
-                Ok(all) => crate::lacking::diagnose(&all),
-                Err(e) => format!("no diagnosis: {e}"),
-            };
+            let diagnosis = diagnose(nodes).await;
             eprintln!(
                 "meshnode-bench: still waiting for {what} after {:.0} s: {} of {} nodes not \
                  there ({lacking}; {diagnosis})",

@@ -324,8 +324,9 @@ impl NodeDb {
         self.records.range(start..).map(|(_, r)| r)
     }
 
-    /// Whether the record of `id` is stored and was reachable at the last prune (only such
-    /// records are sent in answer to a digest: never a tombstone or a stray).
+    /// Whether the record of `id` is stored and was reachable at the last prune (a digest's
+    /// answer sends such records; a tombstone or a stray only as a newer version of a record
+    /// the digest lists).
     pub fn reachable_at_last_prune(&self, id: &NodeId) -> bool {
         self.records.contains_key(id) && !self.evictable_seq.contains_key(id)
     }

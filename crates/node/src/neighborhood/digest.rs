@@ -1,7 +1,9 @@
 //! Anti-entropy (docs/protocol.md, "Anti-entropy: digests"): every few seconds this node tells
 //! one neighbor, in turn, the (id, version) of the records it stores, and answers a neighbor's
-//! digest with the records it can reach that the digest lacks or lists older. Gossip sends a
-//! record only when it changes; this is what brings back a record a node missed or dropped.
+//! digest with the records it could reach at its last prune that the digest lacks or lists
+//! older, and with a newer version (a tombstone included) of any other record the digest lists.
+//! Gossip sends a record only when it changes; this is what brings back a record a node missed
+//! or dropped.
 
 use std::collections::HashMap;
 use std::time::Duration;

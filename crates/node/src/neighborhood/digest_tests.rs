@@ -617,9 +617,16 @@ async fn a_withdrawal_a_neighbor_of_the_departed_node_missed_comes_with_its_next
     );
     assert_eq!(pair.a.db.get(&w.id()).map(VerifiedRecord::version), Some(2));
 
-    // A's next digest lists W at version 2; B answers with the withdrawal.
+    // A's next digest lists W at version 2; B answers with the withdrawal, and only so (its
+    // gossip still does not relay it).
+    let repaired = pair.b.counters.records_repaired;
     let _ = pair.run_for(DIGEST_EVERY.mul_f64(2.5) + REPAIR_AGE).await;
     assert_eq!(pair.a.db.get(&w.id()).map(VerifiedRecord::version), Some(3));
+    assert_eq!(
+        pair.b.counters.records_repaired,
+        repaired + 1,
+        "the withdrawal came in B's answer to A's digest"
+    );
     assert!(
         !pair.a.db.lists(&w.id(), &ia),
         "no full neighborship with W is left"
