@@ -149,7 +149,7 @@ impl Neighborhood {
                 return;
             }
         };
-        let Some(stream) = self.streams.get(&peer).and_then(|s| s.last()) else {
+        let Some(stream) = self.stream_to(&peer) else {
             return;
         };
         let len = body.len() as u64;
@@ -175,6 +175,7 @@ impl Neighborhood {
         if self.withdrawn || self.departed.contains(&from) {
             return;
         }
+        // The field, not `stream_to`: the answer below updates other fields while it holds it.
         let Some(stream) = self.streams.get(&from).and_then(|s| s.last()) else {
             return;
         };

@@ -146,6 +146,11 @@ impl Neighborhood {
         })
     }
 
+    /// The stream gossip goes to `peer` over: its newest.
+    pub(super) fn stream_to(&self, peer: &NodeId) -> Option<&StreamHandle> {
+        self.streams.get(peer).and_then(|s| s.last())
+    }
+
     /// A receiver of the node's connectivity, as published after each batch.
     pub(super) fn connectivity(&self) -> watch::Receiver<Connectivity> {
         self.connectivity.subscribe()
@@ -437,28 +442,13 @@ impl Neighborhood {
         // it by that direct frame), and are not sent it again. Only over links that carry
         // digests: one that missed the direct frame gets it with its next digest, which lists
         // the departed node's previous record; over a link without them, it is sent.
-        let direct: Vec<NodeId> = if withdrawal {
-            self.db
-                .get(&id)
-                .map(|stored| {
-                    stored
-                        .record()
-                        .neighbors
-                        .iter()
-                        .filter(|n| {
-                            self.db.lists(n, &id)
-                                && self
-                                    .streams
-                                    .get(n)
-                                    .and_then(|s| s.last())
-                                    .is_some_and(StreamHandle::speaks_digest)
-                        })
-                        .copied()
-                        .collect()
-                })
-                .unwrap_or_default()
-        } else {
-            Vec::new()
+        let direct: Vec<NodeId> = match self.db.get(&id) {
+            Some(stored) if withdrawal => (stored.record().neighbors.iter())
+                .filter(|n| self.db.lists(n, &id))
+                .filter(|n| self.stream_to(n).is_some_and(StreamHandle::speaks_digest))
+                .copied()
+                .collect(),
+            _ => Vec::new(),
         };
         self.note_merge(&record);
         let dropped = self.db.dropped();
